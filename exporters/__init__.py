@@ -1,0 +1,1 @@
+"""Exporters from training frameworks to ONNX (needs the ``torch`` extra)."""

@@ -1,0 +1,52 @@
+"""graphopt: a post-training optimizer for ONNX models.
+
+The pieces the CLI is made of, importable for export pipelines::
+
+    import graphopt
+    model, report = graphopt.optimize("model.onnx", ["cleanup", "fold-batchnorm"])
+    graphopt.save(model, "model.opt.onnx")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    ConfigError,
+    ExternalDataError,
+    GraphoptError,
+    InputSpecError,
+    ModelFormatError,
+    ModelNotFoundError,
+    PassError,
+    ProviderError,
+    UnsafePathError,
+    UnsupportedModelError,
+)
+from .model import load, save  # noqa: E402
+from .pass_manager import Context, Pass, PassManager, PassResult, Report, Skip, register  # noqa: E402
+
+_LAZY = {
+    "optimize": ("graphopt.api", "optimize"),
+    "validate": ("graphopt.validate", "validate"),
+    "benchmark": ("graphopt.benchmark", "benchmark"),
+    "load_recipe": ("graphopt.recipe", "load_recipe"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'graphopt' has no attribute {name!r}")
+
+
+__all__ = [
+    "ConfigError", "Context", "ExternalDataError", "GraphoptError", "InputSpecError",
+    "ModelFormatError", "ModelNotFoundError", "Pass", "PassError", "PassManager", "PassResult",
+    "ProviderError", "Report", "Skip", "UnsafePathError", "UnsupportedModelError", "benchmark",
+    "load", "load_recipe", "optimize", "register", "save", "validate",
+]

@@ -1,0 +1,338 @@
+"""Model I/O: load and save ONNX files safely.
+
+1. ``load`` takes a path or an ``onnx.ModelProto``; external data is read from the model's
+   folder, and a location that escapes that folder is refused (path traversal).
+2. ``save`` writes atomically (temp file in the target folder, then rename), refuses to
+   write onto the file the model was read from, lowers the IR version to what the installed
+   onnxruntime reads, and stores weights as external data when the model is over 2 GB or
+   when asked.
+3. Weights stored as ``Constant`` nodes count as weights like initializers
+   (``constant_value``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from .errors import (
+    ExternalDataError,
+    ModelFormatError,
+    ModelNotFoundError,
+    UnsafePathError,
+    UnsupportedModelError,
+)
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+TWO_GB = 2**31
+# Protobuf refuses to serialize a message of 2 GB or more; keep headroom for the graph itself.
+_EXTERNAL_THRESHOLD = TWO_GB - 64 * 2**20
+# Tensors smaller than this stay inside the .onnx file when saving external data.
+_EXTERNAL_MIN_BYTES = 1024
+
+
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from iter_graphs(sub)
+
+
+def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto holding weights: initializers, sparse initializer parts and
+    ``Constant``/attribute tensors, in all subgraphs."""
+    for g in iter_graphs(graph):
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield sp.values
+            yield sp.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+
+
+def _external_location(tensor: onnx.TensorProto) -> str | None:
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            return entry.value
+    return None
+
+
+def _check_inside(base: Path, location: str, tensor_name: str) -> Path:
+    base = base.resolve()
+    target = (base / location).resolve()
+    if os.path.isabs(location) or os.path.commonpath([base, target]) != str(base):
+        raise UnsafePathError(
+            f"tensor '{tensor_name}' points to external data '{location}' outside the model's "
+            f"folder {base}; refusing to read it (move the data file next to the model)"
+        )
+    return target
+
+
+def _load_external(model: onnx.ModelProto, base: Path) -> None:
+    for tensor in iter_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = _external_location(tensor)
+        if location is None:
+            raise ExternalDataError(f"tensor '{tensor.name}' is external but names no location")
+        target = _check_inside(base, location, tensor.name)
+        if not target.is_file():
+            raise ExternalDataError(
+                f"external data file '{location}' for tensor '{tensor.name}' is missing; "
+                f"put it next to the model in {base}"
+            )
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base))
+    except (OSError, ValueError) as exc:
+        raise ExternalDataError(f"cannot read external data from {base}: {exc}") from exc
+
+
+def _check_supported(model: onnx.ModelProto, origin: str) -> None:
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise ModelFormatError(f"{origin} is not an ONNX model (no IR version, graph or opset)")
+    max_opset = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > max_opset:
+            raise UnsupportedModelError(
+                f"{origin} uses opset {opset.version}; the installed onnx {onnx.__version__} "
+                f"knows up to {max_opset} (upgrade onnx or re-export with a lower opset)"
+            )
+
+
+def load(source: PathLike | onnx.ModelProto, *, load_external: bool = True) -> onnx.ModelProto:
+    """Read a model from a path (with its external data) or copy a ModelProto."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        _check_supported(model, "the given ModelProto")
+        return model
+    path = Path(source)
+    if not path.exists():
+        raise ModelNotFoundError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelNotFoundError(f"not a file: {path}")
+    try:
+        data = path.read_bytes()
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise ModelFormatError(
+            f"{path} is not an ONNX model or is truncated ({exc.__class__.__name__})"
+        ) from exc
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    del data
+    _check_supported(model, str(path))
+    if load_external:
+        _load_external(model, path.parent)
+    return model
+
+
+@functools.lru_cache(maxsize=1)
+def max_ir_version() -> int:
+    """Highest IR version the installed onnxruntime loads, found by trying a one-node model."""
+    import onnxruntime as ort
+
+    node = onnx.helper.make_node("Identity", ["x"], ["y"])
+    vi_x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    vi_y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([node], "probe", [vi_x], [vi_y])
+    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    for version in range(onnx.IR_VERSION, 6, -1):
+        probe.ir_version = version
+        try:
+            ort.InferenceSession(
+                probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+            return version
+        except Exception:  # noqa: BLE001 - any refusal means "too new"
+            continue
+    return 7
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of weight data held in the proto (external tensors count as 0)."""
+    total = 0
+    for t in iter_tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        total += len(t.raw_data) if t.HasField("raw_data") else _typed_bytes(t)
+    return total
+
+
+def _typed_bytes(t: onnx.TensorProto) -> int:
+    n = int(np.prod(t.dims)) if len(t.dims) else 1
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError):
+        itemsize = 4
+    return n * itemsize
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def save(
+    model: onnx.ModelProto,
+    path: PathLike,
+    *,
+    external_data: bool | None = None,
+    protect: tuple[PathLike, ...] = (),
+) -> Path:
+    """Write ``model`` to ``path`` atomically and return the path.
+
+    1. ``protect`` lists files that must never be overwritten (the input model); writing
+       onto one raises ``GraphoptError`` before anything is written.
+    2. ``external_data=None`` stores weights in ``<name>.data`` beside the model only when
+       they exceed 2 GB; ``True`` always does; ``False`` never does (and fails over 2 GB).
+    3. The IR version is lowered to what the installed onnxruntime reads; the caller's
+       proto is left unchanged.
+    """
+    from .errors import GraphoptError
+
+    path = Path(path)
+    for p in protect:
+        if Path(p).resolve() == path.resolve() or _same_file(Path(p), path):
+            raise GraphoptError(f"refusing to overwrite the input model {p}; choose another -o path")
+    if path.is_dir():
+        raise GraphoptError(f"output path {path} is a folder; give a file name ending in .onnx")
+    folder = path.parent if str(path.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    original_ir = model.ir_version
+    limit = max_ir_version()
+    if model.ir_version > limit:
+        model.ir_version = limit
+    try:
+        big = tensor_bytes(model) > _EXTERNAL_THRESHOLD
+        if external_data is False and big:
+            raise GraphoptError(
+                f"model weights exceed 2 GB; save {path} with external data enabled"
+            )
+        if external_data or (external_data is None and big):
+            _save_external(model, path, folder)
+        else:
+            _atomic_write(folder, path, model.SerializeToString())
+    finally:
+        model.ir_version = original_ir
+    logger.info("saved %s", path)
+    return path
+
+
+def _atomic_write(folder: Path, path: Path, data: bytes | None, writer=None) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if writer is not None:
+                writer(fh)
+            else:
+                fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_external(model: onnx.ModelProto, path: Path, folder: Path) -> None:
+    """Move large tensors' bytes to ``<name>.data``, serialize, then restore the proto.
+
+    The bytes are swapped out and back rather than copied, so saving costs no second copy of
+    the weights in memory.
+    """
+    location = path.name + ".data"
+    moved: list[tuple[onnx.TensorProto, bytes]] = []
+
+    def write_data(fh) -> None:
+        offset = 0
+        for t in iter_tensors(model.graph):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                raise ExternalDataError(
+                    f"tensor '{t.name}' still refers to external data; load the model with "
+                    "its data before saving"
+                )
+            if not t.HasField("raw_data"):
+                if _typed_bytes(t) < _EXTERNAL_MIN_BYTES:
+                    continue
+                arr = numpy_helper.to_array(t)
+                t.CopyFrom(numpy_helper.from_array(arr, t.name))
+            raw = t.raw_data
+            if len(raw) < _EXTERNAL_MIN_BYTES:
+                continue
+            pad = (-offset) % 4096  # page-aligned, so runtimes can mmap tensors
+            fh.write(b"\0" * pad)
+            offset += pad
+            fh.write(raw)
+            moved.append((t, raw))
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)),
+                               ("length", str(len(raw)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(raw)
+
+    try:
+        _atomic_write(folder, folder / location, None, writer=write_data)
+        _atomic_write(folder, path, model.SerializeToString())
+    finally:
+        for t, raw in moved:
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = raw
+
+
+def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of ``name`` if it is an initializer or a ``Constant`` node's output."""
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] == name:
+            return _constant_node_value(node)
+    return None
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name in ("value_float", "value_int"):
+            return np.array(onnx.helper.get_attribute_value(attr))
+        if attr.name in ("value_floats", "value_ints"):
+            return np.array(onnx.helper.get_attribute_value(attr))
+    return None
+
+
+def model_size_bytes(model: onnx.ModelProto) -> int:
+    """Approximate serialized size: weight bytes plus the graph structure."""
+    return tensor_bytes(model) + 1024 * len(model.graph.node)

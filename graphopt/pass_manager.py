@@ -1,0 +1,514 @@
+"""The pass contract, the registry and the manager that runs and verifies passes.
+
+A pass (``Pass`` subclass, registered with ``@register``):
+
+1. has a name (the CLI/recipe spelling), one frozen config dataclass ``Config`` whose
+   ``__post_init__`` rejects out-of-range values with ``ConfigError``, and ``lossless``;
+2. ``run(model, ctx)`` may change ``model`` in place or return a new one, in a
+   ``PassResult`` with ``modified``, counters and skipped sites (data, with reasons);
+3. never half-applies: it decides everything, then rewrites.
+
+The manager alone runs cleanup, toposort and shape re-inference after a pass, then
+verifies: ``onnx.checker``, an onnxruntime session load, and for lossless passes outputs
+equal to the model before the pass. A pass that fails is rolled back and reported with its
+name and the passes before it; the run stops (``on_error="stop"``) or goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+
+from .errors import ConfigError, GraphoptError, PassError
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- contract
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A site a pass looked at and left alone, with the reason."""
+
+    site: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    model: onnx.ModelProto
+    modified: bool
+    counters: dict[str, int] = field(default_factory=dict)
+    skipped: list[Skip] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """What passes may need besides the model: input shapes and calibration data.
+
+    ``calibration`` is a list of feed dicts; when None, passes that need data call
+    ``calibration_feeds`` which generates them from the input specs.
+    """
+
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None
+    calibration: list[dict[str, np.ndarray]] | None = None
+    seed: int = 0
+    calibration_batches: int = 4
+
+    def sample_feeds(self, model: onnx.ModelProto, count: int = 1) -> list[dict[str, np.ndarray]]:
+        """Inputs for numeric checks: the calibration data if any, else generated."""
+        if self.calibration:
+            return self.calibration[:count]
+        from .inputs import generate_inputs
+
+        return [
+            generate_inputs(model, self.input_shapes, seed=self.seed + i) for i in range(count)
+        ]
+
+    def calibration_feeds(self, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+        if self.calibration:
+            return self.calibration
+        from .inputs import generate_inputs
+
+        return [
+            generate_inputs(model, self.input_shapes, seed=self.seed + i, ragged=True)
+            for i in range(self.calibration_batches)
+        ]
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """For passes without options."""
+
+
+class Pass:
+    """Base of every pass; see the module doc for the contract."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoConfig
+    lossless: ClassVar[bool] = True
+    # Which dims a lossless check should tolerate: passes that reassociate float math
+    # (folding BN into a weight) are compared with this absolute/relative tolerance.
+    atol: ClassVar[float] = 1e-4
+    rtol: ClassVar[float] = 1e-4
+
+    def __init__(self, config: Any = None, **options: Any):
+        if config is not None and options:
+            raise TypeError("give a config or keyword options, not both")
+        self.config = config if config is not None else make_config(self.Config, options, self.name)
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass findable by its name from the CLI and recipes."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"pass name '{cls.name}' is taken by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    import graphopt.passes  # noqa: F401 - importing registers the built-in passes
+
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass_class(name: str) -> type[Pass]:
+    passes = registered_passes()
+    if name not in passes:
+        raise ConfigError(f"unknown pass '{name}' (known: {', '.join(passes)})")
+    return passes[name]
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Turn a recipe/CLI value into the field's type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else str
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, inner, where) for v in items
+                     if not (isinstance(v, str) and not v.strip()))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def make_config(config_cls: type, options: Mapping[str, Any], pass_name: str = "") -> Any:
+    """Build a pass config from a mapping (recipe entry or parsed ``--pass`` options).
+
+    Unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming the pass
+    and the option.
+    """
+    label = f"pass '{pass_name}'" if pass_name else config_cls.__name__
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = [k for k in options if k not in fields]
+    if unknown:
+        known = ", ".join(fields) or "none"
+        raise ConfigError(f"{label}: unknown option '{unknown[0]}' (known options: {known})")
+    values = {k: _coerce(v, hints[k], f"{label} option '{k}'") for k, v in options.items()}
+    try:
+        return config_cls(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+
+
+def parse_pass_spec(text: str) -> tuple[str, dict[str, str]]:
+    """``"prune-layers:indices=3,4,ratio=0.5"`` -> ``("prune-layers", {...})``.
+
+    A comma-separated token without ``=`` continues the previous option's value, so list
+    values need no quoting.
+    """
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not name:
+        raise ConfigError(f"bad --pass '{text}': expected NAME or NAME:key=value,...")
+    options: dict[str, str] = {}
+    last = None
+    for token in filter(None, (t.strip() for t in rest.split(","))):
+        if "=" in token:
+            key, _, value = token.partition("=")
+            key = key.strip().replace("-", "_")
+            if not key:
+                raise ConfigError(f"bad --pass '{text}': empty option name")
+            options[key] = value.strip()
+            last = key
+        elif last is not None:
+            options[last] += "," + token
+        else:
+            raise ConfigError(f"bad --pass '{text}': '{token}' is not key=value")
+    return name, options
+
+
+def build_pass(name: str, options: Mapping[str, Any] | None = None) -> Pass:
+    cls = get_pass_class(name)
+    return cls(make_config(cls.Config, dict(options or {}), name))
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class PassReport:
+    name: str
+    config: dict[str, Any]
+    lossless: bool
+    status: str  # "changed", "unchanged", "rolled back", "not run"
+    counters: dict[str, int] = field(default_factory=dict)
+    skipped: list[Skip] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    max_abs_diff: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["skipped"] = [dataclasses.asdict(s) for s in self.skipped]
+        return d
+
+
+@dataclass
+class Report:
+    passes: list[PassReport] = field(default_factory=list)
+    validation: Any = None  # graphopt.validate.ValidationResult when asked for
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(p.status != "rolled back" for p in self.passes)
+
+    @property
+    def failed(self) -> list[PassReport]:
+        return [p for p in self.passes if p.status == "rolled back"]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ok": self.ok, "passes": [p.to_dict() for p in self.passes]}
+        out.update(self.metadata)
+        if self.validation is not None:
+            out["validation"] = self.validation.to_dict()
+        return out
+
+
+# --------------------------------------------------------------------------- manager
+
+
+def finalize(model: onnx.ModelProto, input_shapes=None) -> onnx.ModelProto:
+    """Cleanup, toposort and re-infer shapes: what the manager does after every pass."""
+    import onnx_graphsurgeon as gs
+
+    from .analysis.shapes import infer_shapes
+
+    graph = gs.import_onnx(model)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    _copy_model_fields(model, out)
+    return infer_shapes(out, None)
+
+
+def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    """graphsurgeon rebuilds the ModelProto; keep what it does not carry."""
+    dst.ir_version = src.ir_version
+    dst.producer_name = src.producer_name
+    dst.producer_version = src.producer_version
+    dst.domain = src.domain
+    dst.model_version = src.model_version
+    dst.doc_string = src.doc_string
+    del dst.metadata_props[:]
+    dst.metadata_props.extend(src.metadata_props)
+    del dst.functions[:]
+    dst.functions.extend(src.functions)
+    versions = {o.domain: o.version for o in dst.opset_import}
+    for opset in src.opset_import:
+        if versions.get(opset.domain) != opset.version:
+            versions[opset.domain] = opset.version
+    del dst.opset_import[:]
+    dst.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in versions.items())
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker without a 2 GB serialization: weights are swapped out while it runs."""
+    from .analysis.shapes import weights_stripped
+
+    with weights_stripped(model):
+        onnx.checker.check_model(model, full_check=False)
+
+
+def ort_session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutionProvider",),
+                threads: int | None = None):
+    """An onnxruntime session on ``model`` (lowered to an IR version ORT reads)."""
+    import onnxruntime as ort
+
+    from .model import max_ir_version
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    original = model.ir_version
+    model.ir_version = min(original, max_ir_version())
+    try:
+        data = model.SerializeToString()
+    finally:
+        model.ir_version = original
+    return ort.InferenceSession(data, options, providers=list(providers))
+
+
+def run_model(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+    results = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    return dict(zip(names, results))
+
+
+def max_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], atol: float,
+                   rtol: float) -> tuple[float, str | None]:
+    """Largest abs difference over shared outputs, and a message for the first mismatch."""
+    worst = 0.0
+    problem = None
+    for name, ref in a.items():
+        if name not in b:
+            return float("inf"), f"output '{name}' disappeared"
+        got = b[name]
+        if ref.shape != got.shape:
+            return float("inf"), f"output '{name}' changed shape {ref.shape} -> {got.shape}"
+        if ref.size == 0:
+            continue
+        diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+        diff = np.where(np.isnan(diff), np.where(np.isnan(ref) & np.isnan(got), 0.0, np.inf), diff)
+        worst = max(worst, float(diff.max()))
+        bound = atol + rtol * np.abs(ref.astype(np.float64))
+        if problem is None and (diff > bound).any():
+            problem = f"output '{name}' differs by up to {float(diff.max()):.3g}"
+    return worst, problem
+
+
+class PassManager:
+    """Run passes in order, verify each, roll back failures.
+
+    ``on_error``: "stop" raises ``PassError`` after rolling back the failing pass; "continue"
+    records it and goes on with the model from before that pass.
+    """
+
+    def __init__(self, passes: Sequence[Pass], *, on_error: str = "stop", verify: bool = True,
+                 progress: Callable[[str], None] | None = None):
+        if on_error not in ("stop", "continue"):
+            raise ConfigError(f"on_error must be 'stop' or 'continue', not {on_error!r}")
+        self.passes = list(passes)
+        self.on_error = on_error
+        self.verify = verify
+        self.progress = progress
+
+    def run(self, model: onnx.ModelProto, ctx: Context | None = None
+            ) -> tuple[onnx.ModelProto, Report]:
+        from .analysis.cost import count_cost
+
+        ctx = ctx or Context()
+        report = Report()
+        done: list[str] = []
+        cost = count_cost(model, ctx.input_shapes)
+        for p in self.passes:
+            if self.progress:
+                self.progress(p.name)
+            entry = PassReport(p.name, config_dict(p.config), p.lossless, "not run",
+                               params_before=cost.params, macs_before=cost.macs)
+            start = time.perf_counter()
+            backup = onnx.ModelProto()
+            backup.CopyFrom(model)
+            try:
+                model, changed, diff = self._run_one(p, model, backup, ctx, entry, tuple(done))
+                entry.status = "changed" if changed else "unchanged"
+                entry.max_abs_diff = diff
+                if changed:
+                    cost = count_cost(model, ctx.input_shapes)
+            except PassError as exc:
+                model = backup
+                entry.status = "rolled back"
+                entry.error = str(exc)
+                logger.warning("%s; rolled back", exc)
+                if self.on_error == "stop":
+                    entry.seconds = time.perf_counter() - start
+                    entry.params_after, entry.macs_after = cost.params, cost.macs
+                    report.passes.append(entry)
+                    exc.report = report  # type: ignore[attr-defined]
+                    raise
+            entry.seconds = time.perf_counter() - start
+            entry.params_after, entry.macs_after = cost.params, cost.macs
+            report.passes.append(entry)
+            done.append(p.name)
+        return model, report
+
+    def _run_one(self, p: Pass, model: onnx.ModelProto, backup: onnx.ModelProto, ctx: Context,
+                 entry: PassReport, before: tuple[str, ...]
+                 ) -> tuple[onnx.ModelProto, bool, float | None]:
+        reference = None
+        if self.verify and p.lossless:
+            feeds = ctx.sample_feeds(backup, 1)
+            try:
+                reference = [run_model(ort_session(backup), f) for f in feeds]
+            except Exception as exc:  # noqa: BLE001 - the input model itself may not run
+                logger.warning("cannot run the model before '%s' (%s); numeric check skipped",
+                               p.name, exc)
+        try:
+            result = p.run(model, ctx)
+        except GraphoptError as exc:
+            raise PassError(p.name, str(exc), before) from exc
+        except Exception as exc:  # noqa: BLE001 - a pass bug must not lose the user's model
+            logger.debug("pass %s crashed", p.name, exc_info=True)
+            raise PassError(p.name, f"crashed: {exc.__class__.__name__}: {exc}", before) from exc
+        entry.counters = dict(result.counters)
+        entry.skipped = list(result.skipped)
+        if not result.modified:
+            return backup, False, None
+        try:
+            out = finalize(result.model)
+        except Exception as exc:  # noqa: BLE001
+            raise PassError(p.name, f"cleanup after the pass failed: {exc}", before) from exc
+        if not self.verify:
+            return out, True, None
+        try:
+            check_model(out)
+        except onnx.checker.ValidationError as exc:
+            raise PassError(p.name, f"onnx.checker refused the result: {exc}", before) from exc
+        try:
+            session = ort_session(out)
+        except Exception as exc:  # noqa: BLE001
+            raise PassError(p.name, f"onnxruntime cannot load the result: {exc}", before) from exc
+        diff = None
+        if reference is not None:
+            feeds = ctx.sample_feeds(backup, 1)
+            diff = 0.0
+            for feed, ref in zip(feeds, reference):
+                try:
+                    got = run_model(session, feed)
+                except Exception as exc:  # noqa: BLE001
+                    raise PassError(p.name, f"onnxruntime cannot run the result: {exc}",
+                                    before) from exc
+                worst, problem = max_difference(ref, got, p.atol, p.rtol)
+                diff = max(diff, worst)
+                if problem:
+                    raise PassError(p.name, f"changed the outputs of a lossless pass: {problem}",
+                                    before)
+        return out, True, diff

@@ -1,0 +1,85 @@
+"""Helpers for tests of passes (graphopt's own and users' custom passes).
+
+``make_model`` builds a small model from ``onnx.helper`` nodes with numpy initializers;
+``run`` executes a model through onnxruntime; ``assert_equivalent`` compares two models'
+outputs on the same inputs (the oracle for lossless passes and, after masking, for pruning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .inputs import generate_inputs
+from .pass_manager import ort_session, run_model
+
+Dims = Sequence[int | str | None]
+
+
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Mapping[str, Dims] | Sequence[tuple[str, Dims, int]],
+    outputs: Sequence[str] | Mapping[str, Dims],
+    initializers: Mapping[str, np.ndarray] | None = None,
+    *,
+    opset: int = 17,
+    extra_opsets: Mapping[str, int] | None = None,
+    name: str = "test",
+) -> onnx.ModelProto:
+    """A checked model. ``inputs`` maps name -> dims (float32), or lists (name, dims, dtype)."""
+    if isinstance(inputs, Mapping):
+        inputs = [(n, d, onnx.TensorProto.FLOAT) for n, d in inputs.items()]
+    in_vis = [helper.make_tensor_value_info(n, t, list(d)) for n, d, t in inputs]
+    if isinstance(outputs, Mapping):
+        out_vis = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(d))
+                   for n, d in outputs.items()]
+    else:
+        out_vis = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs]
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in (initializers or {}).items()]
+    graph = helper.make_graph(list(nodes), name, in_vis, out_vis, inits)
+    opsets = [helper.make_opsetid("", opset)]
+    opsets += [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = min(model.ir_version, 10)
+    if not isinstance(outputs, Mapping):
+        # Output types come from shape inference, so tests need not spell them out.
+        inferred = onnx.shape_inference.infer_shapes(model)
+        known = {vi.name: vi for vi in inferred.graph.value_info}
+        for vi in model.graph.output:
+            if vi.name in known:
+                vi.CopyFrom(known[vi.name])
+            else:
+                vi.type.tensor_type.shape.SetInParent()
+    onnx.checker.check_model(model)
+    return model
+
+
+def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of ``model`` on ``feeds`` through onnxruntime (CPU)."""
+    return run_model(ort_session(model), feeds)
+
+
+def assert_equivalent(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    *,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Both models give the same outputs (to ``atol``/``rtol``) on the same inputs."""
+    feeds = feeds if feeds is not None else generate_inputs(reference, input_shapes, seed=7)
+    expected = run(reference, feeds)
+    got = run(candidate, feeds)
+    assert set(expected) <= set(got), f"outputs missing: {set(expected) - set(got)}"
+    for name, ref in expected.items():
+        np.testing.assert_allclose(got[name], ref, atol=atol, rtol=rtol, err_msg=name)
+    return got
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
