@@ -44,6 +44,10 @@ class ProviderError(GraphoptError):
     """A requested execution provider is not available."""
 
 
+class ExportError(GraphoptError):
+    """Exporting a framework model to ONNX failed, or the export disagrees with the framework."""
+
+
 class PassError(GraphoptError):
     """A pass broke an invariant or failed verification.
 

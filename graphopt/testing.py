@@ -48,6 +48,8 @@ def make_model(
         # Output types come from shape inference, so tests need not spell them out.
         inferred = onnx.shape_inference.infer_shapes(model)
         known = {vi.name: vi for vi in inferred.graph.value_info}
+        known.update({vi.name: vi for vi in inferred.graph.output
+                      if vi.type.tensor_type.HasField("shape")})
         for vi in model.graph.output:
             if vi.name in known:
                 vi.CopyFrom(known[vi.name])

@@ -1,7 +1,8 @@
 """Cost of a model: parameters, multiply-accumulates and weight bytes, total and per op type.
 
 1. Parameters and bytes count every weight: initializers and ``Constant`` node tensors with
-   more than one element (scalars and shape vectors are not parameters).
+   more than one element, of a float or 8/4-bit integer (quantized) type. Scalars, shape
+   vectors and int32/int64 index tables (position ids) are not parameters.
 2. MACs need shapes; they come from shape inference with the user's input shapes, and
    dynamic dims take the defaults of ``graphopt.inputs``. An op whose shapes cannot be
    inferred counts 0 MACs and is listed in ``unknown``.
@@ -49,17 +50,21 @@ def _prod(dims) -> int:
     return int(np.prod([int(d) for d in dims])) if len(dims) else 1
 
 
+_NOT_WEIGHTS = {
+    onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16,
+    onnx.TensorProto.UINT64, onnx.TensorProto.UINT32, onnx.TensorProto.UINT16,
+    onnx.TensorProto.BOOL, onnx.TensorProto.STRING,
+}
+
+
 def _weights(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]:
     """name -> (dims, itemsize) of every weight tensor in the main graph."""
-    out = {}
-    for init in model.graph.initializer:
-        out[init.name] = (tuple(init.dims), _itemsize(init.data_type))
+    tensors = [(init.name, init) for init in model.graph.initializer]
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    out[node.output[0]] = (tuple(attr.t.dims), _itemsize(attr.t.data_type))
-    return out
+            tensors += [(node.output[0], a.t) for a in node.attribute if a.name == "value"]
+    return {name: (tuple(t.dims), _itemsize(t.data_type)) for name, t in tensors
+            if t.data_type not in _NOT_WEIGHTS}
 
 
 def _itemsize(data_type: int) -> int:

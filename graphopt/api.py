@@ -1,0 +1,100 @@
+"""``graphopt.optimize``: load → passes (verified) → optional validation, in one call.
+
+The CLI's ``optimize`` command is a thin layer over this function.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .analysis.cost import count_cost
+from .errors import ConfigError
+from .inputs import Shape, check_input_shapes, load_inputs
+from .model import load
+from .pass_manager import Context, PassManager, Report
+from .recipe import Recipe, load_recipe, passes_from_specs
+
+logger = logging.getLogger(__name__)
+
+Calibration = str | os.PathLike | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]]
+
+
+def _calibration_feeds(calibration: Calibration | None, model: onnx.ModelProto):
+    if calibration is None:
+        return None
+    if isinstance(calibration, (str, os.PathLike)):
+        return load_inputs(calibration, model)
+    if isinstance(calibration, Mapping):
+        return [dict(calibration)]
+    return [dict(c) for c in calibration]
+
+
+def _recipe(passes_or_recipe: Any) -> Recipe:
+    if isinstance(passes_or_recipe, Recipe):
+        return passes_or_recipe
+    if isinstance(passes_or_recipe, (str, os.PathLike)) and Path(passes_or_recipe).suffix.lower() in (
+        ".yaml", ".yml", ".json"
+    ):
+        return load_recipe(passes_or_recipe)
+    if isinstance(passes_or_recipe, str):
+        passes_or_recipe = [passes_or_recipe]
+    if not passes_or_recipe:
+        raise ConfigError("no passes given: name at least one pass or a recipe")
+    return Recipe(passes_from_specs(list(passes_or_recipe)))
+
+
+def optimize(
+    model: str | os.PathLike | onnx.ModelProto,
+    passes_or_recipe: Any,
+    *,
+    input_shapes: Mapping[str, Shape] | None = None,
+    calibration: Calibration | None = None,
+    validate: bool | Mapping[str, Any] = False,
+    on_error: str | None = None,
+    verify: bool = True,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """Optimize ``model`` with passes (names, ``"name:key=value"`` strings, Pass objects) or a
+    recipe (a ``Recipe`` or a ``.yaml``/``.json`` path); return the new model and a report.
+
+    1. The input (file or proto) is never modified; the returned model is a new proto.
+    2. ``input_shapes`` fixes dynamic dims for analysis and generated inputs only; the saved
+       model keeps its dynamic dims. A recipe's shapes apply unless given here.
+    3. ``calibration``: an ``.npz`` file, a folder of them, a feed dict or a list of them.
+    4. ``validate=True`` (or a dict of ``graphopt.validate`` keyword options) compares the
+       result with the input on the calibration data (else generated inputs) and stores the
+       ``ValidationResult`` in ``report.validation``.
+    """
+    recipe = _recipe(passes_or_recipe)
+    original = load(model)
+    shapes = dict(recipe.input_shapes)
+    shapes.update(input_shapes or {})
+    check_input_shapes(original, shapes)
+    feeds = _calibration_feeds(calibration, original)
+    ctx = Context(input_shapes=shapes or None, calibration=feeds, seed=seed)
+    manager = PassManager(recipe.passes, on_error=on_error or recipe.on_error, verify=verify,
+                          progress=progress)
+    work = onnx.ModelProto()
+    work.CopyFrom(original)
+    before = count_cost(original, ctx.input_shapes)
+    optimized, report = manager.run(work, ctx)
+    after = count_cost(optimized, ctx.input_shapes)
+    report.metadata["cost_before"] = before.to_dict()
+    report.metadata["cost_after"] = after.to_dict()
+    if validate:
+        from .validate import validate as run_validation
+
+        options = dict(validate) if isinstance(validate, Mapping) else {}
+        options.setdefault("input_shapes", ctx.input_shapes)
+        if feeds:
+            options.setdefault("feeds", feeds)
+        report.validation = run_validation(original, optimized, **options)
+    return optimized, report

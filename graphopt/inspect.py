@@ -1,0 +1,68 @@
+"""What ``graphopt inspect`` reports about a model, as plain data."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .analysis.cost import count_cost
+from .inputs import check_input_shapes, input_specs
+from .model import iter_graphs, load, tensor_bytes
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[Any]:
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+
+
+def _dtype(vi: onnx.ValueInfoProto) -> str:
+    elem = vi.type.tensor_type.elem_type
+    if not elem:
+        return "?"
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem))
+    except (KeyError, TypeError):
+        return onnx.TensorProto.DataType.Name(elem).lower()
+
+
+def inspect_model(source: str | Path | onnx.ModelProto,
+                  input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                  *, groups: bool = False) -> dict[str, Any]:
+    model = load(source)
+    check_input_shapes(model, input_shapes or {})
+    cost = count_cost(model, input_shapes)
+    ops: Counter[str] = Counter()
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            ops[f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx")
+                else node.op_type] += 1
+    info: dict[str, Any] = {
+        "path": str(source) if not isinstance(source, onnx.ModelProto) else None,
+        "ir_version": model.ir_version,
+        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": [{"name": s.name, "dtype": str(s.dtype),
+                    "shape": ["?" if d is None else d for d in s.dims]} for s in input_specs(model)],
+        "outputs": [{"name": o.name, "dtype": _dtype(o), "shape": _dims(o)}
+                    for o in model.graph.output],
+        "nodes": sum(ops.values()),
+        "subgraphs": sum(1 for _ in iter_graphs(model.graph)) - 1,
+        "op_histogram": dict(ops.most_common()),
+        "cost": cost.to_dict(),
+        "weight_bytes": tensor_bytes(model),
+        "metadata": {p.key: p.value for p in model.metadata_props},
+    }
+    if not isinstance(source, onnx.ModelProto):
+        info["file_bytes"] = Path(source).stat().st_size
+    if groups:
+        from .analysis.coupling import coupled_groups
+
+        info["groups"] = [g.to_dict() for g in coupled_groups(model, input_shapes)]
+    return info
+

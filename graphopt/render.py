@@ -1,0 +1,151 @@
+"""Human-readable tables (rich) for the CLI. Library code returns data; only this renders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+def _n(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _shape(dims: list[Any]) -> str:
+    return escape("[" + ", ".join(str(d) for d in dims) + "]")
+
+
+def render_inspect(console: Console, info: dict[str, Any]) -> None:
+    opsets = ", ".join(f"{d} {v}" for d, v in info["opsets"].items())
+    cost = info["cost"]
+    console.print(f"[bold]{info.get('path') or 'model'}[/]  IR {info['ir_version']}  opsets: "
+                  f"{opsets}  producer: {info['producer'] or '-'}")
+    console.print(f"params {_n(cost['params'])}  MACs {_n(cost['macs'])}  weights "
+                  f"{_bytes(info['weight_bytes'])}  file {_bytes(info.get('file_bytes'))}  "
+                  f"nodes {info['nodes']}  subgraphs {info['subgraphs']}")
+    io = Table("", "name", "dtype", "shape", title="inputs and outputs", title_justify="left")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            io.add_row(kind[:-1], v["name"], v["dtype"], _shape(v["shape"]))
+    console.print(io)
+    ops = Table("op", "count", "params", "MACs", title="op histogram", title_justify="left")
+    for op, count in info["op_histogram"].items():
+        bare = op.split("::")[-1]
+        ops.add_row(op, str(count), _n(cost["params_by_op"].get(bare)),
+                    _n(cost["macs_by_op"].get(bare)))
+    console.print(ops)
+    if cost.get("unknown_shapes"):
+        console.print(f"[yellow]MACs not counted (shapes unknown) for: "
+                      f"{', '.join(cost['unknown_shapes'][:10])}[/] (try --input-shape)")
+    if "groups" in info:
+        render_groups(console, info["groups"])
+
+
+def render_groups(console: Console, groups: list[dict[str, Any]]) -> None:
+    table = Table("group", "source", "units", "members", "prunable", title="coupled groups",
+                  title_justify="left")
+    for g in groups:
+        members = g.get("members", [])
+        shown = ", ".join(str(m) for m in members[:4]) + (
+            f" (+{len(members) - 4})" if len(members) > 4 else "")
+        verdict = "yes" if g.get("prunable") else f"no: {g.get('reason')}"
+        table.add_row(str(g.get("id")), str(g.get("source")), str(g.get("size")), shown, verdict)
+    console.print(table)
+    ok = sum(1 for g in groups if g.get("prunable"))
+    console.print(f"{ok} of {len(groups)} groups prunable")
+
+
+def render_report(console: Console, report: Any) -> None:
+    table = Table("pass", "result", "counters", "params", "MACs", "skipped", "time",
+                  title="passes", title_justify="left")
+    for p in report.passes:
+        status = {"changed": "[green]changed[/]", "unchanged": "unchanged",
+                  "rolled back": "[red]rolled back[/]"}.get(p.status, p.status)
+        counters = ", ".join(f"{k}={v}" for k, v in p.counters.items() if v) or "-"
+        table.add_row(p.name, status, counters,
+                      f"{_n(p.params_before)} → {_n(p.params_after)}",
+                      f"{_n(p.macs_before)} → {_n(p.macs_after)}",
+                      str(len(p.skipped)) if p.skipped else "-", f"{p.seconds:.2f}s")
+    console.print(table)
+    for p in report.passes:
+        if p.error:
+            console.print(f"[red]{escape(p.error)}[/]")
+        for s in p.skipped[:20]:
+            console.print(f"  [dim]{p.name} skipped[/] {escape(s.site)}: {escape(s.reason)}")
+        if len(p.skipped) > 20:
+            console.print(f"  [dim]... {len(p.skipped) - 20} more skips in the JSON report[/]")
+    before = report.metadata.get("cost_before")
+    after = report.metadata.get("cost_after")
+    if before and after:
+        console.print(
+            f"params {_n(before['params'])} → {_n(after['params'])} "
+            f"({_ratio(after['params'], before['params'])}), MACs {_n(before['macs'])} → "
+            f"{_n(after['macs'])} ({_ratio(after['macs'], before['macs'])}), weights "
+            f"{_bytes(before['weight_bytes'])} → {_bytes(after['weight_bytes'])}")
+    if report.validation is not None:
+        render_validation(console, report.validation)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.3f}×" if b else "-"
+
+
+def render_validation(console: Console, result: Any) -> None:
+    data = result.to_dict()
+    table = Table("output", "shape", "max abs", "max rel", "mean abs", "cosine", "top-1",
+                  "tolerance", "ok", title="validation", title_justify="left")
+    for row in data["outputs"]:
+        top1 = row.get("top1_agreement")
+        table.add_row(
+            row["name"], _shape(row.get("shape") or []), _g(row.get("max_abs")),
+            _g(row.get("max_rel")), _g(row.get("mean_abs")), _g(row.get("cosine"), 6),
+            "-" if top1 is None else f"{top1:.1%}",
+            f"atol {row.get('atol'):g}, rtol {row.get('rtol'):g}",
+            "[green]yes[/]" if row["ok"] else f"[red]no[/] {row.get('message') or ''}")
+    console.print(table)
+    console.print("[green]within tolerance[/]" if data["ok"] else "[red]outside tolerance[/]")
+
+
+def _g(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
+
+
+def render_benchmark(console: Console, result: Any, native: Any, a_name: str,
+                     b_name: str | None) -> None:
+    data = result.to_dict()
+    table = Table("model", "provider", "median ms", "p90 ms", "mean ms", "min ms", "runs",
+                  title="latency", title_justify="left")
+    for key, name in (("a", a_name), ("b", b_name)):
+        stats = data.get(key)
+        if not stats:
+            continue
+        table.add_row(name, data.get("provider", "-"), f"{stats['median_ms']:.3f}",
+                      f"{stats['p90_ms']:.3f}", f"{stats['mean_ms']:.3f}",
+                      f"{stats['min_ms']:.3f}", str(stats["runs"]))
+    console.print(table)
+    if data.get("ratio") is not None:
+        console.print(f"latency ratio {a_name} / {b_name}: [bold]{data['ratio']:.3f}×[/] "
+                      f"(below 1 means {a_name} is faster)")
+    if native is not None:
+        info = native.to_dict() if hasattr(native, "to_dict") else native
+        if info.get("skipped"):
+            console.print(f"[yellow]native TensorRT skipped:[/] {info['skipped']}")
+        else:
+            console.print(f"native TensorRT median {info.get('median_ms', 0):.3f} ms")

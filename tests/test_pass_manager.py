@@ -1,0 +1,195 @@
+"""The pass manager: verification, rollback, registry and configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from graphopt.errors import ConfigError, PassError
+from graphopt.pass_manager import (
+    Context,
+    Pass,
+    PassManager,
+    PassResult,
+    Skip,
+    make_config,
+    parse_pass_spec,
+    registered_passes,
+)
+from graphopt.testing import assert_equivalent, make_model
+
+
+def _model() -> onnx.ModelProto:
+    """x -> MatMul(w) -> Identity -> y, with metadata"""
+    w = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                    helper.make_node("Identity", ["h"], ["y"])], {"x": ["batch", 4]}, ["y"],
+                   {"w": w})
+    m.metadata_props.add(key="origin", value="test")
+    return m
+
+
+class ZeroWeights(Pass):
+    """Claims to be lossless but zeroes the weight: verification must catch it."""
+
+    name = "zero-weights-test"
+
+    def run(self, model, ctx):
+        w = model.graph.initializer[0]
+        w.CopyFrom(numpy_helper.from_array(np.zeros((4, 3), np.float32), w.name))
+        return PassResult(model, True)
+
+
+class BreakGraph(Pass):
+    """Leaves a dangling input: the checker or ORT load must refuse it."""
+
+    name = "break-graph-test"
+
+    def run(self, model, ctx):
+        model.graph.node[0].input[1] = "does_not_exist"
+        return PassResult(model, True)
+
+
+class Crash(Pass):
+    name = "crash-test"
+
+    def run(self, model, ctx):
+        model.graph.node.pop()
+        raise RuntimeError("bug in pass")
+
+
+class SkipsOnly(Pass):
+    name = "skips-test"
+
+    def run(self, model, ctx):
+        return PassResult(model, False, {"looked": 1}, [Skip("MatMul_0", "no reason at all")])
+
+
+class NoOp(Pass):
+    name = "noop-test"
+
+    def run(self, model, ctx):
+        return PassResult(model, True)
+
+
+@pytest.mark.parametrize("bad", [ZeroWeights, BreakGraph, Crash])
+def test_failing_pass_is_rolled_back_and_run_continues(bad):
+    """With on_error=continue a failing pass is rolled back and later passes still run."""
+    model = _model()
+    out, report = PassManager([NoOp(), bad(), SkipsOnly()], on_error="continue").run(model)
+    assert [p.status for p in report.passes] == ["changed", "rolled back", "unchanged"]
+    assert bad.name in report.passes[1].error and "after noop-test" in report.passes[1].error
+    assert not report.ok
+    assert_equivalent(_model(), out, atol=0, rtol=0)
+
+
+def test_failing_pass_stops_run():
+    """With on_error=stop the PassError names the pass and those before it."""
+    with pytest.raises(PassError, match=r"zero-weights-test' \(after noop-test\)"):
+        PassManager([NoOp(), ZeroWeights(), NoOp()]).run(_model())
+
+
+def test_skips_and_counters_reported():
+    """A pass's skips (with reasons) and counters reach the report."""
+    _, report = PassManager([SkipsOnly()]).run(_model())
+    entry = report.passes[0]
+    assert entry.counters == {"looked": 1}
+    assert entry.skipped == [Skip("MatMul_0", "no reason at all")]
+    assert report.to_dict()["passes"][0]["skipped"][0]["reason"] == "no reason at all"
+
+
+def test_finalize_keeps_metadata_and_drops_stale_value_info():
+    """After a pass, model metadata survives and wrong value_info is replaced by inference."""
+    model = _model()
+    stale = model.graph.value_info.add()
+    stale.CopyFrom(helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, [7, 7]))
+    out, _ = PassManager([NoOp()]).run(model)
+    assert {p.key: p.value for p in out.metadata_props} == {"origin": "test"}
+    h = [vi for vi in out.graph.value_info if vi.name == "h"]
+    assert not h or h[0].type.tensor_type.shape.dim[1].dim_value == 3
+
+
+def test_params_before_after_in_report():
+    """Each pass entry carries params and MACs before and after."""
+    _, report = PassManager([NoOp()]).run(_model(), Context(input_shapes={"x": (8, 4)}))
+    entry = report.passes[0]
+    assert entry.params_before == entry.params_after == 12
+    assert entry.macs_before == 8 * 4 * 3
+
+
+def test_subgraph_passes_through_manager():
+    """A model with an If subgraph survives cleanup/toposort/re-inference intact."""
+    then_out = helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, [2])
+    else_out = helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, [2])
+    then_g = helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "then", [], [then_out])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [else_out])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)
+    model = make_model([node], [("c", [], onnx.TensorProto.BOOL), ("x", [2], onnx.TensorProto.FLOAT)],
+                       {"y": [2]})
+    out, _ = PassManager([NoOp()]).run(model)
+    assert out.graph.node[0].op_type == "If"
+    feeds = {"c": np.array(False), "x": np.array([1.0, -2.0], np.float32)}
+    assert_equivalent(model, out, feeds, atol=0, rtol=0)
+
+
+def test_custom_domain_passes_through():
+    """A com.microsoft op survives the manager and still runs."""
+    node = helper.make_node("FastGelu", ["x"], ["y"], domain="com.microsoft")
+    model = make_model([node], {"x": [2, 8]}, {"y": [2, 8]}, extra_opsets={"com.microsoft": 1})
+    out, _ = PassManager([NoOp()]).run(model)
+    assert out.graph.node[0].domain == "com.microsoft"
+    assert_equivalent(model, out, atol=0, rtol=0)
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    ratio: float = 0.5
+    round_to: int = 1
+    include: tuple[str, ...] = ()
+    scope: str = "group"
+    exact: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.ratio < 1:
+            raise ConfigError(f"ratio must be in (0, 1), got {self.ratio}")
+
+
+def test_make_config_coerces_cli_strings():
+    """CLI strings become the dataclass's types; lists split on commas."""
+    cfg = make_config(_Cfg, {"ratio": "0.25", "round_to": "8", "include": "a,b", "exact": "true"})
+    assert cfg == _Cfg(0.25, 8, ("a", "b"), "group", True)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"ratioo": 0.5}, "unknown option 'ratioo'"),
+    ({"ratio": "half"}, "expected a number"),
+    ({"round_to": "2.5"}, "expected an integer"),
+    ({"exact": "maybe"}, "expected true or false"),
+    ({"ratio": 1.5}, "ratio must be in"),
+])
+def test_make_config_errors(options, message):
+    """Unknown keys, wrong types and out-of-range values are ConfigError with the key."""
+    with pytest.raises(ConfigError, match=message):
+        make_config(_Cfg, options, "demo")
+
+
+def test_parse_pass_spec_lists():
+    """A token without '=' continues the previous value: indices=3,4."""
+    assert parse_pass_spec("prune-layers:indices=3,4,count=1") == (
+        "prune-layers", {"indices": "3,4", "count": "1"})
+    assert parse_pass_spec("cleanup") == ("cleanup", {})
+    with pytest.raises(ConfigError):
+        parse_pass_spec(":ratio=1")
+    with pytest.raises(ConfigError):
+        parse_pass_spec("x:3")
+
+
+def test_registry_has_lossless_passes():
+    """The built-in lossless passes are registered under their CLI names."""
+    names = registered_passes()
+    for name in ("cleanup", "fold-batchnorm", "fold-pad"):
+        assert name in names and names[name].lossless
