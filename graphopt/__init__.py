@@ -29,10 +29,14 @@ from .errors import (  # noqa: E402
 from .model import load, save  # noqa: E402
 from .pass_manager import Context, Pass, PassManager, PassResult, Report, Skip, register  # noqa: E402
 
+# Imported eagerly: these functions share their module's name, and importing the submodule
+# anywhere would otherwise rebind ``graphopt.validate`` to the module, shadowing the lazy
+# attribute below.
+from .benchmark import benchmark  # noqa: E402
+from .validate import validate  # noqa: E402
+
 _LAZY = {
     "optimize": ("graphopt.api", "optimize"),
-    "validate": ("graphopt.validate", "validate"),
-    "benchmark": ("graphopt.benchmark", "benchmark"),
     "load_recipe": ("graphopt.recipe", "load_recipe"),
 }
 

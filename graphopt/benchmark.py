@@ -35,7 +35,7 @@ import onnx
 from .errors import ConfigError, InputSpecError
 from .inputs import Shape, generate_inputs, resolve_shapes
 from .model import load
-from .providers import ORT_NAMES, SHORT_NAMES, ProviderOptions, create_session
+from .providers import SHORT_NAMES, ProviderOptions, create_session
 from .validate import check_feeds, check_same_inputs
 
 logger = logging.getLogger(__name__)
@@ -311,6 +311,5 @@ def benchmark(
 
 
 __all__ = [
-    "BenchmarkResult", "LatencyStats", "ORT_NAMES", "benchmark", "interleaved_times",
-    "round_order",
+    "BenchmarkResult", "LatencyStats", "benchmark", "interleaved_times", "round_order",
 ]

@@ -27,7 +27,11 @@ EXIT_INTERNAL = 3
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        # Piped or captured output: rich would assume 80 columns and truncate names.
+        console = Console(stderr=stderr, highlight=False, width=160)
+    return console
 
 
 def _shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -242,8 +246,10 @@ def validate(reference: Path, candidate: Path, inputs_path: Path | None,
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="Intra-op threads (default: onnxruntime's choice).")
 @click.option("--warmup", type=click.IntRange(0, 10000), default=5, show_default=True)
-@click.option("--rounds", type=click.IntRange(1, 100000), default=None,
-              help="Timed runs per model (default: as many as fit in a short time budget).")
+@click.option("--rounds", type=click.IntRange(1, 100000), default=20, show_default=True,
+              help="Minimum timed runs per model.")
+@click.option("--min-time", type=click.FloatRange(0, 3600), default=1.0, show_default=True,
+              help="Minimum seconds of timed runs per model.")
 @click.option("--trt-fp16", is_flag=True, help="TensorRT: allow FP16 kernels.")
 @click.option("--trt-cache", type=click.Path(file_okay=False, path_type=Path),
               help="TensorRT: engine cache folder.")
@@ -251,8 +257,8 @@ def validate(reference: Path, candidate: Path, inputs_path: Path | None,
               help="Also time a native TensorRT engine (needs the tensorrt package).")
 @click.option("--json", "as_json", is_flag=True)
 def bench(model: Path, other: Path | None, provider: str, input_shapes: tuple[str, ...],
-          inputs_path: Path | None, threads: int | None, warmup: int, rounds: int | None,
-          trt_fp16: bool, trt_cache: Path | None, trt_native: bool, as_json: bool) -> None:
+          inputs_path: Path | None, threads: int | None, warmup: int, rounds: int,
+          min_time: float, trt_fp16: bool, trt_cache: Path | None, trt_native: bool, as_json: bool) -> None:
     """Time MODEL (and --vs OTHER, interleaved) on an execution provider."""
     from .benchmark import benchmark as run_benchmark
     from .inputs import load_inputs
@@ -263,16 +269,17 @@ def bench(model: Path, other: Path | None, provider: str, input_shapes: tuple[st
     feeds = load_inputs(inputs_path, a)[0] if inputs_path else None
     options: dict[str, Any] = dict(provider=provider, input_shapes=_shapes(input_shapes),
                                    feeds=feeds, warmup=warmup, threads=threads,
+                                   rounds=rounds, min_time=min_time,
                                    trt_fp16=trt_fp16, trt_cache=trt_cache)
-    if rounds is not None:
-        options["rounds"] = rounds
     with _console(stderr=True).status("benchmarking", spinner="dots"):
         result = run_benchmark(a, vs=b, **options)
     native = None
     if trt_native:
         from .trt import benchmark_tensorrt
 
-        native = benchmark_tensorrt(model, input_shapes=_shapes(input_shapes), fp16=trt_fp16)
+        native = benchmark_tensorrt(model, vs=other, input_shapes=_shapes(input_shapes),
+                                    feeds=feeds, fp16=trt_fp16, warmup=warmup, rounds=rounds,
+                                    min_time=min_time)
     if as_json:
         data = result.to_dict()
         if native is not None:

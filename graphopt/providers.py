@@ -134,8 +134,8 @@ def ort_session_for(
     providers: Sequence[OrtProvider],
     threads: int | None = None,
 ):
-    """A session with exactly ``providers`` (no ORT fallback); a refused model is
-    ``ModelFormatError``. EP failures surface as the original onnxruntime exception."""
+    """A session with exactly ``providers``, ORT's constructor fallback off: a failing EP
+    or a refused model raises onnxruntime's own exception (callers translate it)."""
     import onnxruntime as ort
 
     data = model if isinstance(model, bytes) else _model_bytes(model)
@@ -228,13 +228,14 @@ def _unavailable_message(name: str, reason: str | None) -> str:
     listed = listed_providers()
     if name not in listed:
         return (
-            f"provider '{name}' is not available: onnxruntime {ort.__version__} here offers "
-            f"{', '.join(listed)}; for cuda/tensorrt install graphopt[gpu] on a machine with "
+            f"provider '{name}' ({ORT_NAMES[name]}) is not available: onnxruntime "
+            f"{ort.__version__} here offers {', '.join(listed)}; for cuda/tensorrt install graphopt[gpu] on a machine with "
             "an NVIDIA GPU, or use --provider cpu/auto"
         )
     working = [w for w in working_providers() if w != name]
     return (
-        f"provider '{name}' is listed by onnxruntime but does not run here ({reason}); "
+        f"provider '{name}' ({ORT_NAMES[name]}) is listed by onnxruntime but does not run "
+        f"here ({reason}); "
         f"working: {', '.join(working) or 'none'}; check the GPU, driver and CUDA/TensorRT "
         "libraries, or use --provider auto"
     )

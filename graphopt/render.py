@@ -146,6 +146,7 @@ def render_benchmark(console: Console, result: Any, native: Any, a_name: str,
     if native is not None:
         info = native.to_dict() if hasattr(native, "to_dict") else native
         if info.get("skipped"):
-            console.print(f"[yellow]native TensorRT skipped:[/] {info['skipped']}")
+            console.print(f"[yellow]native TensorRT skipped:[/] {escape(info['skipped'])}")
         else:
-            console.print(f"native TensorRT median {info.get('median_ms', 0):.3f} ms")
+            console.print(f"native TensorRT median {info['a']['median_ms']:.3f} ms"
+                          + (f", ratio {info['ratio']:.3f}×" if info.get("ratio") else ""))

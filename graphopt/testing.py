@@ -37,7 +37,8 @@ def make_model(
         out_vis = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(d))
                    for n, d in outputs.items()]
     else:
-        out_vis = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs]
+        # Untyped, so shape inference fills in the real type (int64 for ArgMax, ...).
+        out_vis = [helper.make_empty_tensor_value_info(n) for n in outputs]
     inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in (initializers or {}).items()]
     graph = helper.make_graph(list(nodes), name, in_vis, out_vis, inits)
     opsets = [helper.make_opsetid("", opset)]
@@ -49,11 +50,12 @@ def make_model(
         inferred = onnx.shape_inference.infer_shapes(model)
         known = {vi.name: vi for vi in inferred.graph.value_info}
         known.update({vi.name: vi for vi in inferred.graph.output
-                      if vi.type.tensor_type.HasField("shape")})
+                      if vi.type.tensor_type.elem_type})
         for vi in model.graph.output:
             if vi.name in known:
                 vi.CopyFrom(known[vi.name])
             else:
+                vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
                 vi.type.tensor_type.shape.SetInParent()
     onnx.checker.check_model(model)
     return model

@@ -9,10 +9,11 @@ output with the candidate output of the same name:
    ``|cand - ref| <= atol + rtol * |ref|`` (NaN equals NaN, inf equals the same inf).
    Tolerances default to ``atol``/``rtol`` and can be set per output name (``tolerances``).
 3. Integer and bool outputs (ids, argmax, masks) must be equal element for element.
-4. Reported per output, over all feeds: max and mean absolute error; max relative error;
-   cosine similarity of the flattened outputs; elements outside tolerance; and top-1
-   agreement (fraction of rows whose argmax over the last axis agrees) for 2-D float
-   outputs ``[batch, classes]`` and for 3-D ones named like logits ``[batch, seq, vocab]``.
+4. Reported per output, over all feeds: max and mean absolute error; elements outside
+   tolerance; for float outputs also max relative error and cosine similarity of the
+   flattened outputs; and top-1 agreement (fraction of rows whose argmax over the last axis
+   agrees) for 2-D float outputs ``[batch, classes]`` and for 3-D ones named like logits
+   ``[batch, seq, vocab]``.
 
 Relative error is elementwise, ``|cand - ref| / max(|ref|, 1e-3 * max|ref|)``, where
 ``max|ref|`` is that output's largest magnitude on that feed: for every element above 0.1 %
@@ -50,7 +51,7 @@ Feed = Mapping[str, np.ndarray]
 
 @dataclass
 class OutputComparison:
-    """One output's comparison; ``problem`` says why it failed, in words."""
+    """One output's comparison; ``message`` says why it failed, in words."""
 
     name: str
     ok: bool
@@ -61,14 +62,14 @@ class OutputComparison:
     candidate_shape: tuple[int, ...] | None = None
     candidate_dtype: str | None = None
     exact: bool = False  # integer/bool output compared for equality
-    max_abs_error: float = 0.0
-    mean_abs_error: float = 0.0
-    max_rel_error: float = 0.0
+    max_abs: float = 0.0
+    mean_abs: float = 0.0
+    max_rel: float | None = 0.0  # None for integer outputs, where it means nothing
     cosine: float | None = None
     top1_agreement: float | None = None
     mismatched: int = 0
     elements: int = 0
-    problem: str | None = None
+    message: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,14 +83,14 @@ class OutputComparison:
             if self.candidate_shape is not None else None,
             "candidate_dtype": self.candidate_dtype,
             "exact": self.exact,
-            "max_abs_error": _num(self.max_abs_error),
-            "mean_abs_error": _num(self.mean_abs_error),
-            "max_rel_error": _num(self.max_rel_error),
+            "max_abs": _num(self.max_abs),
+            "mean_abs": _num(self.mean_abs),
+            "max_rel": _num(self.max_rel),
             "cosine": _num(self.cosine),
             "top1_agreement": _num(self.top1_agreement),
             "mismatched": self.mismatched,
             "elements": self.elements,
-            "problem": self.problem,
+            "message": self.message,
         }
 
 
@@ -161,10 +162,10 @@ class _Accumulator:
         self.top1_hits = 0
         self.top1_rows = 0
 
-    def fail(self, problem: str) -> None:
+    def fail(self, message: str) -> None:
         if self.row.ok:
             self.row.ok = False
-            self.row.problem = problem
+            self.row.message = message
 
     def add(self, ref: np.ndarray, cand: np.ndarray | None) -> None:
         row = self.row
@@ -200,15 +201,9 @@ class _Accumulator:
         row = self.row
         unequal = int(np.count_nonzero(ref != cand))
         diff = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
-        row.max_abs_error = max(row.max_abs_error, float(diff.max()))
+        row.max_abs = max(row.max_abs, float(diff.max()))
         self.sum_abs += float(diff.sum())
-        scale = float(np.abs(ref.astype(np.float64)).max())
-        denom = np.maximum(np.abs(ref.astype(np.float64)), max(REL_FLOOR * scale, 1e-30))
-        row.max_rel_error = max(row.max_rel_error, float((diff / denom).max()))
         row.mismatched += unequal
-        if unequal:
-            self.fail(f"{unequal} of {ref.size} elements differ (integer output, compared "
-                      "exactly)")
 
     def _add_float(self, ref: np.ndarray, cand: np.ndarray) -> None:
         row = self.row
@@ -225,14 +220,10 @@ class _Accumulator:
         with np.errstate(invalid="ignore", over="ignore"):
             rel = diff / np.maximum(np.abs(r), max(REL_FLOOR * scale, 1e-30))
         rel[same] = 0.0
-        row.max_abs_error = max(row.max_abs_error, float(diff.max()))
-        row.max_rel_error = max(row.max_rel_error, float(np.nanmax(rel)))
+        row.max_abs = max(row.max_abs, float(diff.max()))
+        row.max_rel = max(row.max_rel, float(np.nanmax(rel)))
         self.sum_abs += float(diff.sum())
-        bad = int(ref.size - np.count_nonzero(close))
-        row.mismatched += bad
-        if bad:
-            self.fail(f"{bad} of {ref.size} elements outside atol={row.atol:g}, "
-                      f"rtol={row.rtol:g} (max abs error {float(diff.max()):.3g})")
+        row.mismatched += int(ref.size - np.count_nonzero(close))
         with np.errstate(invalid="ignore", over="ignore"):
             self.dot += float(np.dot(r.ravel(), c.ravel()))
             self.ref_sq += float(np.dot(r.ravel(), r.ravel()))
@@ -244,8 +235,16 @@ class _Accumulator:
 
     def finish(self) -> OutputComparison:
         row = self.row
+        if row.mismatched and row.exact:
+            self.fail(f"{row.mismatched} of {row.elements} elements differ (integer output, "
+                      "compared exactly)")
+        elif row.mismatched:
+            self.fail(f"{row.mismatched} of {row.elements} elements outside "
+                      f"atol={row.atol:g}, rtol={row.rtol:g} (max abs error {row.max_abs:.3g})")
         if row.elements:
-            row.mean_abs_error = self.sum_abs / row.elements
+            row.mean_abs = self.sum_abs / row.elements
+        if row.exact:
+            row.max_rel = None
         if not row.exact and row.elements and row.candidate_shape == row.shape:
             row.cosine = _cosine(self.dot, self.ref_sq, self.cand_sq)
         if self.top1_rows:
@@ -417,7 +416,7 @@ def validate(
     outputs = [acc.finish() for acc in accs.values()]
     for row in outputs:
         if not row.ok:
-            logger.info("output %s failed: %s", row.name, row.problem)
+            logger.info("output %s failed: %s", row.name, row.message)
     return ValidationResult(
         outputs=outputs,
         feeds=len(feed_list),

@@ -59,7 +59,8 @@ def test_optimize_happy_path(model_path, tmp_path, capsys):
     data = json.loads(report.read_text())
     assert [p["name"] for p in data["passes"]] == ["cleanup", "fold-pad", "fold-batchnorm"]
     assert data["ok"] and data["validation"]["ok"]
-    assert "fold-batchnorm" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fold-batchnorm" in out and "batchnorms_folded=1" in out
 
 
 def test_optimize_with_recipe(model_path, tmp_path):

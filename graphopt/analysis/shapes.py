@@ -2,8 +2,11 @@
 
 1. ORT's symbolic shape inference runs first (it knows ``com.microsoft`` ops and keeps
    symbolic dims); where it fails, onnx's shape inference (with data propagation) runs.
-2. Large weights are swapped out of the proto while inference runs and put back after, so
-   inference costs neither a copy of the weights nor the 2 GB protobuf limit.
+2. Inference runs on ``stripped_copy(model)``: the graph without the bytes of large
+   weights, built without reading or touching them, so inference costs neither a copy of
+   the weights nor the 2 GB protobuf limit. (Swapping the bytes out of the model and back
+   in, as ``weights_stripped`` does, leaves a dead copy of every weight in the message's
+   upb arena until the model is freed: +1x model size per call.)
 3. Stale ``value_info`` is dropped first: after a rewrite an exporter's old shapes are wrong,
    and onnxruntime refuses a model whose value_info disagrees with its graph.
 """
@@ -11,8 +14,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import importlib.util
 import logging
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import onnx
 
@@ -25,7 +33,11 @@ _STRIP_BYTES = 4096
 
 @contextlib.contextmanager
 def weights_stripped(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
-    """Temporarily empty large tensors' raw_data (dims are kept); restore on exit."""
+    """Temporarily empty large tensors' raw_data (dims are kept); restore on exit.
+
+    Each use leaves a dead copy of the weights in the model's arena (see the module doc):
+    to work on a copy, use ``stripped_copy`` instead.
+    """
     moved = []
     for t in iter_tensors(model.graph):
         if t.HasField("raw_data") and len(t.raw_data) > _STRIP_BYTES:
@@ -38,6 +50,71 @@ def weights_stripped(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
             t.raw_data = raw
 
 
+def _copy_field(dst, field, value) -> None:
+    if field.is_repeated:
+        getattr(dst, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(dst, field.name).CopyFrom(value)
+    else:
+        setattr(dst, field.name, value)
+
+
+def _large(tensor: onnx.TensorProto) -> bool:
+    """raw_data over _STRIP_BYTES, judged from dims and type: reading ``raw_data`` (or
+    ``ByteSize``/``ListFields``) would copy the bytes."""
+    if not tensor.HasField("raw_data"):
+        return False
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return len(tensor.raw_data) > _STRIP_BYTES
+    return n * itemsize > _STRIP_BYTES
+
+
+def _copy_tensor_without_data(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
+    for field in src.DESCRIPTOR.fields:
+        if field.name == "raw_data":
+            continue
+        if field.is_repeated:
+            values = getattr(src, field.name)
+            if len(values):
+                getattr(dst, field.name).extend(values)
+        elif src.HasField(field.name):
+            _copy_field(dst, field, getattr(src, field.name))
+
+
+def stripped_copy(model: onnx.ModelProto, *, initializers_only: bool = False
+                  ) -> onnx.ModelProto:
+    """A copy of ``model`` whose large tensors keep name, type and dims but no data.
+
+    The model is read, never changed, and the large initializers' bytes are never copied;
+    large tensors in ``Constant`` nodes and subgraphs are copied with their node and then
+    emptied, unless ``initializers_only``.
+    """
+    work = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(work, field, value)
+    graph = work.graph
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(graph, field, value)
+    for init in model.graph.initializer:
+        copy = graph.initializer.add()
+        if _large(init):
+            _copy_tensor_without_data(init, copy)
+        else:
+            copy.CopyFrom(init)
+    if not initializers_only:
+        for tensor in iter_tensors(graph):
+            if _large(tensor):
+                tensor.ClearField("raw_data")
+    return work
+
+
 def fix_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Write concrete dims into the graph inputs, in place."""
     for vi in model.graph.input:
@@ -48,10 +125,31 @@ def fix_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[in
                 d.dim_value = int(value)
 
 
-def _symbolic(model: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+@functools.lru_cache(maxsize=1)
+def _symbolic_class():
+    """ORT's ``SymbolicShapeInference``, loaded from its file.
 
-    return SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    ``import onnxruntime.tools.symbolic_shape_infer`` runs ``onnxruntime/tools/__init__``,
+    which imports torch whenever torch is installed: ~2-3 s and ~300 MB per process for
+    nothing. The module itself needs only numpy, onnx, sympy and packaging.
+    """
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    if name in sys.modules:
+        return sys.modules[name].SymbolicShapeInference
+    spec = importlib.util.find_spec("onnxruntime")
+    path = None
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "tools" / "symbolic_shape_infer.py"
+    if path is None or not path.is_file():
+        return importlib.import_module(name).SymbolicShapeInference
+    file_spec = importlib.util.spec_from_file_location("graphopt._ort_symbolic_shape_infer", path)
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.SymbolicShapeInference
+
+
+def _symbolic(model: onnx.ModelProto) -> onnx.ModelProto:
+    return _symbolic_class().infer_shapes(model, auto_merge=True, guess_output_rank=True)
 
 
 def _onnx(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -71,9 +169,7 @@ def infer_shapes(
     next re-inference without them).
     """
     del model.graph.value_info[:]
-    with weights_stripped(model):
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
+    work = stripped_copy(model)
     if input_shapes:
         fix_input_shapes(work, input_shapes)
     inferred = None
@@ -99,9 +195,7 @@ def tensor_shapes(
     model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None
 ) -> dict[str, tuple[int | str | None, ...]]:
     """Shape of every tensor the inference could type: name -> dims (int, symbol or None)."""
-    work = onnx.ModelProto()
-    with weights_stripped(model):
-        work.CopyFrom(model)
+    work = stripped_copy(model)
     infer_shapes(work, input_shapes)
     if input_shapes:
         fix_input_shapes(work, input_shapes)

@@ -1,0 +1,221 @@
+"""Width pruning: conv channels and filters, MatMul/Gemm neurons, and exactly-zero units.
+
+All three passes are thin policies over the coupled groups of
+``graphopt.analysis.coupling`` and remove units with the one apply engine
+(``graphopt.analysis.apply``):
+
+1. ``prune-channels`` removes the least important units of groups whose source is a
+   convolution (its filters, and the matching input channels of every consumer);
+2. ``prune-neurons`` does the same for groups whose source is a Gemm/MatMul with a constant
+   weight and whose unit is one channel (an MLP's or FFN's hidden units); groups whose units
+   are blocks of channels (attention heads) are left to ``prune-heads``;
+3. ``remove-zero-channels`` (lossless) removes units whose contribution is exactly zero:
+   every consumer weight slice is 0, or the unit feeds no consumer.
+
+A group that cannot be pruned (a barrier, a graph output, an op without a handler) is a skip
+with the analysis' reason; nothing is half-applied: all units are chosen, then removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx
+
+from graphopt.analysis.apply import apply_removal
+from graphopt.analysis.coupling import Coupling, Group, analyze
+from graphopt.errors import ConfigError
+from graphopt.importance import (
+    IMPORTANCE,
+    check_patterns,
+    group_selected,
+    select_units,
+    unit_scores,
+    zero_units,
+)
+from graphopt.pass_manager import Context, Pass, PassResult, Skip, register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WidthConfig:
+    """Options of ``prune-channels`` and ``prune-neurons``.
+
+    ``ratio``: share of each group's units removed (scope=group) or of all units (global).
+    ``importance``: l1, l2, bn_scale, activation, apoz or random.
+    ``scope``: group (a ratio per group) or global (one ranking over all groups).
+    ``round_to``: kept widths are multiples of this many channels (rounded up).
+    ``include``/``exclude``: node-name patterns (glob, or ``re:REGEX``) matched against a
+    group's source nodes. ``min_keep``: units every group keeps at least. ``max_ratio``: in
+    global scope, the largest share of one group that may go.
+    """
+
+    ratio: float = 0.25
+    importance: str = "l1"
+    scope: Literal["group", "global"] = "group"
+    round_to: int = 1
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    min_keep: int = 1
+    max_ratio: float = 0.9
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.importance not in IMPORTANCE:
+            raise ConfigError(f"importance must be one of {', '.join(IMPORTANCE)}, "
+                              f"got '{self.importance}'")
+        if self.scope not in ("group", "global"):
+            raise ConfigError(f"scope must be group or global, got '{self.scope}'")
+        if self.round_to < 1:
+            raise ConfigError(f"round_to must be 1 or more, got {self.round_to}")
+        if self.min_keep < 1:
+            raise ConfigError(f"min_keep must be 1 or more, got {self.min_keep}")
+        if not 0.0 < self.max_ratio < 1.0:
+            raise ConfigError(f"max_ratio must be in (0, 1), got {self.max_ratio}")
+        check_patterns(self.include, "include")
+        check_patterns(self.exclude, "exclude")
+
+
+@dataclass
+class WidthPlan:
+    """What a width pass decided: units to remove per group id, and the groups it skipped."""
+
+    coupling: Coupling
+    removal: dict[int, np.ndarray] = field(default_factory=dict)
+    skipped: list[Skip] = field(default_factory=list)
+
+    def counters(self, unit_name: str) -> dict[str, int]:
+        units = sum(len(u) for u in self.removal.values())
+        channels = sum(len(u) * self.coupling.group(g).unit_width
+                       for g, u in self.removal.items())
+        return {"groups_pruned": sum(1 for u in self.removal.values() if len(u)),
+                "units_pruned": int(units), f"{unit_name}_removed": int(channels),
+                "groups_skipped": len(self.skipped)}
+
+
+def _site(group: Group) -> str:
+    return f"group {group.id} ({group.source_op} '{group.source}', {group.size} units)"
+
+
+class _WidthPass(Pass):
+    Config = WidthConfig
+    lossless = False
+    kind: ClassVar[str] = ""
+    unit_name: ClassVar[str] = "units"
+    last_plan: WidthPlan | None = None  # the decision of the latest run (for reports, tests)
+
+    def eligible(self, group: Group) -> str | None:
+        """None if this pass may prune the group, else the reason it is skipped."""
+        if group.kind != self.kind:
+            return "other kind"
+        if not group.prunable:
+            return group.reason or "not prunable"
+        return None
+
+    def plan(self, model: onnx.ModelProto, ctx: Context) -> WidthPlan:
+        cfg = self.config
+        coupling = analyze(model, ctx.input_shapes)
+        plan = WidthPlan(coupling)
+        chosen = []
+        for g in coupling.groups:
+            why = self.eligible(g)
+            if why == "other kind":
+                continue
+            if why is None:
+                why = group_selected(g, cfg.include, cfg.exclude)
+                if why == "not matched by include":
+                    continue
+            if why is None and g.size <= cfg.min_keep:
+                why = f"only {g.size} unit(s)"
+            if why is not None:
+                plan.skipped.append(Skip(_site(g), why))
+                continue
+            chosen.append(g)
+        if not chosen or cfg.ratio == 0:
+            return plan
+        feeds = ctx.calibration_feeds(model) if cfg.importance in ("activation", "apoz") \
+            else None
+        scores = unit_scores(coupling, chosen, cfg.importance, feeds=feeds, seed=ctx.seed)
+        plan.removal = select_units(chosen, scores, cfg.ratio, scope=cfg.scope,
+                                    round_to=cfg.round_to, min_keep=cfg.min_keep,
+                                    max_ratio=cfg.max_ratio)
+        return plan
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        plan = self.plan(model, ctx)
+        self.last_plan = plan
+        if plan.removal:
+            apply_removal(model, plan.coupling, plan.removal)
+        return PassResult(model, bool(plan.removal), plan.counters(self.unit_name),
+                          plan.skipped)
+
+
+@register
+class PruneChannels(_WidthPass):
+    """Remove the least important conv channels/filters of every prunable conv group.
+
+    1. A group is a conv's filters with everything coupled to them (BatchNorm, activations,
+       residual adds, concats, the consumers' input channels); its units go together.
+    2. A group reaching a graph output, a barrier or an unknown op is skipped with the reason.
+    """
+
+    name = "prune-channels"
+    kind = "channels"
+    unit_name = "channels"
+
+
+@register
+class PruneNeurons(_WidthPass):
+    """Remove the least important hidden units of Gemm/MatMul layers (MLP/FFN widths).
+
+    1. A group is a weight's output columns with the next layer's input rows and everything
+       between (bias, activation, elementwise ops).
+    2. Groups whose unit is a block of channels (attention heads) are skipped: prune-heads
+       owns them.
+    """
+
+    name = "prune-neurons"
+    kind = "neurons"
+    unit_name = "neurons"
+
+    def eligible(self, group: Group) -> str | None:
+        if group.kind == "blocks" and group.source_op in ("Gemm", "MatMul"):
+            return (f"units are blocks of {group.unit_width} channels (attention heads?); "
+                    "prune-heads handles them")
+        return super().eligible(group)
+
+
+@register
+class RemoveZeroChannels(Pass):
+    """Remove units whose contribution is exactly zero (lossless).
+
+    1. Every consumer-side weight slice of the unit is exactly 0 (e.g. after magnitude
+       pruning), or the unit feeds no consumer at all.
+    2. A group keeps at least one unit; unprunable groups are left alone.
+    """
+
+    name = "remove-zero-channels"
+    lossless = True
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        coupling = analyze(model, ctx.input_shapes)
+        removal: dict[int, np.ndarray] = {}
+        for g in coupling.groups:
+            if not g.prunable:
+                continue
+            zero = zero_units(coupling, g)
+            owns_an_axis = any(idx.size == coupling.dims[m] for m, idx in g.index.items())
+            if len(zero) >= g.size and owns_an_axis:
+                zero = zero[: g.size - 1]  # an axis must keep one index
+            if len(zero):
+                removal[g.id] = zero
+        if removal:
+            apply_removal(model, coupling, removal)
+        units = sum(len(u) for u in removal.values())
+        return PassResult(model, bool(removal),
+                          {"groups_pruned": len(removal), "units_pruned": int(units)})

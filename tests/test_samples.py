@@ -1,0 +1,69 @@
+"""Every bundled sample runs end to end, and its README shows the commands its run.sh runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = sorted(p.parent for p in (ROOT / "samples").glob("*/run.sh"))
+# Files each sample must leave in its output folder (others: at least one .onnx file).
+EXPECTED = {"cnn": ["cnn.onnx", "cnn.opt.onnx", "report.json"]}
+
+
+def _readme_commands(readme: Path) -> list[str]:
+    """Command lines of the README's ```bash blocks (not assignments or run.sh itself)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme.read_text(), flags=re.DOTALL):
+        for line in block.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#") or re.match(r"^\w+=\S*$", line):
+                continue
+            if "run.sh" in line:
+                continue
+            commands.append(line)
+    return commands
+
+
+def test_samples_found():
+    """The repository bundles at least one runnable sample."""
+    assert SAMPLES, "no samples/*/run.sh"
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.name)
+def test_readme_matches_run_script(sample):
+    """Each command in the sample README's bash blocks is a line of its run.sh."""
+    readme = sample / "README.md"
+    assert readme.is_file(), f"{sample.name} has no README.md"
+    commands = _readme_commands(readme)
+    assert commands, f"{readme} shows no commands in a ```bash block"
+    script_lines = {line.strip() for line in (sample / "run.sh").read_text().splitlines()}
+    missing = [c for c in commands if c not in script_lines]
+    assert not missing, f"README commands not in run.sh: {missing}"
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.name)
+def test_sample_runs(sample, tmp_path):
+    """run.sh exits 0 and leaves the expected files; the optimize report says ok."""
+    pytest.importorskip("torch")
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    proc = subprocess.run(["bash", str(sample / "run.sh"), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, (f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-3000:]}")
+    expected = EXPECTED.get(sample.name)
+    if expected:
+        missing = [name for name in expected if not (out / name).is_file()]
+        assert not missing, f"missing outputs: {missing}"
+    else:
+        assert list(out.glob("*.onnx")), "the sample wrote no model"
+    for report in out.glob("report*.json"):
+        assert json.loads(report.read_text())["ok"] is True
