@@ -31,7 +31,7 @@ from onnx import numpy_helper
 
 from graphopt.pass_manager import Context, Pass, PassResult, Skip, register
 
-from .cleanup import ONNX_DOMAINS, GraphIndex, attr, drop_value_info, ir3_inputs_kept, \
+from graphopt.graph import ONNX_DOMAINS, GraphIndex, attr, drop_value_info, ir3_inputs_kept, \
     prune_orphans, replace_nodes, set_attr, shape_skeleton, site, unique_name
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import onnx
 
 from graphopt.pass_manager import Context, Pass, PassResult, Skip, register
 
-from .cleanup import ONNX_DOMAINS, GraphIndex, attr, ir3_inputs_kept, prune_orphans, \
+from graphopt.graph import ONNX_DOMAINS, GraphIndex, attr, ir3_inputs_kept, prune_orphans, \
     remove_nodes, remove_passthrough, set_attr, site
 
 logger = logging.getLogger(__name__)
