@@ -377,9 +377,9 @@ def list_passes(as_json: bool) -> None:
     rows = []
     for name, cls in registered_passes().items():
         options = {f.name: f.default for f in dataclasses.fields(cls.Config)}
-        doc = (cls.__doc__ or "").strip().splitlines()
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         rows.append({"name": name, "lossless": cls.lossless, "options": options,
-                     "summary": doc[0] if doc else ""})
+                     "summary": summary})
     if as_json:
         _emit_json(rows)
         return

@@ -159,3 +159,12 @@ def test_user_errors_are_one_line(argv, fragment, model_path, tmp_path, capsys):
     code = main([a.format(**subs) for a in argv])
     assert code == 2
     assert fragment in _error_line(capsys)
+
+
+def test_macs_counted_after_fold_with_symbolic_output(model_path, tmp_path, capsys):
+    """MACs stay counted after a pass when the graph output has a symbolic batch dim."""
+    report = tmp_path / "r.json"
+    assert main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--pass",
+                 "fold-batchnorm", "--input-shape", "x:2x3x8x8", "--report", str(report)]) == 0
+    entry = json.loads(report.read_text())["passes"][0]
+    assert entry["macs_after"] == entry["macs_before"] == 2 * 4 * 8 * 8 * 27

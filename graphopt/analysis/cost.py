@@ -23,6 +23,7 @@ import onnx
 from ..inputs import resolve_shapes
 
 _MATMUL_LIKE = {"MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul"}
+_PLUMBING = {"Shape", "Size", "CastLike", "Cast", "Identity"}
 _ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 
 
@@ -85,7 +86,10 @@ def count_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...
     consumers: dict[str, str] = {}
     for node in model.graph.node:
         for name in node.input:
-            consumers.setdefault(name, node.op_type)
+            # A weight is filed under the op that computes with it, not one that reads its
+            # shape or type (dynamo exports put Shape/CastLike on conv weights first).
+            if name not in consumers or consumers[name] in _PLUMBING:
+                consumers[name] = node.op_type
     for name, (dims, itemsize) in weights.items():
         n = _prod(dims)
         if n <= 1 or name in counted:

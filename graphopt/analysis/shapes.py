@@ -24,7 +24,7 @@ from pathlib import Path
 
 import onnx
 
-from ..model import iter_tensors
+from ..model import _copy_field, iter_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +48,6 @@ def weights_stripped(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
     finally:
         for t, raw in moved:
             t.raw_data = raw
-
-
-def _copy_field(dst, field, value) -> None:
-    if field.is_repeated:
-        getattr(dst, field.name).extend(value)
-    elif field.message_type is not None:
-        getattr(dst, field.name).CopyFrom(value)
-    else:
-        setattr(dst, field.name, value)
 
 
 def _large(tensor: onnx.TensorProto) -> bool:
@@ -188,6 +179,13 @@ def infer_shapes(
     for vi in inferred.graph.value_info:
         if vi.name not in known:
             model.graph.value_info.append(vi)
+    inferred_outputs = {vi.name: vi for vi in inferred.graph.output}
+    for vi in model.graph.output:
+        # Outputs declared without a shape take the inferred one.
+        new = inferred_outputs.get(vi.name)
+        if new is not None and not vi.type.tensor_type.HasField("shape") and \
+                new.type.tensor_type.HasField("shape"):
+            vi.type.CopyFrom(new.type)
     return model
 
 
@@ -196,6 +194,10 @@ def tensor_shapes(
 ) -> dict[str, tuple[int | str | None, ...]]:
     """Shape of every tensor the inference could type: name -> dims (int, symbol or None)."""
     work = stripped_copy(model)
+    if input_shapes:
+        # Declared output dims (often symbolic) would otherwise hide the concrete ones.
+        for vi in work.graph.output:
+            vi.type.tensor_type.ClearField("shape")
     infer_shapes(work, input_shapes)
     if input_shapes:
         fix_input_shapes(work, input_shapes)
