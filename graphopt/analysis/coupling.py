@@ -48,7 +48,8 @@ from .graph_view import (  # noqa: F401 - re-exported: the analysis' vocabulary
 
 logger = logging.getLogger(__name__)
 
-SEED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv"}
+SEED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv",
+            "Attention"}  # com.microsoft Attention holds a packed QKV weight
 
 
 # ---------------------------------------------------------------------------- groups

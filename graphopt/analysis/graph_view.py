@@ -132,6 +132,31 @@ class GraphView:
             return False
         return self.const(name) is not None
 
+    def is_static(self, name: str) -> bool:
+        """``name`` is a constant that does not depend on any runtime tensor's shape (an
+        initializer, a Constant, or folded from those only). A value folded through
+        ``Shape`` of an activation holds the analysis' example dims and must not be
+        written back into the graph."""
+        if name in self.initializers or name in self.constant_nodes:
+            return True
+        if not self.is_const(name):
+            return False
+        seen: set[str] = set()
+        stack = [name]
+        while stack:
+            cur = stack.pop()
+            if cur in seen or cur in self.initializers or cur in self.constant_nodes:
+                continue
+            seen.add(cur)
+            if cur not in self.producer:
+                return False
+            node = self.nodes[self.producer[cur]]
+            if node.op_type == "Shape" and not (node.input[0] in self.initializers or
+                                                node.input[0] in self.constant_nodes):
+                return False
+            stack.extend(i for i in node.input if i)
+        return True
+
     def _const_value(self, name: str) -> np.ndarray | None:
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])

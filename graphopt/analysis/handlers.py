@@ -9,7 +9,7 @@ activation a contraction consumes; ``contract``: a contraction axis between two 
 and names *seeds* (output-channel axes of weight ops).
 
 A *rewriter* (optional, same table) fixes what is not a sliced member after a removal:
-attributes (``group``), and shape-like constants (Reshape targets, Split sizes, Slice
+attributes (``group``, ``num_heads``), and shape-like constants (Reshape targets, Split sizes, Slice
 bounds, Resize sizes, Gather indices). Weights, biases and per-channel constants are sliced
 by the apply engine itself, never here.
 
@@ -17,8 +17,8 @@ The handlers live by family in ``ops_elementwise`` (activations, broadcasting op
 normalizations and barriers), ``ops_weights`` (Conv, ConvTranspose, Gemm, MatMul, Gather)
 and ``ops_layout`` (Concat, Split, Slice, Transpose, Reshape family, pooling, reductions,
 Resize, Pad). To support a new op, add one function decorated with ``@handles("OpType")``
-(and ``@rewrites`` if an attribute or shape constant must follow the removal); a fused
-attention op would update its ``num_heads`` there. An op without a handler is a barrier
+(and ``@rewrites`` if an attribute or shape constant must follow the removal); fused
+attention ops (``ops_attention``) update their ``num_heads`` there. An op without a handler is a barrier
 whose reason names it.
 """
 
@@ -192,5 +192,5 @@ def _ax(axis: int, rank: int) -> int:
 
 
 # The op modules register their handlers in HANDLERS when imported.
-from . import ops_elementwise, ops_layout, ops_weights  # noqa: E402,F401
+from . import ops_attention, ops_elementwise, ops_layout, ops_weights  # noqa: E402,F401
 

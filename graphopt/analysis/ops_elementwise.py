@@ -6,10 +6,7 @@ normalizations over an axis are barriers on it (its indices interact).
 
 from __future__ import annotations
 
-
-from .graph_view import HandlerError
 from .handlers import NodeView, _ax, handles
-
 
 # =========================================================================== elementwise
 
@@ -189,12 +186,5 @@ def _softmax(nv: NodeView) -> None:
             nv.link(nv.inp(0, k), nv.out(0, k), d)
 
 
-# =========================================================================== barriers
-
-_ATTENTION_REASON = "fused attention op: its heads are pruned by prune-heads, not here"
-
-
-@handles("Attention")
-@handles("Attention", "MultiHeadAttention", "GroupQueryAttention", domain="com.microsoft")
-def _attention(nv: NodeView) -> None:
-    raise HandlerError(f"{nv.label}: {_ATTENTION_REASON}")
+# Fused attention ops (ONNX Attention, com.microsoft Attention/MultiHeadAttention/
+# GroupQueryAttention) have their own handlers in ``ops_attention``.

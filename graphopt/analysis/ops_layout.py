@@ -259,7 +259,7 @@ def _reshape_rewrite(nv: NodeView, ed) -> None:
                if len(ed.removed(nv.out(0, k)))}
     if not changes:
         return
-    target = nv.const_in(1)
+    target = nv.const_in(1) if nv.view.is_static(nv.node.input[1]) else None
     if target is not None:
         new = np.array(target, dtype=np.int64).copy()
         for k, dim in changes.items():
@@ -278,7 +278,8 @@ def _reshape_rewrite(nv: NodeView, ed) -> None:
                          nv.label, k)
             continue
         cidx, ci, pos = pieces[k]
-        value = nv.view.const(nv.view.nodes[cidx].input[ci])
+        piece = nv.view.nodes[cidx].input[ci]
+        value = nv.view.const(piece) if nv.view.is_static(piece) else None
         if value is None:
             continue  # computed from a tensor's Shape: follows the new width
         new = np.array(ed.current_input(cidx, ci, value), dtype=np.int64).copy()
@@ -302,6 +303,9 @@ def _expand(nv: NodeView) -> None:
 @rewrites("Expand")
 def _expand_rewrite(nv: NodeView, ed) -> None:
     y = nv.out_shape(0)
+    if not nv.view.is_static(nv.node.input[1]):
+        _expand_rewrite_runtime(nv, ed, y)
+        return
     target = nv.const_in(1)
     if target is None:
         return
@@ -315,6 +319,28 @@ def _expand_rewrite(nv: NodeView, ed) -> None:
             changed = True
     if changed:
         ed.set_input(nv.idx, 1, new.astype(target.dtype))
+
+
+def _expand_rewrite_runtime(nv: NodeView, ed, y: tuple[int, ...]) -> None:
+    """An Expand target built at runtime (a Concat of Shape pieces and constants, as in
+    ``repeat_kv``): only its constant pieces of pruned axes are updated."""
+    pieces = _shape_input_pieces(nv.view, nv.node.input[1])
+    if pieces is None:
+        return
+    for k in range(len(y)):
+        r = len(ed.removed(nv.out(0, k)))
+        pos = len(pieces) - len(y) + k
+        if not r or pos < 0:
+            continue
+        cidx, ci, p = pieces[pos]
+        piece = nv.view.nodes[cidx].input[ci]
+        if not nv.view.is_static(piece):
+            continue
+        value = nv.view.const(piece)
+        new = np.array(ed.current_input(cidx, ci, value), dtype=np.int64).copy()
+        if new[p] == y[k]:
+            new[p] = y[k] - r
+            ed.set_input(cidx, ci, new.astype(value.dtype))
 
 
 @handles("Tile")

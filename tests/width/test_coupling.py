@@ -455,13 +455,18 @@ def test_subgraph_use_is_a_barrier():
     assert not group.prunable and "If" in group.reason
 
 
-def test_fused_attention_op_is_left_to_prune_heads():
-    """com.microsoft::Attention stops the group and points at prune-heads."""
+def test_fused_attention_op_rows_and_heads():
+    """com.microsoft::Attention: the hidden units it reads are its packed weight's rows; its
+    own heads form a group of 12-column blocks (Q, K, V of one head) that ends at the graph
+    output (prune-heads owns heads)."""
     nodes = [N("MatMul", ["x", "w"], ["h"], name="proj"),
              N("Attention", ["h", "qkv", "qb"], ["y"], domain="com.microsoft", num_heads=2)]
     model = _attention_model(nodes)
-    group = next(g for g in analyze(model).groups if g.source == "proj")
-    assert not group.prunable and "prune-heads" in group.reason
+    groups = analyze(model).groups
+    group = next(g for g in groups if g.source == "proj")
+    assert group.prunable and group.size == 8
+    heads = next(g for g in groups if g.source_op == "Attention")
+    assert heads.size == 2 and not heads.prunable and "graph output" in heads.reason
 
 
 def _attention_model(nodes):
