@@ -157,7 +157,29 @@ def _record_kept(model: onnx.ModelProto, kind: str, total: int, removed: Sequenc
     else:
         entry = model.metadata_props.add()
         entry.key, entry.value = key, json.dumps(kept)
+    if kind in ("layer", "attention"):
+        _drop_per_layer_entries(props, total, set(removed))
     return kept
+
+
+# Per-attention-layer lists other passes record (prune-heads); they lose removed layers' entries.
+_PER_LAYER_KEYS = ("graphopt.heads", "graphopt.kv_heads")
+
+
+def _drop_per_layer_entries(props: Mapping[str, onnx.StringStringEntryProto], total: int,
+                            removed: set[int]) -> None:
+    for key in _PER_LAYER_KEYS:
+        if key not in props:
+            continue
+        try:
+            values = json.loads(props[key].value)
+        except ValueError:
+            continue
+        if isinstance(values, list) and len(values) == total:
+            props[key].value = json.dumps([v for i, v in enumerate(values) if i not in removed])
+        else:
+            logger.warning("%s has %s entries for %d layers; left as it was", key,
+                           len(values) if isinstance(values, list) else "no", total)
 
 
 # --------------------------------------------------------------------------- importance

@@ -49,3 +49,14 @@ def test_exclude_skips_layer(hf_model, oracle, meta):
                                {"ratio": 0.5, "exclude": ("*layer.0*",)})
     assert json.loads(meta(pruned)["graphopt.heads"]) == [4, 2]
     assert any("excluded" in s.reason for s in report.passes[0].skipped)
+
+
+def test_prune_layers_after_heads_keeps_head_counts_aligned(hf_model, meta):
+    """prune-layers after prune-heads drops the removed layer's entry from graphopt.heads."""
+    import graphopt
+
+    model, _ = graphopt.optimize(hf_model("bert"), ["prune-heads:ratio=0.5,exclude=*layer.0*",
+                                                    "prune-layers:indices=1"])
+    m = meta(model)
+    assert json.loads(m["graphopt.layers"]) == [0]
+    assert json.loads(m["graphopt.heads"]) == [4]
