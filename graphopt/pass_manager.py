@@ -11,7 +11,9 @@ A pass (``Pass`` subclass, registered with ``@register``):
 The manager alone runs cleanup, toposort and shape re-inference after a pass, then
 verifies: ``onnx.checker``, an onnxruntime session load, and for lossless passes outputs
 equal to the model before the pass. A pass that fails is rolled back and reported with its
-name and the passes before it; the run stops (``on_error="stop"``) or goes on.
+name and the passes before it; the run stops (``on_error="stop"``) or goes on. The
+re-inferred shapes (``value_info``) are for the passes and the checks: the returned model
+keeps them only when the input had value_info (see ``PassManager.run``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import dataclasses
 import functools
 import gc
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -559,6 +562,94 @@ def _same_feeds(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) 
     )
 
 
+# Models with at least this many bytes of weights keep the copy a failing pass is rolled back
+# to on disk (``_Snapshot``) instead of in memory: one model size less at the peak
+# (BERT-base: 2.95x -> ~2x the file size). Smaller models keep the in-memory copy (faster).
+_DISK_ROLLBACK_BYTES = 64 * 2**20
+
+
+def _file_session(path: Path):
+    """An onnxruntime session on a model file, with the verification sessions' options."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class _Snapshot:
+    """A model as it was, kept on disk: the rollback copy of a large model.
+
+    The files are the lean sessions' format (``_write_with_external_weights``: ``model.onnx``
+    and a page-aligned ``weights.bin``), so one write serves as the model for an ORT session
+    (the reference before a lossless pass, or the check after a pass, whose files then
+    become the next pass's rollback copy), ``matches`` (a pass that reported no change left
+    the model as it was) and ``restore`` (the model back, equal to the one written byte for
+    byte when serialized). ``outline`` is the weight-less twin (inputs, dims) for feeds.
+    """
+
+    def __init__(self, model: onnx.ModelProto, folder: Path):
+        from .analysis.shapes import stripped_copy
+
+        folder.mkdir()
+        self.folder = folder
+        self.path = _write_with_external_weights(model, folder)
+        self.ir_version = model.ir_version  # the file has it lowered for onnxruntime
+        self.outline = stripped_copy(model, initializers_only=True)
+        self._outline_bytes = self.outline.SerializeToString()
+        written = onnx.ModelProto()
+        written.ParseFromString(self.path.read_bytes())
+        # (initializer index, offset, length, data_location set in the model) per tensor
+        # written to weights.bin; tensors already external in the model stay as they were.
+        self._spilled: list[tuple[int, int, int, bool]] = []
+        for i, (t, before) in enumerate(zip(written.graph.initializer,
+                                            self.outline.graph.initializer)):
+            if (t.data_location == onnx.TensorProto.EXTERNAL
+                    and before.data_location != onnx.TensorProto.EXTERNAL):
+                where = {e.key: e.value for e in t.external_data}
+                self._spilled.append((i, int(where["offset"]), int(where["length"]),
+                                      before.HasField("data_location")))
+
+    def matches(self, model: onnx.ModelProto) -> bool:
+        """Whether ``model`` equals the snapshot: structure, then the spilled weights' bytes
+        compared with the file one tensor at a time."""
+        from .analysis.shapes import stripped_copy
+
+        if stripped_copy(model, initializers_only=True).SerializeToString() != self._outline_bytes:
+            return False
+        inits = model.graph.initializer
+        with open(self.folder / "weights.bin", "rb") as fh:
+            for i, offset, length, _ in self._spilled:
+                raw = inits[i].raw_data
+                if len(raw) != length:
+                    return False
+                fh.seek(offset)
+                if fh.read(length) != raw:
+                    return False
+        return True
+
+    def restore(self) -> onnx.ModelProto:
+        """The model as written, weights read back in (a new ModelProto)."""
+        model = onnx.ModelProto()
+        model.ParseFromString(self.path.read_bytes())
+        model.ir_version = self.ir_version
+        inits = model.graph.initializer
+        with open(self.folder / "weights.bin", "rb") as fh:
+            for i, offset, length, located in self._spilled:
+                t = inits[i]
+                fh.seek(offset)
+                t.raw_data = fh.read(length)
+                del t.external_data[:]
+                if located:
+                    t.data_location = onnx.TensorProto.DEFAULT
+                else:
+                    t.ClearField("data_location")
+        return model
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class PassManager:
     """Run passes in order, verify each, roll back failures.
 
@@ -577,9 +668,20 @@ class PassManager:
         # (model, feeds, outputs): ORT outputs already computed for a model object, so the
         # next lossless pass's reference needs no second session on the same model.
         self._known: tuple[onnx.ModelProto, list, list] | None = None
+        # The run's temporary folder for on-disk rollback copies, the check files of the
+        # running pass, and a counter naming their folders (see run).
+        self._spill: Path | None = None
+        self._candidate: _Snapshot | None = None
+        self._serial = 0
 
     def run(self, model: onnx.ModelProto, ctx: Context | None = None
             ) -> tuple[onnx.ModelProto, Report]:
+        """Run the passes on ``model`` (changed in place or replaced) and report.
+
+        Before each pass the manager keeps the model as it is, to roll back to: a copy in
+        memory, or for models with ``_DISK_ROLLBACK_BYTES`` of weights or more a
+        ``_Snapshot`` in a temporary folder, removed when the run ends however it ends.
+        """
         from .analysis.cost import count_cost
 
         ctx = ctx or Context()
@@ -587,51 +689,110 @@ class PassManager:
         done: list[str] = []
         self._known = None
         cost = count_cost(model, ctx.input_shapes)
-        large = _weight_bytes(model) >= _RELEASE_BYTES
-        for p in self.passes:
-            if self.progress:
-                self.progress(p.name)
-            entry = PassReport(p.name, config_dict(p.config), p.lossless, "not run",
-                               params_before=cost.params, macs_before=cost.macs)
-            start = time.perf_counter()
-            backup = onnx.ModelProto()
-            backup.CopyFrom(model)
-            # Outputs known for the model before this pass hold for the backup too.
-            known = self._known if self._known is not None and self._known[0] is model else None
-            try:
-                model, changed, diff = self._run_one(p, model, backup, ctx, entry, tuple(done))
-                entry.status = "changed" if changed else "unchanged"
-                entry.max_abs_diff = diff
-                if changed:
-                    cost = count_cost(model, ctx.input_shapes)
-                elif known is not None:
-                    self._known = (backup, *known[1:])
-            except PassError as exc:
-                model = backup
-                if known is not None:
-                    self._known = (backup, *known[1:])
-                entry.status = "rolled back"
-                entry.error = str(exc)
-                logger.warning("%s; rolled back", exc)
-                if self.on_error == "stop":
-                    entry.seconds = time.perf_counter() - start
-                    entry.params_after, entry.macs_after = cost.params, cost.macs
-                    report.passes.append(entry)
-                    exc.report = report  # type: ignore[attr-defined]
-                    raise
-            entry.seconds = time.perf_counter() - start
-            entry.params_after, entry.macs_after = cost.params, cost.macs
-            report.passes.append(entry)
-            done.append(p.name)
-            # Let go of this pass's rollback copy before the next pass makes its own: held
-            # over, it is a third copy of the weights while the next one is made.
-            backup = known = None
-            if large:
-                release_memory()
-        return model, report
+        weights = _weight_bytes(model)
+        large = weights >= _RELEASE_BYTES
+        # value_info inferred by finalize() serves the passes and their verification only:
+        # kept in a model whose exporter wrote none, it lets onnxruntime apply fusions the
+        # original does not get (MiniLM: SkipLayerNormalization, slower on some CPUs), so
+        # a no-op run would change the speed. The result has value_info iff the input had.
+        keep_value_info = len(model.graph.value_info) > 0
+        self._spill = (Path(tempfile.mkdtemp(prefix="graphopt-rollback-"))
+                       if weights >= _DISK_ROLLBACK_BYTES else None)
+        snapshot: _Snapshot | None = None  # of `model` as it is now, when on disk
+        try:
+            for p in self.passes:
+                if self.progress:
+                    self.progress(p.name)
+                entry = PassReport(p.name, config_dict(p.config), p.lossless, "not run",
+                                   params_before=cost.params, macs_before=cost.macs)
+                start = time.perf_counter()
+                backup: onnx.ModelProto | _Snapshot
+                if self._spill is None:
+                    backup = onnx.ModelProto()
+                    backup.CopyFrom(model)
+                else:
+                    if snapshot is None:
+                        snapshot = self._new_snapshot(model)
+                    backup = snapshot
+                self._candidate = None
+                # Outputs known for the model before this pass hold for the backup too.
+                known = (self._known if self._known is not None and self._known[0] is model
+                         else None)
+                rolled_back = False
+                try:
+                    model, changed, diff = self._run_one(p, model, backup, ctx, entry,
+                                                         tuple(done))
+                    entry.status = "changed" if changed else "unchanged"
+                    entry.max_abs_diff = diff
+                    if changed:
+                        cost = count_cost(model, ctx.input_shapes)
+                        if snapshot is not None:  # the check's files, if any, are the model's
+                            snapshot.close()
+                            snapshot, self._candidate = self._candidate, None
+                    elif known is not None:
+                        self._known = (model, *known[1:])
+                except PassError as exc:
+                    rolled_back = True
+                    if isinstance(backup, onnx.ModelProto):
+                        model = backup
+                    entry.status = "rolled back"
+                    entry.error = str(exc)
+                    logger.warning("%s; rolled back", exc)
+                    if self.on_error == "stop":
+                        entry.seconds = time.perf_counter() - start
+                        entry.params_after, entry.macs_after = cost.params, cost.macs
+                        report.passes.append(entry)
+                        exc.report = report  # type: ignore[attr-defined]
+                        raise
+                finally:
+                    if self._candidate is not None:  # the failed pass's check files
+                        self._candidate.close()
+                        self._candidate = None
+                if rolled_back:
+                    if isinstance(backup, _Snapshot):
+                        # The failed model is let go of (with the exception's frames) first.
+                        model = None
+                        if large:
+                            release_memory()
+                        model = backup.restore()
+                    if known is not None:
+                        self._known = (model, *known[1:])
+                entry.seconds = time.perf_counter() - start
+                entry.params_after, entry.macs_after = cost.params, cost.macs
+                report.passes.append(entry)
+                done.append(p.name)
+                # Let go of this pass's rollback copy before the next pass makes its own:
+                # held over, it is a third copy of the weights while the next one is made.
+                backup = known = None
+                if large:
+                    release_memory()
+            if not keep_value_info:
+                del model.graph.value_info[:]
+            return model, report
+        finally:
+            if self._spill is not None:
+                shutil.rmtree(self._spill, ignore_errors=True)
+            self._spill = self._candidate = None
 
-    def _run_one(self, p: Pass, model: onnx.ModelProto, backup: onnx.ModelProto, ctx: Context,
-                 entry: PassReport, before: tuple[str, ...]
+    def _new_snapshot(self, model: onnx.ModelProto) -> _Snapshot:
+        """Write ``model`` to a new folder in this run's temporary folder."""
+        assert self._spill is not None
+        self._serial += 1
+        return _Snapshot(model, self._spill / str(self._serial))
+
+    def _as_before(self, model: onnx.ModelProto, backup: onnx.ModelProto | _Snapshot
+                   ) -> onnx.ModelProto:
+        """The model before a pass that reported no change (which may have edited it all
+        the same): the in-memory copy, or ``model`` itself once compared with the snapshot."""
+        if isinstance(backup, onnx.ModelProto):
+            return backup
+        if backup.matches(model):
+            return model
+        logger.warning("a pass that reported no change changed the model; restored")
+        return backup.restore()
+
+    def _run_one(self, p: Pass, model: onnx.ModelProto, backup: onnx.ModelProto | _Snapshot,
+                 ctx: Context, entry: PassReport, before: tuple[str, ...]
                  ) -> tuple[onnx.ModelProto, bool, float | None]:
         known = self._known if self._known is not None and self._known[0] is model else None
         try:
@@ -644,18 +805,21 @@ class PassManager:
         entry.counters = dict(result.counters)
         entry.skipped = list(result.skipped)
         if not result.modified:
-            return backup, False, None
+            return self._as_before(model, backup), False, None
         self._known = None  # the model (perhaps the same object) has changed
+        on_disk = isinstance(backup, _Snapshot)
         # The reference is computed only now, for a pass that changed something, and from
         # the outputs the previous pass's check already computed when it can.
-        feeds = ctx.sample_feeds(backup, 1) if self.verify else []
+        feeds = (ctx.sample_feeds(backup.outline if on_disk else backup, 1)
+                 if self.verify else [])
         reference = None
         if self.verify and p.lossless:
             if known is not None and _same_feeds(known[1], feeds):
                 reference = known[2]
             else:
                 try:
-                    session = ort_session(backup, lean=True)
+                    session = (_file_session(backup.path) if on_disk
+                               else ort_session(backup, lean=True))
                     reference = [run_model(session, f) for f in feeds]
                     del session
                 except Exception as exc:  # noqa: BLE001 - the input model itself may not run
@@ -672,7 +836,12 @@ class PassManager:
         except onnx.checker.ValidationError as exc:
             raise PassError(p.name, f"onnx.checker refused the result: {exc}", before) from exc
         try:
-            session = ort_session(out, lean=True)
+            if on_disk:
+                # Written for the check session, kept as the next pass's rollback copy.
+                self._candidate = self._new_snapshot(out)
+                session = _file_session(self._candidate.path)
+            else:
+                session = ort_session(out, lean=True)
         except Exception as exc:  # noqa: BLE001
             raise PassError(p.name, f"onnxruntime cannot load the result: {exc}", before) from exc
         diff = None

@@ -113,6 +113,58 @@ def test_finalize_keeps_metadata_and_drops_stale_value_info():
     assert not h or h[0].type.tensor_type.shape.dim[1].dim_value == 3
 
 
+def _residual_ln_model() -> onnx.ModelProto:
+    """x -> MatMul -> Reshape(to a computed shape) -> Add(x) -> LayerNorm, no value_info:
+    ORT alone cannot type the Reshape, so it fuses SkipLayerNormalization only if given
+    shapes (as with MiniLM's exporter graph)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Shape", ["x"], ["sh"], end=2),
+             helper.make_node("Concat", ["sh", "c8"], ["target"], axis=0),
+             helper.make_node("Reshape", ["h", "target"], ["hr"]),
+             helper.make_node("Add", ["hr", "x"], ["s"]),
+             helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1)]
+    return make_model(nodes, {"x": ["batch", "seq", 8]}, ["y"],
+                      {"w": rng.standard_normal((8, 8)).astype(np.float32),
+                       "g": np.ones(8, np.float32), "b": np.zeros(8, np.float32),
+                       "c8": np.array([8], np.int64)})
+
+
+def _ort_fused_ops(model: onnx.ModelProto, path) -> list[str]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return sorted(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def test_noop_run_saves_no_inferred_value_info(tmp_path):
+    """A no-op run leaves no inferred value_info in the saved model, so ORT fuses as before."""
+    import graphopt
+
+    model = _residual_ln_model()
+    assert not model.graph.value_info
+    out, report = PassManager([NoOp()]).run(_residual_ln_model())
+    assert report.passes[0].status == "changed"
+    saved = graphopt.load(graphopt.save(out, tmp_path / "out.onnx"))
+    assert len(saved.graph.value_info) == 0
+    assert [n.op_type for n in saved.graph.node] == [n.op_type for n in model.graph.node]
+    before = _ort_fused_ops(model, tmp_path / "ort_before.onnx")
+    assert "SkipLayerNormalization" not in before
+    assert _ort_fused_ops(saved, tmp_path / "ort_after.onnx") == before
+
+
+def test_value_info_kept_when_input_had_it():
+    """An input that carries value_info gets re-inferred (correct) value_info back."""
+    model = _residual_ln_model()
+    model.graph.value_info.append(helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT,
+                                                                ["batch", "seq", 8]))
+    out, _ = PassManager([NoOp()]).run(model)
+    assert {"h", "hr", "s"} <= {vi.name for vi in out.graph.value_info}
+
+
 def test_params_before_after_in_report():
     """Each pass entry carries params and MACs before and after."""
     _, report = PassManager([NoOp()]).run(_model(), Context(input_shapes={"x": (8, 4)}))

