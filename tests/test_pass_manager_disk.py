@@ -1,0 +1,183 @@
+"""The manager's on-disk rollback copy for large models (``_Snapshot``), exercised on a small
+model by lowering the size threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from graphopt import pass_manager
+from graphopt.errors import PassError
+from graphopt.pass_manager import Context, Pass, PassManager, PassResult, _Snapshot
+from graphopt.testing import make_model, run
+
+
+def _model() -> onnx.ModelProto:
+    """x -> MatMul(w: 64x32) -> Gather(idx: 2048 int64) -> Reshape -> Add(Constant c) -> y,
+    w over the strip size (spilled to weights.bin); idx (an int table), the Constant inline."""
+    rng = np.random.default_rng(0)
+    c = numpy_helper.from_array(rng.standard_normal((2048,)).astype(np.float32), "c")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Flatten", ["h"], ["f"], axis=0),
+             helper.make_node("Gather", ["f", "idx"], ["g"], axis=1),
+             helper.make_node("Reshape", ["g", "shape"], ["r"]),
+             helper.make_node("Constant", [], ["c"], value=c),
+             helper.make_node("Add", ["r", "c"], ["y"])]
+    model = make_model(nodes, {"x": [2, 64]}, ["y"], {
+        "w": rng.standard_normal((64, 32)).astype(np.float32),
+        "idx": rng.integers(0, 64, 2048).astype(np.int64),
+        "shape": np.array([2048], np.int64)})
+    model.metadata_props.add(key="origin", value="test")
+    return model
+
+
+class _Scale(Pass):
+    """Multiplies w by ``factor``, claiming to be lossless (factor 1: a real no-op edit)."""
+
+    lossless = True
+
+    def __init__(self, name: str, factor: float, modified: bool = True):
+        super().__init__()
+        self.name, self.factor, self.modified = name, factor, modified
+
+    def run(self, model, ctx):
+        w = model.graph.initializer[0]
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * self.factor, w.name))
+        return PassResult(model, modified=self.modified)
+
+
+class _Nothing(Pass):
+    name = "nothing-disk-test"
+
+    def run(self, model, ctx):
+        return PassResult(model, modified=False)
+
+
+class _Interrupt(Pass):
+    name = "interrupt-disk-test"
+
+    def run(self, model, ctx):
+        model.graph.node.pop()
+        raise KeyboardInterrupt
+
+
+@pytest.fixture
+def on_disk(monkeypatch, tmp_path):
+    """Every model takes the on-disk path; temporary folders go to a folder of the test's."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(pass_manager, "_DISK_ROLLBACK_BYTES", 0)
+    monkeypatch.setattr(pass_manager.tempfile, "tempdir", str(temp))
+    writes = []
+    real = _Snapshot.__init__
+
+    def counting(self, model, folder):
+        writes.append(folder)
+        real(self, model, folder)
+
+    monkeypatch.setattr(_Snapshot, "__init__", counting)
+    return temp, writes
+
+
+def _in_memory(passes, model, **kwargs):
+    """The same run on the in-memory path (the default for a small model)."""
+    return PassManager(passes, **kwargs).run(model, Context())
+
+
+def test_snapshot_restores_the_model_exactly(tmp_path):
+    """restore() gives back the model byte for byte (IR version, explicit data_location)."""
+    model = _model()
+    model.ir_version = 11
+    model.graph.initializer[0].data_location = onnx.TensorProto.DEFAULT
+    before = model.SerializeToString()
+    snap = _Snapshot(model, tmp_path / "snap")
+    assert model.SerializeToString() == before
+    assert [i for i, *_ in snap._spilled] == [0]
+    assert snap.restore().SerializeToString() == before
+    assert snap.matches(model)
+    snap.close()
+    assert not (tmp_path / "snap").exists()
+
+
+def test_snapshot_matches_sees_weight_and_graph_edits(tmp_path):
+    """matches() is False after an in-place weight edit or a node edit."""
+    model = _model()
+    snap = _Snapshot(model, tmp_path / "snap")
+    _Scale("s", 2.0).run(model, Context())
+    assert not snap.matches(model)
+    other = _model()
+    other.graph.node[1].attribute[0].i = 1
+    assert not snap.matches(other)
+    assert snap.matches(_model())
+
+
+def test_disk_run_equals_memory_run(on_disk, monkeypatch):
+    """change, no change, failure, change: same statuses and same result as in memory;
+    one snapshot write to start plus one per checked change, and nothing left on disk."""
+    temp, writes = on_disk
+    passes = [_Scale("a-disk-test", 1.0), _Nothing(), _Scale("bad-disk-test", 1.5),
+              _Scale("b-disk-test", 1.0)]
+    out, report = PassManager(passes, on_error="continue").run(_model(), Context())
+    assert [p.status for p in report.passes] == ["changed", "unchanged", "rolled back",
+                                                 "changed"]
+    assert len(writes) == 4  # start, check a, check bad (discarded), check b
+    assert list(temp.iterdir()) == []
+    monkeypatch.setattr(pass_manager, "_DISK_ROLLBACK_BYTES", 2**62)
+    expected, _ = _in_memory(passes, _model(), on_error="continue")
+    assert out.SerializeToString() == expected.SerializeToString()
+
+
+def test_failing_first_pass_restores_the_input(on_disk):
+    """A rolled-back first pass gives back exactly the input model, read from disk."""
+    temp, _ = on_disk
+    out, report = PassManager([_Scale("bad-disk-test", 1.5)], on_error="continue").run(
+        _model(), Context())
+    assert report.passes[0].status == "rolled back"
+    assert out.SerializeToString() == _model().SerializeToString()
+    assert list(temp.iterdir()) == []
+
+
+def test_unchanged_pass_that_edits_is_undone(on_disk):
+    """A pass reporting no change that edited the weights gets the model before it back."""
+    out, report = PassManager([_Scale("liar-disk-test", 3.0, modified=False)]).run(
+        _model(), Context())
+    assert report.passes[0].status == "unchanged"
+    x = {"x": np.ones((2, 64), np.float32)}
+    np.testing.assert_array_equal(run(out, x)["y"], run(_model(), x)["y"])
+    assert out.SerializeToString() == _model().SerializeToString()
+
+
+def test_stop_and_interrupt_clean_up(on_disk):
+    """on_error='stop' and a KeyboardInterrupt inside a pass leave no temporary files."""
+    temp, _ = on_disk
+    with pytest.raises(PassError):
+        PassManager([_Scale("a-disk-test", 1.0), _Scale("bad-disk-test", 1.5)]).run(
+            _model(), Context())
+    assert list(temp.iterdir()) == []
+    with pytest.raises(KeyboardInterrupt):
+        PassManager([_Scale("a-disk-test", 1.0), _Interrupt()]).run(_model(), Context())
+    assert list(temp.iterdir()) == []
+
+
+def test_disk_run_without_verification(on_disk):
+    """verify=False: each pass gets a fresh snapshot (no check files to reuse)."""
+    temp, writes = on_disk
+    passes = [_Scale("a-disk-test", 2.0), _Scale("b-disk-test", 0.5)]
+    out, report = PassManager(passes, verify=False).run(_model(), Context())
+    assert [p.status for p in report.passes] == ["changed", "changed"]
+    assert len(writes) == 2
+    assert list(temp.iterdir()) == []
+    x = {"x": np.ones((2, 64), np.float32)}
+    np.testing.assert_allclose(run(out, x)["y"], run(_model(), x)["y"], rtol=1e-6)
+
+
+def test_small_model_stays_in_memory(monkeypatch):
+    """Under the threshold no snapshot is written."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("snapshot written for a small model")
+
+    monkeypatch.setattr(_Snapshot, "__init__", refuse)
+    _, report = PassManager([_Scale("a-disk-test", 1.0), _Nothing()]).run(_model(), Context())
+    assert [p.status for p in report.passes] == ["changed", "unchanged"]
