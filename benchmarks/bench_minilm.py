@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from graphopt.text import mean_pooled_embeddings, row_cosines
+
 HEADS = "prune-heads:ratio=0.5"
 FFN = "prune-neurons:ratio=0.5,importance=activation"
 ROWS: list[tuple[str, list[str]]] = [
@@ -53,6 +55,7 @@ ROWS: list[tuple[str, list[str]]] = [
 
 def export_minilm(cache: Path) -> Path:
     from graphopt.exporters import export_hf
+
     from graphopt.text import minilm_folder
 
     folder = minilm_folder()
@@ -65,23 +68,6 @@ def export_minilm(cache: Path) -> Path:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         export_hf(folder, path, exporter="torchscript", opset=17)
     return path
-
-
-def mean_pooled(model, feeds) -> np.ndarray:
-    """Sentence embeddings: last_hidden_state averaged over unmasked tokens."""
-    from graphopt.pass_manager import ort_session, run_model
-
-    session = ort_session(model)
-    rows = []
-    for feed in feeds:
-        hidden = run_model(session, feed)["last_hidden_state"].astype(np.float64)
-        mask = feed["attention_mask"].astype(np.float64)[..., None]
-        rows.append((hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9))
-    return np.concatenate(rows)
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def run_row(name, specs, original, calibration, eval_feeds, held_out, reference, timing_feed,
@@ -98,8 +84,8 @@ def run_row(name, specs, original, calibration, eval_feeds, held_out, reference,
     pruned, report = PassManager(passes).run(
         graphopt.load(original), Context(calibration=calibration, input_shapes=shapes))
     seconds = time.perf_counter() - start
-    emb = mean_pooled(pruned, eval_feeds)
-    cos = cosines(reference, emb)
+    emb = mean_pooled_embeddings(pruned, eval_feeds)
+    cos = row_cosines(reference, emb)
     bench = benchmark(pruned, vs=original, feeds=timing_feed, warmup=args.warmup,
                       rounds=args.rounds, min_time=args.min_time, threads=args.threads)
     kept = {p.key: p.value for p in pruned.metadata_props if p.key.startswith("graphopt.")}
@@ -140,7 +126,7 @@ def main(argv=None) -> int:
     held_out = np.arange(len(sentences)) % 2 == 1
     timing_feed = encode(sentences[:args.batch], tokenizer, batch_size=args.batch,
                          max_length=args.seq, padding="max_length")[0]
-    reference = mean_pooled(original, eval_feeds)
+    reference = mean_pooled_embeddings(original, eval_feeds)
 
     rows = [r for r in ROWS if not args.rows or r[0] in args.rows]
     results = []

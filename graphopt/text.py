@@ -205,3 +205,23 @@ def write_feeds(feeds: Sequence[Mapping[str, np.ndarray]], folder: str | os.Path
         np.savez(path, **{k: np.asarray(v) for k, v in feed.items()})
         paths.append(path)
     return paths
+
+
+def mean_pooled_embeddings(model: Any, feeds: Sequence[Mapping[str, np.ndarray]],
+                           output: str = "last_hidden_state") -> np.ndarray:
+    """Sentence embeddings as sentence-transformers makes them for MiniLM: ``output``
+    averaged over each sentence's unmasked tokens, one row per sentence (float64)."""
+    from .pass_manager import ort_session, run_model
+
+    session = ort_session(model)
+    rows = []
+    for feed in feeds:
+        hidden = run_model(session, feed)[output].astype(np.float64)
+        mask = feed["attention_mask"].astype(np.float64)[..., None]
+        rows.append((hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9))
+    return np.concatenate(rows)
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine between matching rows of two embedding matrices."""
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -261,7 +261,7 @@ class GraphView:
 def _all_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple]:
     """Shapes from ``tensor_shapes``; where the symbolic inference left a tensor without
     concrete dims, onnx's own inference (with data propagation) fills it in."""
-    from .shapes import fix_input_shapes, tensor_shapes, weights_stripped
+    from .shapes import fix_input_shapes, stripped_copy, tensor_shapes
 
     shapes = dict(tensor_shapes(model, input_shapes))
 
@@ -271,9 +271,7 @@ def _all_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple]:
 
     if all(concrete(o) for n in model.graph.node for o in n.output if o):
         return shapes
-    work = onnx.ModelProto()
-    with weights_stripped(model):
-        work.CopyFrom(model)
+    work = stripped_copy(model)
     del work.graph.value_info[:]
     fix_input_shapes(work, input_shapes)
     try:

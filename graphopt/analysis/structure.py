@@ -511,13 +511,11 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     """Types and shapes of every tensor: the model's own value_info, else inferred on a copy."""
-    from .shapes import infer_shapes, weights_stripped
+    from .shapes import infer_shapes, stripped_copy
 
     if len(model.graph.value_info) >= len(model.graph.node) // 2:
         return _known_shapes(model)
-    with weights_stripped(model):
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
+    work = stripped_copy(model)
     return _known_shapes(infer_shapes(work, symbolic=False))
 
 
