@@ -111,7 +111,9 @@ def export_hf(family: str, path: Path) -> Path:
 
     options = {"input_names": names, "output_names": ["last_hidden_state"]}
     if family.endswith("dynamo"):
-        dim = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=64)}
+        dim = {0: torch.export.Dim("batch", max=64)}
+        if base != "vit":  # images: only the batch is dynamic (dim 1 is channels)
+            dim[1] = torch.export.Dim("seq", max=64)
         options.update(dynamo=True, opset_version=18, dynamic_shapes=(tuple(dim for _ in names),))
     else:
         axes = {0: "batch"} if base == "vit" else {0: "batch", 1: "seq"}
