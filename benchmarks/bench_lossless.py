@@ -36,6 +36,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from models import resnet50  # benchmarks/models.py, beside this script
+
 PASSES = ("cleanup", "fold-batchnorm", "fold-pad")
 MODELS = ("bert", "resnet")
 TARGET_SECONDS = 10.0
@@ -43,46 +45,6 @@ TARGET_MEMORY = 2.5
 
 
 # --------------------------------------------------------------------------- models
-
-
-def _resnet50():
-    import torch
-    from torch import nn
-
-    class Bottleneck(nn.Module):
-        def __init__(self, cin: int, width: int, stride: int):
-            super().__init__()
-            cout = 4 * width
-            self.body = nn.Sequential(
-                nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(width), nn.ReLU(),
-                nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
-            )
-            self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-            self.act = nn.ReLU()
-
-        def forward(self, x):
-            return self.act(self.body(x) + self.skip(x))
-
-    layers: list = [nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64),
-                    nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1)]
-    cin = 64
-    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
-        for i in range(blocks):
-            layers.append(Bottleneck(cin, width, stride if i == 0 else 1))
-            cin = 4 * width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1000)]
-    torch.manual_seed(0)
-    model = nn.Sequential(*layers)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # statistics like a trained network's, so folding is not trivial
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=generator))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=generator))
-    return model.eval()
 
 
 def build(name: str, path: Path) -> None:
@@ -103,7 +65,8 @@ def build(name: str, path: Path) -> None:
     elif name == "resnet":
         import torch
 
-        export(_resnet50(), torch.randn(2, 3, 224, 224), path, input_names=["image"],
+        export(resnet50(trained_bn_stats=True), torch.randn(2, 3, 224, 224), path,
+               input_names=["image"],
                output_names=["logits"], dynamic_axes={"image": {0: "batch"}},
                exporter="torchscript", optimize=False)
     else:

@@ -35,47 +35,10 @@ import graphopt
 from graphopt.analysis.cost import count_cost
 from graphopt.benchmark import benchmark
 from graphopt.pass_manager import Context, PassManager, build_pass
+from models import resnet50  # benchmarks/models.py, beside this script
 
 MODELS = ("resnet50", "ffn")
 TARGET_ETA = 0.8
-
-
-def _resnet50():
-    import torch
-    from torch import nn
-
-    class Bottleneck(nn.Module):
-        def __init__(self, cin: int, width: int, stride: int):
-            super().__init__()
-            cout = 4 * width
-            self.body = nn.Sequential(
-                nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
-                nn.ReLU(), nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
-            self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            return torch.relu(self.body(x) + self.skip(x))
-
-    class ResNet50(nn.Module):
-        def __init__(self):
-            super().__init__()
-            layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                      nn.MaxPool2d(3, 2, 1)]
-            cin = 64
-            for i, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
-                for j in range(blocks):
-                    layers.append(Bottleneck(cin, width, 2 if i and not j else 1))
-                    cin = 4 * width
-            self.features = nn.Sequential(*layers)
-            self.fc = nn.Linear(cin, 1000)
-
-        def forward(self, x):
-            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(
-                self.features(x), 1), 1))
-
-    return ResNet50()
 
 
 def _ffn():
@@ -102,7 +65,7 @@ def build(name: str, cache: Path, batch: int):
     path = cache / f"{name}_b{shape[0]}.onnx"
     if not path.is_file():
         torch.manual_seed(0)
-        module = (_resnet50() if name == "resnet50" else _ffn()).eval()
+        module = (resnet50() if name == "resnet50" else _ffn()).eval()
         if name == "resnet50":
             gen = torch.Generator().manual_seed(0)
             for m in module.modules():
