@@ -1,0 +1,315 @@
+"""``quantize``: int8 or float16 through onnxruntime's own tools, the last pass of a recipe.
+
+Nothing here re-implements quantization; the pass prepares the model, calls onnxruntime
+and checks what came back:
+
+1. ``mode=dynamic``: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights,
+   activations quantized at run time: ``DynamicQuantizeLinear`` + ``MatMulInteger``/
+   ``ConvInteger``), for CPU. ``per_channel`` off by default, as in onnxruntime.
+2. ``mode=static``: ``quantize_static`` in the QDQ format (``QuantizeLinear``/
+   ``DequantizeLinear`` pairs around int8 weights and activations, per-channel weights by
+   default), the format TensorRT and ORT's execution providers consume. Activation ranges
+   come from the calibration feeds, read through a ``CalibrationDataReader``; without
+   calibration data they come from generated inputs and the report says so (a skip entry).
+3. ``mode=fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` with the
+   graph's inputs and outputs kept float32 (``keep_io_types``), ops onnxruntime lists as
+   needing float32 (its ``DEFAULT_OP_BLOCK_LIST``) plus ``block_ops`` kept in float32.
+4. Pre-processing inside the pass: shape inference (graphopt's, which runs onnxruntime's
+   symbolic inference without importing torch) and then onnxruntime's ``quant_pre_process``
+   (its basic graph optimization and onnx shape inference) for the int8 modes, unless
+   ``preprocess=false``.
+5. A model that is already quantized (QDQ pairs, integer MatMul/Conv, QLinear ops,
+   float16 weights) is refused with one error naming what was found: quantize the float
+   model it came from.
+6. ``exclude`` (node-name globs) keeps matching nodes in float. ``graphopt.*`` metadata
+   (head counts, kept layers) is carried over. The pass measures its own fidelity on one
+   sample feed (cosine and max abs difference per output against its input) and reports
+   it in its counters as parts per million (``cosine_ppm_<output>``), since the manager
+   checks lossy passes only for structure (checker, ORT load).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from graphopt.errors import ConfigError, UnsupportedModelError
+from graphopt.pass_manager import Context, Pass, PassResult, Skip, register
+
+logger = logging.getLogger(__name__)
+
+# Op types that only appear in a model something has already quantized.
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+    "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulNBits",
+    "QAttention", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSoftmax",
+    "DynamicQuantizeLSTM", "QEmbedLayerNormalization", "MatMulIntegerToFloat",
+    "QOrderedMatMul", "QOrderedAttention", "QuantizeBFP", "DequantizeBFP",
+})
+_LOW_PRECISION = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8,
+                  onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+_STATIC_OPS = ("Conv", "MatMul", "Gemm")
+# Above this many bytes of weights, onnxruntime's quantizers write external data.
+_EXTERNAL_BYTES = 1536 * 2**20
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """``mode``: dynamic (int8 weights, CPU), static (int8 QDQ, calibrated), fp16.
+
+    ``per_channel``: per-channel weight scales (default: on for static, off for dynamic,
+    as onnxruntime recommends). ``op_types``: ops to quantize (default: onnxruntime's
+    list for dynamic; Conv, MatMul and Gemm for static, whose MatMuls are quantized only
+    with a constant weight: quantizing every activation of a transformer, Softmax and
+    LayerNorm inputs included, takes all-MiniLM-L6-v2 to cosine 0.53, weights-only 0.89). ``exclude``: node-name globs kept in float. ``calibrate``: how
+    static mode turns activations into ranges (minmax, entropy, percentile).
+    ``block_ops``: fp16, more op types kept in float32. ``preprocess``: run shape inference
+    and onnxruntime's ``quant_pre_process`` first (int8 modes).
+    """
+
+    mode: Literal["dynamic", "static", "fp16"] = "dynamic"
+    per_channel: bool | None = None
+    reduce_range: bool = False
+    op_types: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    calibrate: Literal["minmax", "entropy", "percentile"] = "minmax"
+    block_ops: tuple[str, ...] = ()
+    preprocess: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode == "fp16" and (self.per_channel or self.reduce_range):
+            raise ConfigError("per_channel and reduce_range apply to the int8 modes, not fp16")
+
+
+def quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Op types (and low-precision weights) showing ``model`` is already quantized."""
+    found: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    low = sum(1 for t in model.graph.initializer
+              if t.data_type in _LOW_PRECISION and np.prod(t.dims, dtype=np.int64) > 16)
+    if low:
+        found["int8/float16 weights"] = low
+    return found
+
+
+class _Feeds:
+    """A ``CalibrationDataReader`` over feed dicts (onnxruntime calls ``get_next`` until
+    None); each feed keeps only the inputs the model reads."""
+
+    def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]):
+        self._feeds = [{k: np.asarray(v) for k, v in f.items() if k in names} for f in feeds]
+        self._it: Iterator[dict[str, np.ndarray]] = iter(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self._feeds)
+
+
+def _reader(feeds, names):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(_Feeds, CalibrationDataReader):
+        pass
+
+    return Reader(feeds, names)
+
+
+@register
+class Quantize(Pass):
+    """Quantize with onnxruntime's tools: dynamic int8, static int8 QDQ (calibrated,
+    per-channel) or fp16; runs last in a recipe. See the module docstring."""
+
+    name = "quantize"
+    Config = QuantizeConfig
+    lossless = False
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        cfg: QuantizeConfig = self.config
+        found = quantized_ops(model)
+        if found:
+            what = ", ".join(f"{n} {op}" for op, n in sorted(found.items()))
+            raise UnsupportedModelError(
+                f"the model is already quantized ({what}); quantize the float model it "
+                "came from")
+        skipped: list[Skip] = []
+        inputs = [i.name for i in model.graph.input]
+        with tempfile.TemporaryDirectory(prefix="graphopt-quantize-") as tmp:
+            folder = Path(tmp)
+            if cfg.mode == "fp16":
+                out = self._fp16(model)
+            else:
+                src = self._prepared(model, folder, ctx, skipped)
+                out = self._int8(src, folder, ctx, skipped)
+        _carry_metadata(model, out)
+        counters = _count(model, out)
+        if counters["quantized_nodes"] == 0:
+            skipped.append(Skip("model", f"onnxruntime found nothing to quantize in {cfg.mode} "
+                                "mode (no supported op with float weights)"))
+            return PassResult(model, False, counters, skipped)
+        counters.update(self._fidelity(model, out, ctx, skipped))
+        return PassResult(out, True, counters, skipped)
+
+    # ------------------------------------------------------------------ steps
+
+    def _prepared(self, model: onnx.ModelProto, folder: Path, ctx: Context,
+                  skipped: list[Skip]) -> onnx.ModelProto | Path:
+        """Shape inference and onnxruntime's quant_pre_process (module doc, 4)."""
+        if not self.config.preprocess:
+            return model
+        from onnxruntime.quantization import quant_pre_process
+
+        from graphopt.analysis.shapes import infer_shapes
+
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        infer_shapes(work)  # symbolic inference here: quant_pre_process's would import torch
+        path = folder / "pre.onnx"
+        try:
+            quant_pre_process(work, path, skip_symbolic_shape=True,
+                              save_as_external_data=_large(model))
+        except Exception as exc:  # noqa: BLE001 - ORT's optimizer and inference fail variously
+            skipped.append(Skip("preprocess", f"onnxruntime's quant_pre_process failed "
+                                f"({_first_line(exc)}); quantized without it"))
+            return work
+        return path
+
+    def _int8(self, src: onnx.ModelProto | Path, folder: Path, ctx: Context,
+              skipped: list[Skip]) -> onnx.ModelProto:
+        from onnxruntime import quantization as q
+
+        from graphopt.model import load
+
+        cfg: QuantizeConfig = self.config
+        model = src if isinstance(src, onnx.ModelProto) else onnx.load(str(src),
+                                                                       load_external_data=False)
+        excluded = [n.name for n in model.graph.node
+                    if n.name and any(fnmatch.fnmatchcase(n.name, p) for p in cfg.exclude)]
+        op_types = list(cfg.op_types) if cfg.op_types else None
+        if cfg.mode == "static" and cfg.op_types is None:
+            op_types = list(_STATIC_OPS)
+        common = dict(
+            op_types_to_quantize=op_types,
+            reduce_range=cfg.reduce_range,
+            nodes_to_exclude=excluded or None,
+            use_external_data_format=_large(model) if isinstance(src, onnx.ModelProto)
+            else any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer),
+        )
+        out = folder / "quantized.onnx"
+        source = str(src) if isinstance(src, Path) else src
+        try:
+            if cfg.mode == "dynamic":
+                q.quantize_dynamic(source, out, per_channel=bool(cfg.per_channel),
+                                   weight_type=q.QuantType.QInt8, **common)
+            else:
+                if not ctx.calibration:
+                    skipped.append(Skip("calibration", "no calibration data given: activation "
+                                        "ranges come from generated inputs, which only test "
+                                        "structure; give --calibration for real ranges"))
+                names = [i.name for i in model.graph.input]
+                feeds = ctx.calibration_feeds(model if isinstance(src, onnx.ModelProto)
+                                              else onnx.load(str(src), load_external_data=False))
+                method = {"minmax": q.CalibrationMethod.MinMax,
+                          "entropy": q.CalibrationMethod.Entropy,
+                          "percentile": q.CalibrationMethod.Percentile}[cfg.calibrate]
+                per_channel = True if cfg.per_channel is None else cfg.per_channel
+                q.quantize_static(source, out, _reader(feeds, names),
+                                  quant_format=q.QuantFormat.QDQ, per_channel=per_channel,
+                                  activation_type=q.QuantType.QInt8,
+                                  weight_type=q.QuantType.QInt8, calibrate_method=method,
+                                  extra_options={"MatMulConstBOnly": True},
+                                  **common)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises anything
+            raise UnsupportedModelError(
+                f"onnxruntime's {cfg.mode} quantizer failed: {_first_line(exc)} (exclude the "
+                "offending nodes with exclude=NAME_GLOB, or set preprocess=false)") from exc
+        return load(out)
+
+    def _fp16(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        from onnxruntime.transformers import float16
+
+        cfg: QuantizeConfig = self.config
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        blocked = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(cfg.block_ops))
+        nodes = [n.name for n in work.graph.node
+                 if n.name and any(fnmatch.fnmatchcase(n.name, p) for p in cfg.exclude)]
+        try:
+            return float16.convert_float_to_float16(
+                work, keep_io_types=True, op_block_list=blocked, node_block_list=nodes or None,
+                disable_shape_infer=_large(model))
+        except Exception as exc:  # noqa: BLE001
+            raise UnsupportedModelError(f"onnxruntime's float16 converter failed: "
+                                        f"{_first_line(exc)}") from exc
+
+    def _fidelity(self, before: onnx.ModelProto, after: onnx.ModelProto, ctx: Context,
+                  skipped: list[Skip]) -> dict[str, int]:
+        """Cosine of each float output against the input model on one sample feed."""
+        from graphopt.pass_manager import ort_session, run_model
+
+        try:
+            feed = ctx.sample_feeds(before, 1)[0]
+            ref = run_model(ort_session(before, lean=True), feed)
+            got = run_model(ort_session(after, lean=True), feed)
+        except Exception as exc:  # noqa: BLE001 - the manager's ORT load reports real failures
+            skipped.append(Skip("fidelity", f"not measured: {_first_line(exc)}"))
+            return {}
+        counters = {}
+        for name, r in ref.items():
+            g = got.get(name)
+            if g is None or r.dtype.kind != "f" or r.shape != g.shape:
+                continue
+            counters[f"cosine_ppm_{name}"] = int(round(1e6 * _cosine(r, g)))
+        return counters
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    return float(a @ b / (na * nb)) if na and nb else 0.0
+
+
+def _count(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, int]:
+    """Quantization ops and low-precision weights in the result; ``quantized_nodes`` is
+    0 when onnxruntime changed nothing that quantization changes."""
+    ops: dict[str, int] = {}
+    for n in after.graph.node:
+        if n.op_type in QUANTIZED_OPS:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    low = sum(1 for t in after.graph.initializer if t.data_type in _LOW_PRECISION)
+    counters = {f"{op}_nodes": c for op, c in sorted(ops.items())}
+    counters["low_precision_weights"] = low
+    counters["quantized_nodes"] = sum(ops.values()) or low
+    return counters
+
+
+def _carry_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    have = {p.key for p in dst.metadata_props}
+    for prop in src.metadata_props:
+        if prop.key not in have:
+            dst.metadata_props.add(key=prop.key, value=prop.value)
+
+
+def _large(model: onnx.ModelProto) -> bool:
+    from graphopt.pass_manager import _weight_bytes
+
+    return _weight_bytes(model) >= _EXTERNAL_BYTES
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]

@@ -1,0 +1,182 @@
+"""Tests for passes/quantize.py: each mode on the smallest model that shows it, through the
+manager (checker + ORT load), outputs compared through onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from graphopt.cli import main
+from graphopt.errors import PassError
+from graphopt.inputs import generate_inputs
+from graphopt.model import save
+from graphopt.pass_manager import Context, PassManager, build_pass
+from graphopt.testing import make_model, op_types, run
+
+F32 = np.float32
+
+
+def _mlp() -> onnx.ModelProto:
+    """x[batch, 64] -> MatMul(fc1) -> Relu -> MatMul(fc2) -> y[batch, 32]"""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    inits = {"W1": (rng.standard_normal((64, 128)) * 0.1).astype(F32),
+             "W2": (rng.standard_normal((128, 32)) * 0.1).astype(F32)}
+    return make_model(nodes, {"x": ["batch", 64]}, ["y"], inits)
+
+
+def _cnn() -> onnx.ModelProto:
+    """x[batch, 3, 16, 16] -> Conv(16) -> Relu -> Conv(32) -> Relu -> GAP -> Flatten -> Gemm"""
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "b"], ["c"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu1"),
+        helper.make_node("Conv", ["r", "W2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "Wf", "bf"], ["logits"], transB=1, name="fc"),
+    ]
+    inits = {"W": (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(F32),
+             "b": (rng.standard_normal(16) * 0.1).astype(F32),
+             "W2": (rng.standard_normal((32, 16, 3, 3)) * 0.1).astype(F32),
+             "b2": (rng.standard_normal(32) * 0.1).astype(F32),
+             "Wf": (rng.standard_normal((10, 32)) * 0.3).astype(F32),
+             "bf": np.zeros(10, F32)}
+    return make_model(nodes, {"x": ["batch", 3, 16, 16]}, ["logits"], inits)
+
+
+def _feeds(model, n=4, batch=8):
+    return [generate_inputs(model, {model.graph.input[0].name: _shape(model, batch)}, seed=i)
+            for i in range(n)]
+
+
+def _shape(model, batch):
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return (batch, *[d.dim_value for d in dims[1:]])
+
+
+def _quantize(model, ctx=None, **options):
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    out, report = PassManager([build_pass("quantize", options)]).run(work, ctx or Context())
+    entry = report.passes[0]
+    assert entry.status == "changed", entry.error
+    return out, entry
+
+
+def _close(a: onnx.ModelProto, b: onnx.ModelProto, feeds, min_cos: float, rel: float):
+    for feed in feeds:
+        for name, ref in run(a, feed).items():
+            got = run(b, feed)[name]
+            assert got.dtype == ref.dtype and got.shape == ref.shape
+            cos = float((ref * got).sum() / (np.linalg.norm(ref) * np.linalg.norm(got)))
+            assert cos >= min_cos, (name, cos)
+            assert np.abs(got - ref).max() <= rel * np.abs(ref).max(), name
+
+
+def test_dynamic_int8_matmuls():
+    """Dynamic mode: both MatMuls become MatMulInteger fed by DynamicQuantizeLinear, weights
+    int8; outputs within 2 % of the float model's scale; the pass reports its cosine."""
+    model = _mlp()
+    out, entry = _quantize(model, mode="dynamic")
+    ops = op_types(out)
+    assert ops.count("MatMulInteger") == 2 and "DynamicQuantizeLinear" in ops
+    assert "MatMul" not in ops
+    int8 = [t for t in out.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert {tuple(t.dims) for t in int8} >= {(64, 128), (128, 32)}
+    _close(model, out, _feeds(model), 0.999, 0.02)
+    assert entry.counters["MatMulInteger_nodes"] == 2
+    assert 999_000 <= entry.counters["cosine_ppm_y"] <= 1_000_000
+
+
+def test_static_qdq_per_channel_with_calibration():
+    """Static mode on a CNN with calibration feeds: every Conv and the Gemm read their
+    input and weight through DequantizeLinear; weight scales are per output channel
+    (axis 0, one scale per filter); top-1 agrees with the float model."""
+    model = _cnn()
+    feeds = _feeds(model)
+    out, entry = _quantize(model, Context(calibration=feeds), mode="static")
+    assert not entry.skipped  # real calibration data: no note about generated inputs
+    producer = {o: n for n in out.graph.node for o in n.output}
+    inits = {t.name: t for t in out.graph.initializer}
+    compute = [n for n in out.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(compute) == 3
+    for node in compute:
+        act, weight = (producer[node.input[0]], producer[node.input[1]])
+        assert act.op_type == "DequantizeLinear" and weight.op_type == "DequantizeLinear"
+        scale = numpy_helper.to_array(inits[weight.input[1]])
+        assert inits[weight.input[0]].data_type == onnx.TensorProto.INT8
+        channels = inits[weight.input[0]].dims[0]
+        assert scale.shape == (channels,), node.name
+    _close(model, out, feeds, 0.995, 0.1)
+    ref = np.concatenate([run(model, f)["logits"].argmax(1) for f in feeds])
+    got = np.concatenate([run(out, f)["logits"].argmax(1) for f in feeds])
+    assert (ref == got).mean() >= 0.9
+
+
+def test_static_without_calibration_says_so():
+    """Without calibration data the ranges come from generated inputs: a skip says so."""
+    _, entry = _quantize(_mlp(), mode="static")
+    assert any("generated inputs" in s.reason for s in entry.skipped)
+
+
+def test_fp16_keeps_io_float32():
+    """fp16: weights become float16, the graph's inputs and outputs stay float32 (Casts at
+    the edges), outputs within float16 rounding."""
+    model = _cnn()
+    out, entry = _quantize(model, mode="fp16")
+    assert out.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert out.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    halves = [t for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert len(halves) == 6 and "Cast" in op_types(out)
+    _close(model, out, _feeds(model, 2), 0.9999, 5e-3)
+
+
+def test_exclude_keeps_a_node_float():
+    """exclude=fc2 leaves the second MatMul in float."""
+    out, _ = _quantize(_mlp(), mode="dynamic", exclude="fc2")
+    assert op_types(out).count("MatMulInteger") == 1 and "MatMul" in op_types(out)
+
+
+def test_already_quantized_is_refused():
+    """Quantizing a quantized model: one error naming what was found; rolled back."""
+    once, _ = _quantize(_mlp(), mode="dynamic")
+    with pytest.raises(PassError, match="already quantized .*MatMulInteger.*quantize the float"):
+        PassManager([build_pass("quantize", {"mode": "static"})]).run(once, Context())
+
+
+def test_cli_already_quantized_one_line(tmp_path, capsys):
+    """The CLI prints one error line, exits non-zero and writes nothing."""
+    once, _ = _quantize(_mlp(), mode="fp16")
+    src = tmp_path / "q.onnx"
+    save(once, src)
+    out = tmp_path / "qq.onnx"
+    code = main(["optimize", str(src), "-o", str(out), "--pass", "quantize"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and not out.exists()
+    assert [ln for ln in err if ln.startswith("error:")] == [err[-1]]
+    assert "already quantized" in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_pruned_model_stays_quantizable():
+    """prune-channels then static quantize (the recipe order): the pruned Conv widths carry
+    into per-channel scales, head/width metadata survives, the result checks and loads."""
+    model = _cnn()
+    feeds = _feeds(model)
+    model.metadata_props.add(key="graphopt.layers", value="[0, 1]")
+    passes = [build_pass("prune-channels", {"ratio": 0.5}),
+              build_pass("quantize", {"mode": "static"})]
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    out, report = PassManager(passes).run(work, Context(calibration=feeds))
+    assert [p.status for p in report.passes] == ["changed", "changed"], report.passes[-1].error
+    conv1_weight = next(t for t in out.graph.initializer if t.dims[:1] == [8]
+                        and t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4)
+    assert list(conv1_weight.dims) == [8, 3, 3, 3]
+    assert {p.key: p.value for p in out.metadata_props}["graphopt.layers"] == "[0, 1]"
+    assert run(out, feeds[0])["logits"].shape == (8, 10)
