@@ -88,8 +88,8 @@ def measure(path: Path, passes: list[str], out: Path) -> dict:
 
     import graphopt
     from graphopt.analysis import shapes
-    from graphopt.model import max_ir_version
-    from graphopt.pass_manager import Context, PassManager, build_pass, registered_passes
+    from graphopt.ir.model import max_ir_version
+    from graphopt.core.manager import Context, PassManager, build_pass, registered_passes
 
     known = registered_passes()
     # Load ORT's symbolic shape inference now, so its import is not charged to the model.
@@ -190,10 +190,10 @@ class _Tracer:
 def trace(path: Path, passes: list[str], out: Path) -> None:
     """Run ``measure`` with each step of the manager timed and its peak RSS recorded."""
     import graphopt
-    import graphopt.model
-    from graphopt import pass_manager
+    import graphopt.ir.model
+    from graphopt.core import manager as pass_manager
     from graphopt.analysis import cost, shapes
-    from graphopt.pass_manager import registered_passes
+    from graphopt.core.manager import registered_passes
 
     tracer = _Tracer()
     base = tracer.rss()

@@ -11,7 +11,7 @@
    get concrete input dims (``--batch`` x ``--seq``) for the analysis. "cleanup only" is
    the lossless baseline: what the manager's cleanup and re-inference alone do to latency
    (about 1.0 since the saved model no longer keeps the inferred value_info).
-3. Calibration: every second sentence of ``samples/data/sentences.txt``, tokenized with
+3. Calibration: every second sentence of ``graphopt/data/sentences.txt``, tokenized with
    the model's own tokenizer, batches of 8 padded to their longest sentence (ragged masks).
 4. Fidelity: both models embed all sentences (mean pooling over the attention mask, as
    sentence-transformers does for this model); ``cos`` is the mean over sentences of the
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.text import mean_pooled_embeddings, row_cosines
+from graphopt.data.text import mean_pooled_embeddings, row_cosines
 
 HEADS = "prune-heads:ratio=0.5"
 FFN = "prune-neurons:ratio=0.5,importance=activation"
@@ -56,7 +56,7 @@ ROWS: list[tuple[str, list[str]]] = [
 def export_minilm(cache: Path) -> Path:
     from graphopt.exporters import export_hf
 
-    from graphopt.text import minilm_folder
+    from graphopt.data.text import minilm_folder
 
     folder = minilm_folder()
     if folder is None:
@@ -73,8 +73,8 @@ def export_minilm(cache: Path) -> Path:
 def run_row(name, specs, original, calibration, eval_feeds, held_out, reference, timing_feed,
             args):
     import graphopt
-    from graphopt.benchmark import benchmark
-    from graphopt.pass_manager import Context, PassManager, build_pass, parse_pass_spec
+    from graphopt.runtime.benchmark import benchmark
+    from graphopt.core.manager import Context, PassManager, build_pass, parse_pass_spec
 
     passes = [build_pass(*parse_pass_spec(spec)) for spec in specs]
     start = time.perf_counter()
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import graphopt
-    from graphopt.text import encode, load_tokenizer, minilm_folder, read_sentences
+    from graphopt.data.text import encode, load_tokenizer, minilm_folder, read_sentences
 
     path = args.model or export_minilm(args.cache)
     original = graphopt.load(path)

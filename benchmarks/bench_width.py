@@ -33,8 +33,8 @@ from pathlib import Path
 
 import graphopt
 from graphopt.analysis.cost import count_cost
-from graphopt.benchmark import benchmark
-from graphopt.pass_manager import Context, PassManager, build_pass
+from graphopt.runtime.benchmark import benchmark
+from graphopt.core.manager import Context, PassManager, build_pass
 from models import resnet50  # benchmarks/models.py, beside this script
 
 MODELS = ("resnet50", "ffn")

@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 
 from graphopt.errors import ExportError
-from graphopt.model import TWO_GB, load, save, tensor_bytes
+from graphopt.ir.model import TWO_GB, load, save, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def _compare(model: onnx.ModelProto, feeds: dict[str, np.ndarray], expected: lis
 
 
 def _ort_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from graphopt.pass_manager import ort_session
+    from graphopt.runtime.session import ort_session
 
     if tensor_bytes(model) >= TWO_GB:
         with tempfile.TemporaryDirectory(prefix=".graphopt-check-") as tmp:

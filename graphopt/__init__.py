@@ -26,18 +26,26 @@ from .errors import (  # noqa: E402
     UnsafePathError,
     UnsupportedModelError,
 )
-from .model import load, save  # noqa: E402
-from .pass_manager import Context, Pass, PassManager, PassResult, Report, Skip, register  # noqa: E402
+from graphopt.ir.model import load, save  # noqa: E402
+from graphopt.core.manager import (  # noqa: E402
+    Context,
+    Pass,
+    PassManager,
+    PassResult,
+    Report,
+    Skip,
+    register,
+)
 
 # Imported eagerly: these functions share their module's name, and importing the submodule
 # anywhere would otherwise rebind ``graphopt.validate`` to the module, shadowing the lazy
 # attribute below.
-from .benchmark import benchmark  # noqa: E402
-from .validate import validate  # noqa: E402
+from graphopt.runtime.benchmark import benchmark  # noqa: E402
+from graphopt.runtime.validate import validate  # noqa: E402
 
 _LAZY = {
     "optimize": ("graphopt.api", "optimize"),
-    "load_recipe": ("graphopt.recipe", "load_recipe"),
+    "load_recipe": ("graphopt.core.recipe", "load_recipe"),
 }
 
 

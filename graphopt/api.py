@@ -16,10 +16,10 @@ import onnx
 
 from .analysis.cost import count_cost
 from .errors import ConfigError
-from .inputs import Shape, check_input_shapes, load_inputs
-from .model import load
-from .pass_manager import Context, PassManager, Report
-from .recipe import Recipe, load_recipe, passes_from_specs
+from graphopt.ir.inputs import Shape, check_input_shapes, load_inputs
+from graphopt.ir.model import load
+from graphopt.core.manager import Context, PassManager, Report
+from graphopt.core.recipe import Recipe, load_recipe, passes_from_specs
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def optimize(
     report.metadata["cost_before"] = before.to_dict()
     report.metadata["cost_after"] = after.to_dict()
     if validate:
-        from .validate import validate as run_validation
+        from graphopt.runtime.validate import validate as run_validation
 
         options = dict(validate) if isinstance(validate, Mapping) else {}
         options.setdefault("input_shapes", ctx.input_shapes)

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .inputs import generate_inputs
-from .pass_manager import ort_session, run_model
+from graphopt.ir.inputs import generate_inputs
+from graphopt.runtime.session import ort_session, run_model
 
 Dims = Sequence[int | str | None]
 
@@ -105,7 +105,7 @@ def export_minilm(path, *, batch: int = 2, seq: int = 8):
         from transformers import AutoModel
     except ImportError:
         return None
-    from .text import minilm_folder
+    from graphopt.data.text import minilm_folder
 
     folder = minilm_folder()
     if folder is None:

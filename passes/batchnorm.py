@@ -29,10 +29,21 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graphopt.pass_manager import Context, Pass, PassResult, Skip, register
+from graphopt.core.manager import Context, Pass, PassResult, Skip, register
 
-from graphopt.graph import ONNX_DOMAINS, GraphIndex, attr, drop_value_info, ir3_inputs_kept, \
-    prune_orphans, replace_nodes, set_attr, shape_skeleton, site, unique_name
+from graphopt.ir.graph import (
+    ONNX_DOMAINS,
+    GraphIndex,
+    attr,
+    drop_value_info,
+    ir3_inputs_kept,
+    prune_orphans,
+    replace_nodes,
+    set_attr,
+    shape_skeleton,
+    site,
+    unique_name,
+)
 
 logger = logging.getLogger(__name__)
 

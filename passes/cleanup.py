@@ -37,7 +37,7 @@ import onnx
 from onnx import numpy_helper
 
 from graphopt.errors import ConfigError
-from graphopt.graph import (
+from graphopt.ir.graph import (
     ONNX_DOMAINS,
     GraphIndex,
     attr,
@@ -52,7 +52,7 @@ from graphopt.graph import (
     site,
     subgraphs,
 )
-from graphopt.pass_manager import Context, Pass, PassResult, Skip, register
+from graphopt.core.manager import Context, Pass, PassResult, Skip, register
 
 logger = logging.getLogger(__name__)
 

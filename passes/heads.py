@@ -38,11 +38,11 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx
 
-from graphopt.analysis.apply import apply_removal, mask_units
+from graphopt.prune.apply import apply_removal, mask_units
 from graphopt.analysis.coupling import Coupling, Group, analyze
 from graphopt.errors import ConfigError
-from graphopt.importance import check_patterns, group_selected, unit_scores
-from graphopt.pass_manager import Context, Pass, PassResult, Skip, register
+from graphopt.prune.importance import check_patterns, group_selected, unit_scores
+from graphopt.core.manager import Context, Pass, PassResult, Skip, register
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def _output_proj_acts(coupling: Coupling, group: Group):
 
 def activation_scores(coupling: Coupling, groups: list[Group], feeds) -> dict[int, np.ndarray]:
     """Per-unit L2 norm of the attention output slice (root mean square over tokens)."""
-    from graphopt.calibration import ChannelStats, capture
+    from graphopt.data.calibration import ChannelStats, capture
 
     wanted: dict[int, list] = {g.id: _output_proj_acts(coupling, g) for g in groups}
     axes = {m.slot.tensor: m.axis for ms in wanted.values() for m in ms}

@@ -36,9 +36,9 @@ import numpy as np
 import onnx
 
 from graphopt.analysis.structure import Block, find_structure, remove_blocks
-from graphopt.calibration import capture
+from graphopt.data.calibration import capture
 from graphopt.errors import ConfigError
-from graphopt.pass_manager import Context, Pass, PassResult, Skip, register
+from graphopt.core.manager import Context, Pass, PassResult, Skip, register
 
 logger = logging.getLogger(__name__)
 

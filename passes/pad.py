@@ -29,10 +29,19 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from graphopt.pass_manager import Context, Pass, PassResult, Skip, register
+from graphopt.core.manager import Context, Pass, PassResult, Skip, register
 
-from graphopt.graph import ONNX_DOMAINS, GraphIndex, attr, ir3_inputs_kept, prune_orphans, \
-    remove_nodes, remove_passthrough, set_attr, site
+from graphopt.ir.graph import (
+    ONNX_DOMAINS,
+    GraphIndex,
+    attr,
+    ir3_inputs_kept,
+    prune_orphans,
+    remove_nodes,
+    remove_passthrough,
+    set_attr,
+    site,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx
 
-from graphopt.analysis.apply import apply_removal
+from graphopt.prune.apply import apply_removal
 from graphopt.analysis.coupling import Coupling, Group, analyze
 from graphopt.errors import ConfigError
-from graphopt.importance import (
+from graphopt.prune.importance import (
     IMPORTANCE,
     check_patterns,
     group_selected,
@@ -36,7 +36,7 @@ from graphopt.importance import (
     unit_scores,
     zero_units,
 )
-from graphopt.pass_manager import Context, Pass, PassResult, Skip, register
+from graphopt.core.manager import Context, Pass, PassResult, Skip, register
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import pytest
 from onnx import helper
 
 import graphopt
-from graphopt.benchmark import (
+from graphopt.runtime.benchmark import (
     BenchmarkResult,
     LatencyStats,
     benchmark,

@@ -10,7 +10,7 @@ import pytest
 from onnx import helper
 
 import graphopt
-from graphopt.cli import main
+from graphopt.cli.commands import main
 from graphopt.testing import make_model
 
 

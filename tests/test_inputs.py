@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from graphopt.errors import InputSpecError
-from graphopt.inputs import generate_inputs, load_inputs, parse_input_shape, resolve_shapes
+from graphopt.ir.inputs import generate_inputs, load_inputs, parse_input_shape, resolve_shapes
 from graphopt.testing import make_model
 
 

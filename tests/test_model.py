@@ -18,7 +18,7 @@ from graphopt.errors import (
     UnsafePathError,
     UnsupportedModelError,
 )
-from graphopt.model import constant_value, max_ir_version
+from graphopt.ir.model import constant_value, max_ir_version
 from graphopt.testing import make_model, run
 
 
@@ -169,7 +169,7 @@ def test_external_data_absolute_path_refused(tmp_path):
 
 def test_large_model_saved_with_external_data(tmp_path, monkeypatch):
     """Over the 2 GB limit (lowered here), save switches to external data by itself."""
-    monkeypatch.setattr("graphopt.model._EXTERNAL_THRESHOLD", 10_000)
+    monkeypatch.setattr("graphopt.ir.model._EXTERNAL_THRESHOLD", 10_000)
     path = graphopt.save(_matmul_model(256, 128), tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx.data").is_file()
     with pytest.raises(GraphoptError, match="exceed 2 GB"):

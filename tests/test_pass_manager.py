@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from graphopt.errors import ConfigError, PassError
-from graphopt.pass_manager import (
+from graphopt.core.manager import (
     Context,
     Pass,
     PassManager,

@@ -8,9 +8,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from graphopt import pass_manager
+from graphopt.core import manager as pass_manager
 from graphopt.errors import PassError
-from graphopt.pass_manager import Context, Pass, PassManager, PassResult, _Snapshot
+from graphopt.core.manager import Context, Pass, PassManager, PassResult
+from graphopt.runtime.session import _Snapshot
 from graphopt.testing import make_model, run
 
 

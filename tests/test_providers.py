@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from graphopt import providers
+from graphopt.runtime import providers
 from graphopt.errors import ConfigError, ModelFormatError, ProviderError
-from graphopt.providers import (
+from graphopt.runtime.providers import (
     ProviderOptions,
     create_session,
     ort_providers,

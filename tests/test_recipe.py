@@ -7,7 +7,7 @@ import json
 import pytest
 
 from graphopt.errors import ConfigError
-from graphopt.recipe import load_recipe
+from graphopt.core.recipe import load_recipe
 
 
 def _write(tmp_path, text, name="r.yaml"):

@@ -12,10 +12,16 @@ import onnx
 import pytest
 from onnx import helper
 
-from graphopt import trt as trt_mod
+from graphopt.runtime import trt as trt_mod
 from graphopt.errors import ConfigError, GraphoptError, UnsupportedModelError
 from graphopt.testing import make_model
-from graphopt.trt import Skipped, benchmark_tensorrt, build_engine, pick_device, tensorrt_status
+from graphopt.runtime.trt import (
+    Skipped,
+    benchmark_tensorrt,
+    build_engine,
+    pick_device,
+    tensorrt_status,
+)
 
 
 def _model(batch: int | str = "batch", op: str = "Relu"):

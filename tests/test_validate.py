@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 import graphopt
 from graphopt.errors import ConfigError, InputSpecError
 from graphopt.testing import make_model, run
-from graphopt.validate import REL_FLOOR, validate
+from graphopt.runtime.validate import REL_FLOOR, validate
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((8, 5)).astype(np.float32)

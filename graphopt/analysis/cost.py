@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..inputs import resolve_shapes
+from graphopt.ir.inputs import resolve_shapes
 
 _MATMUL_LIKE = {"MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul"}
 _PLUMBING = {"Shape", "Size", "CastLike", "Cast", "Identity"}

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .graph_view import (  # noqa: F401 - re-exported: the analysis' vocabulary
+from graphopt.analysis.view import (  # noqa: F401 - re-exported: the analysis' vocabulary
     GraphView,
     HandlerError,
     Member,
@@ -143,7 +143,7 @@ def analyze(model: onnx.ModelProto,
             input_shapes: Mapping[str, tuple[int, ...]] | None = None,
             shapes: Mapping[str, tuple] | None = None) -> Coupling:
     """Run the coupling analysis (see the module doc)."""
-    from .handlers import couple_node
+    from graphopt.analysis.registry import couple_node
 
     view = GraphView(model, shapes, input_shapes)
     cache: dict[int, NodeCoupling] = {}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import onnx
 
-from ..model import _copy_field, iter_tensors
+from graphopt.ir.model import _copy_field, iter_tensors
 
 logger = logging.getLogger(__name__)
 

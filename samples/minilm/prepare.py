@@ -9,7 +9,7 @@ Writes into OUT_DIR:
   opset 17, dynamic batch and sequence axes; outputs ``last_hidden_state`` and
   ``pooler_output``.
 - ``calibration/batch_*.npz``: the first ``--calibration`` sentences of
-  ``samples/data/sentences.txt``, tokenized with the model's tokenizer, batches of 8
+  ``graphopt/data/sentences.txt``, tokenized with the model's tokenizer, batches of 8
   padded to their longest sentence (ragged attention masks).
 - ``validation/batch_*.npz``: the next ``--validation`` sentences, same batching (not seen
   by the pruning).
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from graphopt.exporters import export_hf
 
-    from graphopt.text import (
+    from graphopt.data.text import (
         encode,
         load_tokenizer,
         minilm_folder,

@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import graphopt
-    from graphopt.inputs import load_inputs
-    from graphopt.text import mean_pooled_embeddings, row_cosines
+    from graphopt.ir.inputs import load_inputs
+    from graphopt.data.text import mean_pooled_embeddings, row_cosines
 
     original = graphopt.load(args.original)
     pruned = graphopt.load(args.pruned)

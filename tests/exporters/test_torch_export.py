@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 import graphopt
+import graphopt.ir.model
 from graphopt.errors import ExportError, GraphoptError
 from graphopt.testing import run
 
@@ -77,7 +78,7 @@ def test_cnn_batch_axis_stays_dynamic(tmp_path, exporter):
     model = onnx.load(path)
     assert _dims(model.graph.input[0]) == ["batch", 3, 16, 16]
     assert _dims(model.graph.output[0]) == ["batch", 5]
-    assert model.ir_version <= graphopt.model.max_ir_version()
+    assert model.ir_version <= graphopt.ir.model.max_ir_version()
     assert module.training, "the module's training flag is restored"
     _check_runs(path, module, [(1, 3, 16, 16), (3, 3, 16, 16)])
 

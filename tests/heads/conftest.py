@@ -21,9 +21,9 @@ import onnx
 import pytest
 
 import graphopt
-from graphopt.analysis.apply import mask_units
-from graphopt.inputs import generate_inputs
-from graphopt.pass_manager import Context, PassManager, build_pass
+from graphopt.prune.apply import mask_units
+from graphopt.ir.inputs import generate_inputs
+from graphopt.core.manager import Context, PassManager, build_pass
 from graphopt.testing import run
 
 LAYERS = 2

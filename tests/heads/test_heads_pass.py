@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphopt.errors import ConfigError
-from graphopt.pass_manager import Context, PassManager, build_pass, parse_pass_spec
+from graphopt.core.manager import Context, PassManager, build_pass, parse_pass_spec
 
 HID, HEADS = 16, 4
 RNG = np.random.default_rng(1)

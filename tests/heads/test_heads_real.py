@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 import graphopt
-from graphopt.pass_manager import Context
+from graphopt.core.manager import Context
 
 
 def test_llama_dynamo_export(hf_model, oracle, meta):
@@ -20,7 +20,7 @@ def test_llama_dynamo_export(hf_model, oracle, meta):
 
 def test_minilm_real_weights(minilm_path, oracle, meta):
     """all-MiniLM-L6-v2: half the heads of every layer go (12 -> 6), outputs match masking."""
-    from graphopt.inputs import generate_inputs
+    from graphopt.ir.inputs import generate_inputs
 
     model = graphopt.load(minilm_path)
 

@@ -355,7 +355,7 @@ def minilm(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def minilm_tokenizer():
-    from graphopt.text import load_tokenizer, minilm_folder
+    from graphopt.data.text import load_tokenizer, minilm_folder
 
     pytest.importorskip("transformers")
     folder = minilm_folder()
@@ -366,7 +366,7 @@ def minilm_tokenizer():
 
 def int_feeds(model: onnx.ModelProto, batch: int = 2, seq: int = 10, seed: int = 5):
     """Token ids in [1, 100) with a ragged mask, for the tiny exports."""
-    from graphopt.inputs import generate_inputs
+    from graphopt.ir.inputs import generate_inputs
 
     feeds = generate_inputs(model, {"input_ids": (batch, seq)}, seed=seed, ragged=True)
     feeds["input_ids"] = np.maximum(feeds["input_ids"], 1)

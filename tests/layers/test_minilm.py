@@ -7,9 +7,9 @@ import json
 import numpy as np
 
 import graphopt
-from graphopt.pass_manager import Context, PassManager, build_pass
+from graphopt.core.manager import Context, PassManager, build_pass
 from graphopt.testing import run
-from graphopt.text import encode, read_sentences
+from graphopt.data.text import encode, read_sentences
 
 
 def _embeddings(model, feeds):

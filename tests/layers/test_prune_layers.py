@@ -10,7 +10,7 @@ import pytest
 
 import graphopt
 from graphopt.errors import ConfigError, PassError
-from graphopt.pass_manager import Context, PassManager, build_pass, parse_pass_spec
+from graphopt.core.manager import Context, PassManager, build_pass, parse_pass_spec
 from graphopt.testing import assert_equivalent
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from graphopt.errors import ConfigError, InputSpecError
-from graphopt.inputs import load_inputs
-from graphopt.text import encode, read_sentences, text_feeds, write_feeds
+from graphopt.ir.inputs import load_inputs
+from graphopt.data.text import encode, read_sentences, text_feeds, write_feeds
 
 
 def test_shipped_sentences():

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from graphopt.pass_manager import Context, PassManager
+from graphopt.core.manager import Context, PassManager
 from graphopt.passes.batchnorm import FoldBatchNorm
 from graphopt.testing import assert_equivalent, make_model, op_types
 

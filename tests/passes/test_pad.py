@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt.pass_manager import Context, PassManager
+from graphopt.core.manager import Context, PassManager
 from graphopt.passes.pad import FoldPad
 from graphopt.testing import assert_equivalent, make_model, op_types
 

@@ -16,10 +16,11 @@ import onnx
 import pytest
 
 import graphopt
-from graphopt.analysis.apply import apply_removal, mask_units
+from graphopt.prune.apply import apply_removal, mask_units
 from graphopt.analysis.coupling import analyze
-from graphopt.inputs import generate_inputs
-from graphopt.pass_manager import Context, PassManager, check_model, finalize
+from graphopt.ir.inputs import generate_inputs
+from graphopt.core.manager import Context, PassManager, finalize
+from graphopt.runtime.session import check_model
 from graphopt.testing import run
 
 

@@ -12,8 +12,8 @@ from onnx import helper, numpy_helper
 
 from graphopt.analysis.coupling import coupled_groups
 from graphopt.errors import ConfigError
-from graphopt.importance import select_units, unit_scores
-from graphopt.pass_manager import (
+from graphopt.prune.importance import select_units, unit_scores
+from graphopt.core.manager import (
     Context,
     PassManager,
     build_pass,

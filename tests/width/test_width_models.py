@@ -7,7 +7,7 @@ import pytest
 
 from graphopt.analysis.coupling import analyze
 from graphopt.analysis.cost import count_cost
-from graphopt.pass_manager import Context
+from graphopt.core.manager import Context
 from graphopt.passes.width import PruneChannels, PruneNeurons
 
 
@@ -144,7 +144,7 @@ def test_pruned_model_keeps_finite_outputs_and_fewer_macs(wt):
     model = wt.export(net, (m.torch.randn(1, 3, 32, 32),))
     pruned, _ = _prune(wt, model, PruneChannels, ratio=0.5, importance="random")
     from graphopt.testing import run
-    from graphopt.inputs import generate_inputs
+    from graphopt.ir.inputs import generate_inputs
 
     out = run(pruned, generate_inputs(pruned))["y"]
     assert np.isfinite(out).all()

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import InputSpecError
+from graphopt.errors import InputSpecError
 
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 16

@@ -75,7 +75,7 @@ class GraphView:
 
     def __init__(self, model: onnx.ModelProto, shapes: Mapping[str, tuple] | None = None,
                  input_shapes: Mapping[str, tuple[int, ...]] | None = None):
-        from ..inputs import resolve_shapes
+        from graphopt.ir.inputs import resolve_shapes
 
         self.model = model
         self.graph = model.graph
@@ -161,7 +161,7 @@ class GraphView:
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
         if name in self.constant_nodes:
-            from ..model import _constant_node_value
+            from graphopt.ir.model import _constant_node_value
 
             return _constant_node_value(self.constant_nodes[name])
         if name in self.graph_inputs or name not in self.producer:
@@ -261,7 +261,7 @@ class GraphView:
 def _all_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple]:
     """Shapes from ``tensor_shapes``; where the symbolic inference left a tensor without
     concrete dims, onnx's own inference (with data propagation) fills it in."""
-    from .shapes import fix_input_shapes, stripped_copy, tensor_shapes
+    from graphopt.analysis.shapes import fix_input_shapes, stripped_copy, tensor_shapes
 
     shapes = dict(tensor_shapes(model, input_shapes))
 

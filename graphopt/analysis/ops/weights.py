@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .handlers import NodeView, _ax, handles, rewrites
+from graphopt.analysis.registry import NodeView, _ax, handles, rewrites
 
 
 # =========================================================================== weight ops

@@ -24,7 +24,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from .errors import (
+from graphopt.errors import (
     ExternalDataError,
     ModelFormatError,
     ModelNotFoundError,
@@ -214,7 +214,7 @@ def save(
     3. The IR version is lowered to what the installed onnxruntime reads; the caller's
        proto is left unchanged.
     """
-    from .errors import GraphoptError
+    from graphopt.errors import GraphoptError
 
     path = Path(path)
     for p in protect:

@@ -33,8 +33,8 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from .errors import ConfigError, GraphoptError, PassError
-from .runtime import (  # noqa: F401 - re-exported: passes and tests import them from here
+from graphopt.errors import ConfigError, GraphoptError, PassError
+from graphopt.runtime.session import (  # noqa: F401 - re-exported: passes and tests import them from here
     _file_session,
     _Snapshot,
     _weight_bytes,
@@ -84,7 +84,7 @@ class Context:
         """Inputs for numeric checks: the calibration data if any, else generated."""
         if self.calibration:
             return self.calibration[:count]
-        from .inputs import generate_inputs
+        from graphopt.ir.inputs import generate_inputs
 
         return [
             generate_inputs(model, self.input_shapes, seed=self.seed + i) for i in range(count)
@@ -93,7 +93,7 @@ class Context:
     def calibration_feeds(self, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
         if self.calibration:
             return self.calibration
-        from .inputs import generate_inputs
+        from graphopt.ir.inputs import generate_inputs
 
         return [
             generate_inputs(model, self.input_shapes, seed=self.seed + i, ragged=True)
@@ -342,7 +342,7 @@ def finalize(model: onnx.ModelProto, input_shapes=None, *, in_place: bool = Fals
     """
     import onnx_graphsurgeon as gs
 
-    from .analysis.shapes import infer_shapes, stripped_copy
+    from graphopt.analysis.shapes import infer_shapes, stripped_copy
 
     if not in_place:
         copy = onnx.ModelProto()
@@ -443,7 +443,7 @@ class PassManager:
         memory, or for models with ``_DISK_ROLLBACK_BYTES`` of weights or more a
         ``_Snapshot`` in a temporary folder, removed when the run ends however it ends.
         """
-        from .analysis.cost import count_cost
+        from graphopt.analysis.cost import count_cost
 
         ctx = ctx or Context()
         report = Report()

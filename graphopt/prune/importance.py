@@ -30,8 +30,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .analysis.coupling import Coupling, Group
-from .errors import ConfigError
+from graphopt.analysis.coupling import Coupling, Group
+from graphopt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def unit_scores(
 
 
 def _capture(coupling: Coupling, groups: Sequence[Group], feeds):
-    from .calibration import ChannelStats, capture
+    from graphopt.data.calibration import ChannelStats, capture
 
     axes: dict[str, int] = {}
     for g in groups:

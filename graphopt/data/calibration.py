@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .errors import InputSpecError
+from graphopt.errors import InputSpecError
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _session_with_outputs(model: onnx.ModelProto, names: Sequence[str], provider
     The outputs are added in place and removed after serializing, so no copy of the
     weights is made here.
     """
-    from .pass_manager import ort_session
+    from graphopt.runtime.session import ort_session
 
     existing = {o.name for o in model.graph.output}
     added = [n for n in names if n not in existing]

@@ -9,9 +9,9 @@ from typing import Any
 
 import onnx
 
-from .analysis.cost import count_cost
-from .inputs import check_input_shapes, input_specs
-from .model import iter_graphs, load, tensor_bytes
+from graphopt.analysis.cost import count_cost
+from graphopt.ir.inputs import check_input_shapes, input_specs
+from graphopt.ir.model import iter_graphs, load, tensor_bytes
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list[Any]:
@@ -61,7 +61,7 @@ def inspect_model(source: str | Path | onnx.ModelProto,
     if not isinstance(source, onnx.ModelProto):
         info["file_bytes"] = Path(source).stat().st_size
     if groups:
-        from .analysis.coupling import coupled_groups
+        from graphopt.analysis.coupling import coupled_groups
 
         info["groups"] = [g.to_dict() for g in coupled_groups(model, input_shapes)]
     return info

@@ -35,10 +35,15 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import ConfigError, InputSpecError, ModelFormatError
-from .inputs import Shape, generate_inputs, input_specs, resolve_shapes
-from .model import load
-from .providers import OrtProvider, create_session, ort_session_for, resolve_ort_providers
+from graphopt.errors import ConfigError, InputSpecError, ModelFormatError
+from graphopt.ir.inputs import Shape, generate_inputs, input_specs, resolve_shapes
+from graphopt.ir.model import load
+from graphopt.runtime.providers import (
+    OrtProvider,
+    create_session,
+    ort_session_for,
+    resolve_ort_providers,
+)
 
 logger = logging.getLogger(__name__)
 

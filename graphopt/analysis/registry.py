@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .graph_view import GraphView, HandlerError, Member, NodeCoupling, Slot
+from graphopt.analysis.view import GraphView, HandlerError, Member, NodeCoupling, Slot
 
 logger = logging.getLogger(__name__)
 
@@ -192,5 +192,10 @@ def _ax(axis: int, rank: int) -> int:
 
 
 # The op modules register their handlers in HANDLERS when imported.
-from . import ops_attention, ops_elementwise, ops_layout, ops_weights  # noqa: E402,F401
+from graphopt.analysis.ops import (  # noqa: E402,F401
+    attention as ops_attention,
+    elementwise as ops_elementwise,
+    layout as ops_layout,
+    weights as ops_weights,
+)
 

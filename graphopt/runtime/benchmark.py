@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import ConfigError, InputSpecError
-from .inputs import Shape, generate_inputs, resolve_shapes
-from .model import load
-from .providers import SHORT_NAMES, ProviderOptions, create_session
-from .validate import check_feeds, check_same_inputs
+from graphopt.errors import ConfigError, InputSpecError
+from graphopt.ir.inputs import Shape, generate_inputs, resolve_shapes
+from graphopt.ir.model import load
+from graphopt.runtime.providers import SHORT_NAMES, ProviderOptions, create_session
+from graphopt.runtime.validate import check_feeds, check_same_inputs
 
 logger = logging.getLogger(__name__)
 

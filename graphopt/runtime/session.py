@@ -33,8 +33,8 @@ def check_model(model: onnx.ModelProto) -> None:
     model size. The bytes are checked against the dims by the ORT load that follows in the
     manager. (Checking the model whole serializes it once more: BERT-base, ~2 s and +1x.)
     """
-    from .analysis.shapes import stripped_copy
-    from .model import iter_tensors
+    from graphopt.analysis.shapes import stripped_copy
+    from graphopt.ir.model import iter_tensors
 
     work = stripped_copy(model)
     for t in iter_tensors(work.graph):
@@ -65,7 +65,7 @@ def ort_session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutio
     """
     import onnxruntime as ort
 
-    from .model import max_ir_version
+    from graphopt.ir.model import max_ir_version
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -88,8 +88,8 @@ def ort_session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutio
 def _write_with_external_weights(model: onnx.ModelProto, folder: Path) -> Path:
     """``model.onnx`` + ``weights.bin`` in ``folder``, the weights written tensor by tensor
     (page-aligned), without changing ``model`` (``graphopt.save`` swaps bytes in place)."""
-    from .analysis.shapes import stripped_copy
-    from .model import max_ir_version
+    from graphopt.analysis.shapes import stripped_copy
+    from graphopt.ir.model import max_ir_version
 
     work = stripped_copy(model, initializers_only=True)
     work.ir_version = min(work.ir_version, max_ir_version())
@@ -207,7 +207,7 @@ class _Snapshot:
     """
 
     def __init__(self, model: onnx.ModelProto, folder: Path):
-        from .analysis.shapes import stripped_copy
+        from graphopt.analysis.shapes import stripped_copy
 
         folder.mkdir()
         self.folder = folder
@@ -231,7 +231,7 @@ class _Snapshot:
     def matches(self, model: onnx.ModelProto) -> bool:
         """Whether ``model`` equals the snapshot: structure, then the spilled weights' bytes
         compared with the file one tensor at a time."""
-        from .analysis.shapes import stripped_copy
+        from graphopt.analysis.shapes import stripped_copy
 
         if stripped_copy(model, initializers_only=True).SerializeToString() != self._outline_bytes:
             return False

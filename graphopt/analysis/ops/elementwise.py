@@ -6,7 +6,7 @@ normalizations over an axis are barriers on it (its indices interact).
 
 from __future__ import annotations
 
-from .handlers import NodeView, _ax, handles
+from graphopt.analysis.registry import NodeView, _ax, handles
 
 # =========================================================================== elementwise
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graph_view import HandlerError, Member
-from .handlers import NodeView, handles, rewrites
+from graphopt.analysis.view import HandlerError, Member
+from graphopt.analysis.registry import NodeView, handles, rewrites
 
 _MS = "com.microsoft"
 

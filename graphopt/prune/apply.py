@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import GraphoptError
-from .coupling import Coupling, GraphView, Member, Slot
+from graphopt.errors import GraphoptError
+from graphopt.analysis.coupling import Coupling, GraphView, Member, Slot
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def apply_removal(model: onnx.ModelProto, coupling: Coupling, removal: Removal
 
     Returns counters: groups and units pruned, constants sliced.
     """
-    from .handlers import NodeView, handler_for
+    from graphopt.analysis.registry import NodeView, handler_for
 
     _check_same(model, coupling, "apply_removal")
     removed = removed_atoms(coupling, removal)

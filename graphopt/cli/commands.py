@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .errors import ConfigError, GraphoptError
+from graphopt.errors import ConfigError, GraphoptError
 
 logger = logging.getLogger("graphopt")
 
@@ -35,7 +35,7 @@ def _console(stderr: bool = False):
 
 
 def _shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    from .inputs import parse_input_shapes
+    from graphopt.ir.inputs import parse_input_shapes
 
     return parse_input_shapes(values)
 
@@ -89,14 +89,14 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def inspect(model: Path, input_shapes: tuple[str, ...], groups: bool, as_json: bool) -> None:
     """Show a model's inputs, outputs, opsets, op histogram, params, MACs and size."""
-    from .inspect import inspect_model
+    from graphopt.analysis.inspect import inspect_model
 
     shapes = _shapes(input_shapes)
     info = inspect_model(model, shapes, groups=groups)
     if as_json:
         _emit_json(info)
         return
-    from .render import render_inspect
+    from graphopt.cli.render import render_inspect
 
     render_inspect(_console(), info)
 
@@ -131,9 +131,9 @@ def optimize(source: Path, output: Path, recipe: Path | None, pass_specs: tuple[
              do_validate: bool, atol: float | None, rtol: float | None, on_error: str | None,
              external_data: bool | None, as_json: bool) -> None:
     """Run passes on SOURCE and write the result to -o OUTPUT."""
-    from .api import optimize as run_optimize
-    from .model import save
-    from .recipe import Recipe, load_recipe, passes_from_specs
+    from graphopt.api import optimize as run_optimize
+    from graphopt.ir.model import save
+    from graphopt.core.recipe import Recipe, load_recipe, passes_from_specs
 
     if bool(recipe) == bool(pass_specs):
         raise ConfigError("give either --recipe FILE or one or more --pass NAME")
@@ -159,7 +159,7 @@ def optimize(source: Path, output: Path, recipe: Path | None, pass_specs: tuple[
     if as_json:
         _emit_json(report.to_dict())
     else:
-        from .render import render_report
+        from graphopt.cli.render import render_report
 
         render_report(_console(), report)
     if report.validation is not None and not report.validation.ok:
@@ -169,7 +169,7 @@ def optimize(source: Path, output: Path, recipe: Path | None, pass_specs: tuple[
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    from .model import _atomic_write
+    from graphopt.ir.model import _atomic_write
 
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
@@ -212,9 +212,9 @@ def validate(reference: Path, candidate: Path, inputs_path: Path | None,
              input_shapes: tuple[str, ...], atol: float, rtol: float, tols: tuple[str, ...],
              count: int, as_json: bool) -> None:
     """Compare CANDIDATE's outputs with REFERENCE's; exit 1 when outside tolerance."""
-    from .inputs import load_inputs
-    from .model import load
-    from .validate import validate as run_validation
+    from graphopt.ir.inputs import load_inputs
+    from graphopt.ir.model import load
+    from graphopt.runtime.validate import validate as run_validation
 
     ref = load(reference)
     cand = load(candidate)
@@ -224,7 +224,7 @@ def validate(reference: Path, candidate: Path, inputs_path: Path | None,
     if as_json:
         _emit_json(result.to_dict())
     else:
-        from .render import render_validation
+        from graphopt.cli.render import render_validation
 
         render_validation(_console(), result)
     if not result.ok:
@@ -260,9 +260,9 @@ def bench(model: Path, other: Path | None, provider: str, input_shapes: tuple[st
           inputs_path: Path | None, threads: int | None, warmup: int, rounds: int,
           min_time: float, trt_fp16: bool, trt_cache: Path | None, trt_native: bool, as_json: bool) -> None:
     """Time MODEL (and --vs OTHER, interleaved) on an execution provider."""
-    from .benchmark import benchmark as run_benchmark
-    from .inputs import load_inputs
-    from .model import load
+    from graphopt.runtime.benchmark import benchmark as run_benchmark
+    from graphopt.ir.inputs import load_inputs
+    from graphopt.ir.model import load
 
     a = load(model)
     b = load(other) if other else None
@@ -275,7 +275,7 @@ def bench(model: Path, other: Path | None, provider: str, input_shapes: tuple[st
         result = run_benchmark(a, vs=b, **options)
     native = None
     if trt_native:
-        from .trt import benchmark_tensorrt
+        from graphopt.runtime.trt import benchmark_tensorrt
 
         native = benchmark_tensorrt(model, vs=other, input_shapes=_shapes(input_shapes),
                                     feeds=feeds, fp16=trt_fp16, warmup=warmup, rounds=rounds,
@@ -286,7 +286,7 @@ def bench(model: Path, other: Path | None, provider: str, input_shapes: tuple[st
             data["tensorrt_native"] = native.to_dict() if hasattr(native, "to_dict") else native
         _emit_json(data)
         return
-    from .render import render_benchmark
+    from graphopt.cli.render import render_benchmark
 
     render_benchmark(_console(), result, native, str(model), str(other) if other else None)
 
@@ -313,8 +313,8 @@ def export(target: str, output: Path, input_shapes: tuple[str, ...], hf: bool, o
     ``nn.Module`` (``--input-shape`` gives the example input shapes, float inputs), or with
     --hf a Hugging Face model folder or config.json.
     """
-    from .exporters import export as export_module
-    from .exporters import export_hf
+    from graphopt.exporters import export as export_module
+    from graphopt.exporters import export_hf
 
     shapes = _shapes(input_shapes)
     if hf:
@@ -372,7 +372,7 @@ def list_passes(as_json: bool) -> None:
     """List the available passes and their options."""
     import dataclasses
 
-    from .pass_manager import registered_passes
+    from graphopt.core.manager import registered_passes
 
     rows = []
     for name, cls in registered_passes().items():

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .inputs import Shape
-from .pass_manager import Pass, build_pass, parse_pass_spec
+from graphopt.errors import ConfigError
+from graphopt.ir.inputs import Shape
+from graphopt.core.manager import Pass, build_pass, parse_pass_spec
 
 _TOP_KEYS = {"passes", "input_shapes", "on_error", "description"}
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import onnx
 
-from .errors import ConfigError, ModelFormatError, ProviderError
+from graphopt.errors import ConfigError, ModelFormatError, ProviderError
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _session_options(threads: int | None):
 
 
 def _model_bytes(model: onnx.ModelProto) -> bytes:
-    from .model import max_ir_version
+    from graphopt.ir.model import max_ir_version
 
     original = model.ir_version
     model.ir_version = min(original, max_ir_version())

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .benchmark import (
+from graphopt.runtime.benchmark import (
     BenchmarkResult,
     Feed,
     LatencyStats,
@@ -55,10 +55,10 @@ from .benchmark import (
     interleaved_times,
     pick_feed,
 )
-from .errors import ConfigError, GraphoptError, UnsupportedModelError
-from .inputs import Shape, resolve_shapes
-from .model import _EXTERNAL_THRESHOLD, load, max_ir_version, save, tensor_bytes
-from .validate import check_same_inputs
+from graphopt.errors import ConfigError, GraphoptError, UnsupportedModelError
+from graphopt.ir.inputs import Shape, resolve_shapes
+from graphopt.ir.model import _EXTERNAL_THRESHOLD, load, max_ir_version, save, tensor_bytes
+from graphopt.runtime.validate import check_same_inputs
 
 logger = logging.getLogger(__name__)
 

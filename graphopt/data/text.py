@@ -1,7 +1,7 @@
 """Calibration feeds from English sentences, for BERT-like text models.
 
 1. ``read_sentences(path)`` reads one sentence per line (blank lines and ``#`` comments
-   skipped); with no path, the sentences shipped in ``samples/data/sentences.txt``.
+   skipped); with no path, the sentences shipped with the package (``graphopt/data/sentences.txt``).
 2. ``encode(sentences, tokenizer)`` batches them (``batch_size``) and pads each batch to
    its longest sentence (``padding="longest"``: ragged attention masks, as real traffic
    has) or to ``max_length`` (``padding="max_length"``: fixed shapes, for benchmarks). It
@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import ConfigError, GraphoptError, InputSpecError
+from graphopt.errors import ConfigError, GraphoptError, InputSpecError
 
 logger = logging.getLogger(__name__)
 
-SENTENCES = Path(__file__).resolve().parent.parent / "samples" / "data" / "sentences.txt"
+SENTENCES = Path(__file__).resolve().parent / "sentences.txt"
 Feed = dict[str, np.ndarray]
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
@@ -150,7 +150,7 @@ def text_feeds(
     padding: str = "longest",
 ) -> list[Feed]:
     """Encoded sentences fitted to ``model``'s inputs (module doc, 3)."""
-    from .inputs import _embedding_rows, input_specs
+    from graphopt.ir.inputs import _embedding_rows, input_specs
 
     specs = input_specs(model)
     if sentences is None:
@@ -211,7 +211,7 @@ def mean_pooled_embeddings(model: Any, feeds: Sequence[Mapping[str, np.ndarray]]
                            output: str = "last_hidden_state") -> np.ndarray:
     """Sentence embeddings as sentence-transformers makes them for MiniLM: ``output``
     averaged over each sentence's unmasked tokens, one row per sentence (float64)."""
-    from .pass_manager import ort_session, run_model
+    from graphopt.runtime.session import ort_session, run_model
 
     session = ort_session(model)
     rows = []

@@ -9,8 +9,8 @@ import logging
 
 import numpy as np
 
-from .graph_view import GraphView, HandlerError
-from .handlers import NodeView, _ax, handles, rewrites
+from graphopt.analysis.view import GraphView, HandlerError
+from graphopt.analysis.registry import NodeView, _ax, handles, rewrites
 
 logger = logging.getLogger(__name__)
 
