@@ -89,7 +89,9 @@ def measure(path: Path, passes: list[str], out: Path) -> dict:
     import graphopt
     from graphopt.analysis import shapes
     from graphopt.ir.model import max_ir_version
-    from graphopt.core.manager import Context, PassManager, build_pass, registered_passes
+    from graphopt.core.contract import Context
+    from graphopt.core.manager import PassManager
+    from graphopt.core.registry import build_pass, registered_passes
 
     known = registered_passes()
     # Load ORT's symbolic shape inference now, so its import is not charged to the model.
@@ -193,7 +195,7 @@ def trace(path: Path, passes: list[str], out: Path) -> None:
     import graphopt.ir.model
     from graphopt.core import manager as pass_manager
     from graphopt.analysis import cost, shapes
-    from graphopt.core.manager import registered_passes
+    from graphopt.core.registry import registered_passes
 
     tracer = _Tracer()
     base = tracer.rss()

@@ -74,7 +74,10 @@ def run_row(name, specs, original, calibration, eval_feeds, held_out, reference,
             args):
     import graphopt
     from graphopt.runtime.benchmark import benchmark
-    from graphopt.core.manager import Context, PassManager, build_pass, parse_pass_spec
+    from graphopt.core.contract import Context
+    from graphopt.core.manager import PassManager
+    from graphopt.core.registry import build_pass
+    from graphopt.core.config import parse_pass_spec
 
     passes = [build_pass(*parse_pass_spec(spec)) for spec in specs]
     start = time.perf_counter()

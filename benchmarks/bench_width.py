@@ -34,7 +34,9 @@ from pathlib import Path
 import graphopt
 from graphopt.analysis.cost import count_cost
 from graphopt.runtime.benchmark import benchmark
-from graphopt.core.manager import Context, PassManager, build_pass
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
+from graphopt.core.registry import build_pass
 from models import resnet50  # benchmarks/models.py, beside this script
 
 MODELS = ("resnet50", "ffn")

@@ -27,19 +27,11 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
 )
 from graphopt.ir.model import load, save  # noqa: E402
-from graphopt.core.manager import (  # noqa: E402
-    Context,
-    Pass,
-    PassManager,
-    PassResult,
-    Report,
-    Skip,
-    register,
-)
+from graphopt.core.contract import Context, Pass, PassResult, Skip  # noqa: E402
+from graphopt.core.manager import PassManager  # noqa: E402
+from graphopt.core.registry import register  # noqa: E402
+from graphopt.core.report import Report  # noqa: E402
 
-# Imported eagerly: these functions share their module's name, and importing the submodule
-# anywhere would otherwise rebind ``graphopt.validate`` to the module, shadowing the lazy
-# attribute below.
 from graphopt.runtime.benchmark import benchmark  # noqa: E402
 from graphopt.runtime.validate import validate  # noqa: E402
 
@@ -62,3 +54,7 @@ __all__ = [
     "ProviderError", "Report", "Skip", "UnsafePathError", "UnsupportedModelError", "benchmark",
     "load", "load_recipe", "optimize", "register", "save", "validate",
 ]
+
+# The built-in passes register themselves on import; the registry (below them) never imports
+# them, so the package that users import does.
+import graphopt.passes  # noqa: E402,F401

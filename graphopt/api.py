@@ -18,7 +18,9 @@ from .analysis.cost import count_cost
 from .errors import ConfigError
 from graphopt.ir.inputs import Shape, check_input_shapes, load_inputs
 from graphopt.ir.model import load
-from graphopt.core.manager import Context, PassManager, Report
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
+from graphopt.core.report import Report
 from graphopt.core.recipe import Recipe, load_recipe, passes_from_specs
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ to save time (the same kernels compute it, so in practice they stay identical to
    (``deduplicate_initializers``).
 5. Subgraphs are not optimized; renames reach into them where they read an outer name.
 
-Graph-editing helpers shared with the other passes live in ``graphopt.graph``.
+Graph-editing helpers shared with the other passes live in ``graphopt.ir.graph``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ from graphopt.ir.graph import (
     site,
     subgraphs,
 )
-from graphopt.core.manager import Context, Pass, PassResult, Skip, register
+from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.registry import register
 
 logger = logging.getLogger(__name__)
 

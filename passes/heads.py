@@ -42,7 +42,8 @@ from graphopt.prune.apply import apply_removal, mask_units
 from graphopt.analysis.coupling import Coupling, Group, analyze
 from graphopt.errors import ConfigError
 from graphopt.prune.importance import check_patterns, group_selected, unit_scores
-from graphopt.core.manager import Context, Pass, PassResult, Skip, register
+from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.registry import register
 
 logger = logging.getLogger(__name__)
 

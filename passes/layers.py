@@ -38,7 +38,8 @@ import onnx
 from graphopt.analysis.structure import Block, find_structure, remove_blocks
 from graphopt.data.calibration import capture
 from graphopt.errors import ConfigError
-from graphopt.core.manager import Context, Pass, PassResult, Skip, register
+from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.registry import register
 
 logger = logging.getLogger(__name__)
 

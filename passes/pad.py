@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from graphopt.core.manager import Context, Pass, PassResult, Skip, register
+from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.registry import register
 
 from graphopt.ir.graph import (
     ONNX_DOMAINS,

@@ -2,7 +2,7 @@
 
 All three passes are thin policies over the coupled groups of
 ``graphopt.analysis.coupling`` and remove units with the one apply engine
-(``graphopt.analysis.apply``):
+(``graphopt.prune.apply``):
 
 1. ``prune-channels`` removes the least important units of groups whose source is a
    convolution (its filters, and the matching input channels of every consumer);
@@ -36,7 +36,8 @@ from graphopt.prune.importance import (
     unit_scores,
     zero_units,
 )
-from graphopt.core.manager import Context, Pass, PassResult, Skip, register
+from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.registry import register
 
 logger = logging.getLogger(__name__)
 

@@ -10,16 +10,10 @@ import pytest
 from onnx import helper, numpy_helper
 
 from graphopt.errors import ConfigError, PassError
-from graphopt.core.manager import (
-    Context,
-    Pass,
-    PassManager,
-    PassResult,
-    Skip,
-    make_config,
-    parse_pass_spec,
-    registered_passes,
-)
+from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.manager import PassManager
+from graphopt.core.config import make_config, parse_pass_spec
+from graphopt.core.registry import registered_passes
 from graphopt.testing import assert_equivalent, make_model
 
 

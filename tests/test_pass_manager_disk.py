@@ -10,7 +10,8 @@ from onnx import helper, numpy_helper
 
 from graphopt.core import manager as pass_manager
 from graphopt.errors import PassError
-from graphopt.core.manager import Context, Pass, PassManager, PassResult
+from graphopt.core.contract import Context, Pass, PassResult
+from graphopt.core.manager import PassManager
 from graphopt.runtime.session import _Snapshot
 from graphopt.testing import make_model, run
 

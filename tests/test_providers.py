@@ -1,4 +1,4 @@
-"""graphopt.providers: provider names, EP options, and detection of what a session really got.
+"""graphopt.runtime.providers: provider names, EP options, and detection of what a session really got.
 
 This machine has the CPU build of onnxruntime and no GPU. The onnxruntime-gpu case (CUDA and
 TensorRT listed, the session falling back to CPU) is simulated by patching the listing.

@@ -1,4 +1,4 @@
-"""graphopt.trt: native TensorRT skips cleanly here, and its engine/timing code is exercised
+"""graphopt.runtime.trt: native TensorRT skips cleanly here, and its engine/timing code is exercised
 against a small fake of the ``tensorrt`` API (TensorRT itself cannot be installed here)."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _model(batch: int | str = "batch", op: str = "Relu"):
 
 
 def _fake_tensorrt(log: list, *, dynamic_output: bool = False) -> types.ModuleType:
-    """Just the API surface graphopt.trt uses; records what it was asked to do in ``log``."""
+    """Just the API surface graphopt.runtime.trt uses; records what it was asked to do in ``log``."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.3.0"
 

@@ -4,7 +4,7 @@
    more than one element, of a float or 8/4-bit integer (quantized) type. Scalars, shape
    vectors and int32/int64 index tables (position ids) are not parameters.
 2. MACs need shapes; they come from shape inference with the user's input shapes, and
-   dynamic dims take the defaults of ``graphopt.inputs``. An op whose shapes cannot be
+   dynamic dims take the defaults of ``graphopt.ir.inputs``. An op whose shapes cannot be
    inferred counts 0 MACs and is listed in ``unknown``.
 3. MACs are counted for Conv, ConvTranspose, Gemm, MatMul (and their quantized/fused
    forms), the ONNX ``Attention`` op and ``com.microsoft`` Attention/MultiHeadAttention/

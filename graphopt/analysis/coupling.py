@@ -2,7 +2,7 @@
 
 Removing index *i* of an axis is only legal if every tensor sharing that axis loses the same
 index in the same step. This module finds those sets on any graph, with one small handler per
-op type (``graphopt.analysis.handlers``) that says how an axis index maps between the op's
+op type (``graphopt.analysis.registry``) that says how an axis index maps between the op's
 inputs and outputs.
 
 Vocabulary:
@@ -25,7 +25,7 @@ Vocabulary:
    carries the reason (which op, which axis).
 
 ``coupled_groups(model)`` lists the groups; ``analyze(model)`` returns the full ``Coupling``
-that ``graphopt.analysis.apply`` uses to remove units.
+that ``graphopt.prune.apply`` uses to remove units.
 """
 
 from __future__ import annotations

@@ -372,7 +372,7 @@ def list_passes(as_json: bool) -> None:
     """List the available passes and their options."""
     import dataclasses
 
-    from graphopt.core.manager import registered_passes
+    from graphopt.core.registry import registered_passes
 
     rows = []
     for name, cls in registered_passes().items():

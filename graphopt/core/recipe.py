@@ -25,7 +25,9 @@ from typing import Any
 
 from graphopt.errors import ConfigError
 from graphopt.ir.inputs import Shape
-from graphopt.core.manager import Pass, build_pass, parse_pass_spec
+from graphopt.core.contract import Pass
+from graphopt.core.registry import build_pass
+from graphopt.core.config import parse_pass_spec
 
 _TOP_KEYS = {"passes", "input_shapes", "on_error", "description"}
 

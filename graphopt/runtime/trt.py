@@ -19,7 +19,7 @@ The engine (TensorRT 10 API, with the 8.x explicit-batch flag when running on 8.
   with ``sparse_weights`` (TensorRT then uses 2:4 sparse kernels where weights allow and it
   pays), an optional workspace limit.
 - Inputs with dynamic dims get one optimization profile: min = opt = max = the benchmark
-  shape (from ``input_shapes``, see ``graphopt.inputs``) unless ``profiles`` gives
+  shape (from ``input_shapes``, see ``graphopt.ir.inputs``) unless ``profiles`` gives
   ``(min, opt, max)`` for an input.
 - ``build_serialized_network`` -> plan; ``Runtime.deserialize_cuda_engine``; one
   execution context per engine; I/O by tensor name (``set_input_shape``,
@@ -436,7 +436,7 @@ def benchmark_tensorrt(
 ) -> BenchmarkResult | Skipped:
     """Time ``model`` (A) and ``vs`` (B) as native TensorRT engines, or say why not.
 
-    Same conventions as ``graphopt.benchmark.benchmark``: ``ratio = a / b`` medians
+    Same conventions as ``graphopt.runtime.benchmark.benchmark``: ``ratio = a / b`` medians
     (below 1: A is faster), ABBA-interleaved rounds. Returns ``Skipped`` when TensorRT or
     device memory is missing here; model problems raise ``GraphoptError`` subclasses.
     """

@@ -1,7 +1,7 @@
 """Numeric validation: a reference and a candidate model on the same inputs.
 
 ``validate(reference, candidate)`` runs both through ONNX Runtime on the same feeds (given,
-or generated from the input specs, see ``graphopt.inputs``) and compares every reference
+or generated from the input specs, see ``graphopt.ir.inputs``) and compares every reference
 output with the candidate output of the same name:
 
 1. An output missing from the candidate, or with another shape or dtype, fails.
@@ -368,7 +368,7 @@ def validate(
 ) -> ValidationResult:
     """Compare ``candidate`` with ``reference`` output by output (see the module doc).
 
-    ``feeds``: feed dicts (e.g. from ``graphopt.inputs.load_inputs``), or None to generate
+    ``feeds``: feed dicts (e.g. from ``graphopt.ir.inputs.load_inputs``), or None to generate
     ``count`` of them from the reference's input specs and ``input_shapes`` (seeds
     ``seed``, ``seed + 1``, ...). ``tolerances`` maps output names to ``(atol, rtol)``.
     ``providers``: ORT provider names (short names ``cpu``/``cuda`` work too); a single

@@ -23,7 +23,9 @@ import pytest
 import graphopt
 from graphopt.prune.apply import mask_units
 from graphopt.ir.inputs import generate_inputs
-from graphopt.core.manager import Context, PassManager, build_pass
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
+from graphopt.core.registry import build_pass
 from graphopt.testing import run
 
 LAYERS = 2

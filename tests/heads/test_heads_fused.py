@@ -77,7 +77,7 @@ def test_ms_attention_packed_weight(oracle, meta):
 
 
 def _ctx(feeds):
-    from graphopt.core.manager import Context
+    from graphopt.core.contract import Context
 
     return Context(calibration=[feeds])
 

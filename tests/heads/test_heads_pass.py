@@ -9,7 +9,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphopt.errors import ConfigError
-from graphopt.core.manager import Context, PassManager, build_pass, parse_pass_spec
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
+from graphopt.core.registry import build_pass
+from graphopt.core.config import parse_pass_spec
 
 HID, HEADS = 16, 4
 RNG = np.random.default_rng(1)

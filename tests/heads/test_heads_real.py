@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 import graphopt
-from graphopt.core.manager import Context
+from graphopt.core.contract import Context
 
 
 def test_llama_dynamo_export(hf_model, oracle, meta):

@@ -7,7 +7,9 @@ import json
 import numpy as np
 
 import graphopt
-from graphopt.core.manager import Context, PassManager, build_pass
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
+from graphopt.core.registry import build_pass
 from graphopt.testing import run
 from graphopt.data.text import encode, read_sentences
 

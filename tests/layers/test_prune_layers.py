@@ -10,7 +10,10 @@ import pytest
 
 import graphopt
 from graphopt.errors import ConfigError, PassError
-from graphopt.core.manager import Context, PassManager, build_pass, parse_pass_spec
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
+from graphopt.core.registry import build_pass
+from graphopt.core.config import parse_pass_spec
 from graphopt.testing import assert_equivalent
 
 

@@ -10,7 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.errors import ConfigError
-from graphopt.core.manager import Context, PassManager, build_pass
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
+from graphopt.core.registry import build_pass
 from graphopt.passes.batchnorm import FoldBatchNorm
 from graphopt.passes.cleanup import Cleanup, CleanupConfig
 from graphopt.passes.pad import FoldPad

@@ -7,7 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt.core.manager import Context, PassManager
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
 from graphopt.passes.pad import FoldPad
 from graphopt.testing import assert_equivalent, make_model, op_types
 

@@ -19,7 +19,9 @@ import graphopt
 from graphopt.prune.apply import apply_removal, mask_units
 from graphopt.analysis.coupling import analyze
 from graphopt.ir.inputs import generate_inputs
-from graphopt.core.manager import Context, PassManager, finalize
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
+from graphopt.core.finalize import finalize
 from graphopt.runtime.session import check_model
 from graphopt.testing import run
 

@@ -13,13 +13,10 @@ from onnx import helper, numpy_helper
 from graphopt.analysis.coupling import coupled_groups
 from graphopt.errors import ConfigError
 from graphopt.prune.importance import select_units, unit_scores
-from graphopt.core.manager import (
-    Context,
-    PassManager,
-    build_pass,
-    parse_pass_spec,
-    registered_passes,
-)
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
+from graphopt.core.registry import build_pass, registered_passes
+from graphopt.core.config import parse_pass_spec
 from graphopt.passes.width import PruneChannels, PruneNeurons, RemoveZeroChannels
 from graphopt.testing import assert_equivalent, make_model
 

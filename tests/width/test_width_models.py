@@ -7,7 +7,7 @@ import pytest
 
 from graphopt.analysis.coupling import analyze
 from graphopt.analysis.cost import count_cost
-from graphopt.core.manager import Context
+from graphopt.core.contract import Context
 from graphopt.passes.width import PruneChannels, PruneNeurons
 
 

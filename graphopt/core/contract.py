@@ -1,0 +1,99 @@
+"""The pass contract: what a pass is, what it gets and what it returns.
+
+A pass (``Pass`` subclass, registered with ``graphopt.core.registry.register``):
+
+1. has a name (the CLI/recipe spelling), one frozen config dataclass ``Config`` whose
+   ``__post_init__`` rejects out-of-range values with ``ConfigError``, and ``lossless``;
+2. ``run(model, ctx)`` may change ``model`` in place or return a new one, in a
+   ``PassResult`` with ``modified``, counters and skipped sites (data, with reasons);
+3. never half-applies: it decides everything, then rewrites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+
+from graphopt.core.config import make_config
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A site a pass looked at and left alone, with the reason."""
+
+    site: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    model: onnx.ModelProto
+    modified: bool
+    counters: dict[str, int] = field(default_factory=dict)
+    skipped: list[Skip] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """What passes may need besides the model: input shapes and calibration data.
+
+    ``calibration`` is a list of feed dicts; when None, passes that need data call
+    ``calibration_feeds`` which generates them from the input specs.
+    """
+
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None
+    calibration: list[dict[str, np.ndarray]] | None = None
+    seed: int = 0
+    calibration_batches: int = 4
+
+    def sample_feeds(self, model: onnx.ModelProto, count: int = 1) -> list[dict[str, np.ndarray]]:
+        """Inputs for numeric checks: the calibration data if any, else generated."""
+        if self.calibration:
+            return self.calibration[:count]
+        from graphopt.ir.inputs import generate_inputs
+
+        return [
+            generate_inputs(model, self.input_shapes, seed=self.seed + i) for i in range(count)
+        ]
+
+    def calibration_feeds(self, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+        if self.calibration:
+            return self.calibration
+        from graphopt.ir.inputs import generate_inputs
+
+        return [
+            generate_inputs(model, self.input_shapes, seed=self.seed + i, ragged=True)
+            for i in range(self.calibration_batches)
+        ]
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """For passes without options."""
+
+
+class Pass:
+    """Base of every pass; see the module doc for the contract."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoConfig
+    lossless: ClassVar[bool] = True
+    # Which dims a lossless check should tolerate: passes that reassociate float math
+    # (folding BN into a weight) are compared with this absolute/relative tolerance.
+    atol: ClassVar[float] = 1e-4
+    rtol: ClassVar[float] = 1e-4
+
+    def __init__(self, config: Any = None, **options: Any):
+        if config is not None and options:
+            raise TypeError("give a config or keyword options, not both")
+        self.config = config if config is not None else make_config(self.Config, options, self.name)
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"

@@ -1,0 +1,53 @@
+"""What a run reports: one ``PassReport`` per pass, gathered in a ``Report``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphopt.core.contract import Skip
+
+
+@dataclass
+class PassReport:
+    name: str
+    config: dict[str, Any]
+    lossless: bool
+    status: str  # "changed", "unchanged", "rolled back", "not run"
+    counters: dict[str, int] = field(default_factory=dict)
+    skipped: list[Skip] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    max_abs_diff: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["skipped"] = [dataclasses.asdict(s) for s in self.skipped]
+        return d
+
+
+@dataclass
+class Report:
+    passes: list[PassReport] = field(default_factory=list)
+    validation: Any = None  # graphopt.validate.ValidationResult when asked for
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(p.status != "rolled back" for p in self.passes)
+
+    @property
+    def failed(self) -> list[PassReport]:
+        return [p for p in self.passes if p.status == "rolled back"]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ok": self.ok, "passes": [p.to_dict() for p in self.passes]}
+        out.update(self.metadata)
+        if self.validation is not None:
+            out["validation"] = self.validation.to_dict()
+        return out
