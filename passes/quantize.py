@@ -42,7 +42,8 @@ import numpy as np
 import onnx
 
 from graphopt.errors import ConfigError, UnsupportedModelError
-from graphopt.pass_manager import Context, Pass, PassResult, Skip, register
+from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.registry import register
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class Quantize(Pass):
               skipped: list[Skip]) -> onnx.ModelProto:
         from onnxruntime import quantization as q
 
-        from graphopt.model import load
+        from graphopt.ir.model import load
 
         cfg: QuantizeConfig = self.config
         model = src if isinstance(src, onnx.ModelProto) else onnx.load(str(src),
@@ -257,7 +258,7 @@ class Quantize(Pass):
     def _fidelity(self, before: onnx.ModelProto, after: onnx.ModelProto, ctx: Context,
                   skipped: list[Skip]) -> dict[str, int]:
         """Cosine of each float output against the input model on one sample feed."""
-        from graphopt.pass_manager import ort_session, run_model
+        from graphopt.runtime.session import ort_session, run_model
 
         try:
             feed = ctx.sample_feeds(before, 1)[0]
@@ -306,7 +307,7 @@ def _carry_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
 
 
 def _large(model: onnx.ModelProto) -> bool:
-    from graphopt.pass_manager import _weight_bytes
+    from graphopt.runtime.session import _weight_bytes
 
     return _weight_bytes(model) >= _EXTERNAL_BYTES
 

@@ -8,11 +8,13 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from graphopt.cli import main
+from graphopt.cli.commands import main
 from graphopt.errors import PassError
-from graphopt.inputs import generate_inputs
-from graphopt.model import save
-from graphopt.pass_manager import Context, PassManager, build_pass
+from graphopt.ir.inputs import generate_inputs
+from graphopt.ir.model import save
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
+from graphopt.core.registry import build_pass
 from graphopt.testing import make_model, op_types, run
 
 F32 = np.float32
