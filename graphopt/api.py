@@ -22,6 +22,7 @@ from graphopt.core.contract import Context
 from graphopt.core.manager import PassManager
 from graphopt.core.report import Report
 from graphopt.core.recipe import Recipe, load_recipe, passes_from_specs
+from graphopt.core.normalize import normalize
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ def optimize(
     recipe (a ``Recipe`` or a ``.yaml``/``.json`` path); return the new model and a report.
 
     1. The input (file or proto) is never modified; the returned model is a new proto.
+       What onnxruntime runs but the checker refuses is normalized first (``normalize``:
+       the ``ai.onnx`` domain alias, node order, outputs declared without a shape), and
+       listed in ``report.metadata["normalized"]``; what cannot be is refused.
     2. ``input_shapes`` fixes dynamic dims for analysis and generated inputs only; the saved
        model keeps its dynamic dims. A recipe's shapes apply unless given here.
     3. ``calibration``: an ``.npz`` file, a folder of them, a feed dict or a list of them.
@@ -77,6 +81,7 @@ def optimize(
     """
     recipe = _recipe(passes_or_recipe)
     original = load(model)
+    normalized = normalize(original)
     shapes = dict(recipe.input_shapes)
     shapes.update(input_shapes or {})
     check_input_shapes(original, shapes)
@@ -89,6 +94,8 @@ def optimize(
     before = count_cost(original, ctx.input_shapes)
     optimized, report = manager.run(work, ctx)
     after = count_cost(optimized, ctx.input_shapes)
+    if normalized:
+        report.metadata["normalized"] = normalized
     report.metadata["cost_before"] = before.to_dict()
     report.metadata["cost_after"] = after.to_dict()
     if validate:

@@ -9,8 +9,9 @@ to save time (the same kernels compute it, so in practice they stay identical to
    an initializer or another graph output) the node stays, reported as a skip.
 2. Dead nodes (no path to a graph output) and unused initializers are removed. A name read
    only inside an If/Loop/Scan body counts as used: bodies read outer-scope names directly.
-3. Constant folding (``fold_constants``): ``Shape``/``Size`` of a statically shaped tensor
-   become constants, then onnx-graphsurgeon evaluates, through onnxruntime, every node whose
+3. Constant folding (``fold_constants``): ``Shape``/``Size`` of a tensor whose dims the
+   model proves static (from its inputs and ops; declared ``value_info`` and graph-output
+   shapes are hints, never folded from) become constants, then onnx-graphsurgeon evaluates, through onnxruntime, every node whose
    inputs are all constant. A folded tensor larger than ``max_fold_bytes`` is refused (a
    ``Tile`` or ``Expand`` of a constant would bloat the file). Never folded: random ops,
    quantization ops (folding would store dequantized weights), nodes with subgraphs, nodes
@@ -48,12 +49,12 @@ from graphopt.ir.graph import (
     remove_nodes,
     remove_passthrough,
     rename_inputs,
-    shape_skeleton,
     site,
     subgraphs,
 )
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
+from graphopt.ir.tidy import remove_dead_nodes, remove_unused_initializers
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +103,9 @@ class Cleanup(Pass):
             if self.config.fold_constants:
                 _fold(model, self.config.max_fold_bytes, counters, skipped)
             counters["nodes_removed"] += _remove_dead_nodes(graph)
-            overridable = GraphIndex(graph, model.ir_version).overridable
-            counters["initializers_removed"] = _remove_unused_initializers(graph, overridable)
+            counters["initializers_removed"] = remove_unused_initializers(graph, model.ir_version)
             if self.config.deduplicate_initializers:
+                overridable = GraphIndex(graph, model.ir_version).overridable
                 counters["initializers_deduplicated"] = _deduplicate(graph, overridable)
         modified = any(counters.values())
         return PassResult(model, modified, counters, skipped)
@@ -150,31 +151,7 @@ def _remove_identities(graph: onnx.GraphProto, ir_version: int, counters: dict,
 
 
 def _remove_dead_nodes(graph: onnx.GraphProto) -> int:
-    idx = GraphIndex(graph)
-    live: set[int] = set()
-    seen: set[str] = set()
-    stack = list(idx.graph_outputs)
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        producer = idx.producer.get(name)
-        if producer is None or id(producer) in live:
-            continue
-        live.add(id(producer))
-        stack.extend(node_reads(producer))
-    dead = [n for n in graph.node if id(n) not in live]
-    if dead:
-        remove_nodes(graph, dead)
-    return len(dead)
-
-
-def _remove_unused_initializers(graph: onnx.GraphProto, overridable: set[str]) -> int:
-    used = {o.name for o in graph.output} | overridable
-    for node in graph.node:
-        used |= node_reads(node)
-    return drop_initializers(graph, [t.name for t in graph.initializer if t.name not in used])
+    return remove_dead_nodes(graph)
 
 
 # --------------------------------------------------------------------------- duplicates
@@ -271,8 +248,13 @@ def _fold_candidates(idx: GraphIndex, skipped: list[Skip] | None) -> list[onnx.N
 
 
 def _fold_shapes(model: onnx.ModelProto) -> None:
-    """Replace Shape/Size of statically shaped tensors with initializers."""
-    from graphopt.analysis.shapes import infer_shapes
+    """Replace Shape/Size of tensors whose dims the model proves static with initializers.
+
+    Proven means inferred from the graph inputs' dims and the ops alone
+    (``analysis.facts.proven_shapes``): a declared ``value_info`` or graph-output shape is an
+    exporter's hint, often stale, and never folded from.
+    """
+    from graphopt.analysis.facts import proven_shapes
 
     graph = model.graph
     idx = GraphIndex(graph, model.ir_version)
@@ -280,20 +262,13 @@ def _fold_shapes(model: onnx.ModelProto) -> None:
               and not idx.is_constant(n.input[0]) and n.output[0] not in idx.graph_outputs]
     if not wanted:
         return
-    work = infer_shapes(shape_skeleton(model), symbolic=False)
-    dims: dict[str, list[int] | None] = {}
-    for vi in list(work.graph.input) + list(work.graph.value_info) + list(work.graph.output):
-        tt = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
-            static = all(d.HasField("dim_value") for d in tt.shape.dim)
-            dims[vi.name] = [d.dim_value for d in tt.shape.dim] if static else None
-    for t in graph.initializer:
-        dims[t.name] = list(t.dims)
+    shapes = proven_shapes(model)
     folded = []
     for node in wanted:
-        shape = dims.get(node.input[0])
-        if shape is None:
+        shape = shapes.get(node.input[0])
+        if shape is None or any(d is None for d in shape):
             continue
+        shape = list(shape)
         if node.op_type == "Shape":
             start, end = attr(node, "start", 0), attr(node, "end", len(shape))
             value = np.array(shape[start:end], dtype=np.int64)

@@ -7,13 +7,19 @@
    into that op's ``pads`` (added to what it already has):
    - ``Conv``, when the pad value is 0 (Conv's own padding is zeros);
    - ``AveragePool``, when the pad value is 0 and ``count_include_pad=1`` (otherwise the
-     folded zeros would leave the divisor) and ``ceil_mode=0``;
+     folded zeros would leave the divisor);
+   - ``LpPool``, when the pad value is 0 (zeros add nothing to the p-norm either way);
    - ``MaxPool``, when the pad value is -inf, or when it is <= 0 and the padded tensor is
      known non-negative (it comes from Relu, Sigmoid, Softplus, Abs, Exp, Softmax, or Clip
-     with a min >= 0), so a padded element never wins the max; ``ceil_mode=0`` and the
-     ``Indices`` output unused (its flat indices would count the padding).
+     with a min >= 0), so a padded element never wins the max over a window that holds an
+     input element; and the ``Indices`` output unused (its flat indices would count the
+     padding).
    Pooling ops also need the combined pads to stay below the kernel size (onnxruntime's
-   rule for pooling pads).
+   rule for pooling pads), and, for every input size the model accepts, the same number of
+   windows before and after the fold (``ceil_mode``) and, for MaxPool, no window that covers
+   padding alone (a dilated kernel over a small input): ``pad_legality`` checks every
+   length a dynamic axis may take, from 1 up, and the one length of a static axis (static
+   as proven from the model's inputs, never from its declared ``value_info``).
 3. Pad takes ``pads``, ``constant_value`` and ``axes`` as inputs from opset 11 (they must be
    constant) and as attributes before; both forms are read.
 4. Chains (Pad -> Pad -> Conv) fold over repeated rounds. Anything else is a skip with the
@@ -43,6 +49,7 @@ from graphopt.ir.graph import (
     set_attr,
     site,
 )
+from graphopt.passes.pad_legality import Axis, axis_blocker
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +98,7 @@ class FoldPad(Pass):
             while True:
                 skipped = []
                 counters["noop_pads_removed"] += _remove_noops(graph, model.ir_version, skipped)
-                folded = _fold_round(graph, model.ir_version, skipped)
+                folded = _fold_round(model, skipped)
                 counters["pads_folded"] += folded
                 if not folded:
                     break
@@ -146,11 +153,17 @@ def _remove_noops(graph: onnx.GraphProto, ir_version: int, skipped: list[Skip]) 
     return len(removed)
 
 
-def _fold_round(graph: onnx.GraphProto, ir_version: int, skipped: list[Skip]) -> int:
+def _fold_round(model: onnx.ModelProto, skipped: list[Skip]) -> int:
+    from graphopt.analysis.facts import proven_shapes
+
+    graph, ir_version = model.graph, model.ir_version
     idx = GraphIndex(graph, ir_version)
     plans = []
+    shapes = None
     for node in _pad_nodes(graph):
-        plan = _plan(node, idx)
+        if shapes is None:
+            shapes = proven_shapes(model)
+        plan = _plan(node, idx, shapes)
         if plan is None:
             continue
         if isinstance(plan, str):
@@ -195,7 +208,7 @@ def _nonnegative(name: str, idx: GraphIndex) -> bool:
     return False
 
 
-def _plan(pad: onnx.NodeProto, idx: GraphIndex
+def _plan(pad: onnx.NodeProto, idx: GraphIndex, shapes: dict
           ) -> tuple[onnx.NodeProto, onnx.NodeProto, list[int]] | str | None:
     """(pad, reader, reader's new pads), or why not, or None for a no-op Pad that had to
     stay (already reported)."""
@@ -216,7 +229,7 @@ def _plan(pad: onnx.NodeProto, idx: GraphIndex
         return f"its output has {len(readers)} readers; folding needs exactly one"
     reader = readers[0]
     if (reader.domain not in ONNX_DOMAINS
-            or reader.op_type not in ("Conv", "AveragePool", "MaxPool")):
+            or reader.op_type not in ("Conv", "AveragePool", "MaxPool", "LpPool")):
         return f"it feeds {reader.op_type}, which cannot absorb padding"
     if list(reader.input).count(out) != 1 or reader.input[0] != out:
         return f"it feeds {reader.op_type} through an input other than the data input"
@@ -243,7 +256,31 @@ def _plan(pad: onnx.NodeProto, idx: GraphIndex
         if any(new[i] >= kernel[i] or new[spatial + i] >= kernel[i] for i in range(spatial)):
             return (f"combined pads {new} would reach the kernel size {kernel}, which "
                     f"{reader.op_type} does not allow")
+        reason = _window_blocker(reader, begins, ends, old, shapes.get(pad.input[0]))
+        if reason:
+            return reason
     return pad, reader, new
+
+
+def _window_blocker(reader: onnx.NodeProto, begins: list[int], ends: list[int],
+                    old: list[int], dims) -> str | None:
+    """Why the fold would change some window of ``reader`` at some accepted input size."""
+    kernel = list(attr(reader, "kernel_shape"))
+    spatial = len(kernel)
+    strides = list(attr(reader, "strides", [1] * spatial))
+    dilations = list(attr(reader, "dilations", [1] * spatial))
+    ceil_mode = bool(attr(reader, "ceil_mode", 0))
+    for i in range(spatial):
+        static = None
+        if dims is not None and len(dims) == spatial + 2 and dims[2 + i]:
+            static = int(dims[2 + i])
+        axis = Axis(kernel[i], strides[i], dilations[i], (old[i], old[spatial + i]),
+                    (begins[2 + i], ends[2 + i]))
+        reason = axis_blocker(axis, reader.op_type, ceil_mode, static)
+        if reason:
+            where = "static" if static is not None else "dynamic"
+            return f"spatial axis {2 + i} ({where}): {reason}"
+    return None
 
 
 def _value_blocker(pad: onnx.NodeProto, reader: onnx.NodeProto, value: float,
@@ -251,12 +288,10 @@ def _value_blocker(pad: onnx.NodeProto, reader: onnx.NodeProto, value: float,
     op = reader.op_type
     if op == "Conv":
         return None if value == 0 else f"pad value {value:g} is not 0, Conv pads with zeros"
-    if attr(reader, "ceil_mode", 0):
-        return f"{op} has ceil_mode=1, where padding changes which windows exist"
-    if op == "AveragePool":
+    if op in ("AveragePool", "LpPool"):
         if value != 0:
             return f"pad value {value:g} is not 0"
-        if not attr(reader, "count_include_pad", 0):
+        if op == "AveragePool" and not attr(reader, "count_include_pad", 0):
             return ("AveragePool has count_include_pad=0; padded zeros would leave the "
                     "divisor")
         return None

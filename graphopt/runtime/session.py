@@ -37,6 +37,7 @@ def check_model(model: onnx.ModelProto) -> None:
     from graphopt.ir.model import iter_tensors
 
     work = stripped_copy(model)
+    _empty_stripped_sparse(work)
     for t in iter_tensors(work.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL or _has_values(t):
             continue
@@ -45,6 +46,26 @@ def check_model(model: onnx.ModelProto) -> None:
             t.dims.append(0)
             t.raw_data = b""
     onnx.checker.check_model(work, full_check=False)
+
+
+def _empty_stripped_sparse(model: onnx.ModelProto) -> None:
+    """A sparse initializer whose values were stripped becomes an empty one of its dims
+    (values and indices of length 0): the checker relates indices to values."""
+    from graphopt.ir.model import iter_graphs
+
+    for g in iter_graphs(model.graph):
+        for sp in g.sparse_initializer:
+            if _has_values(sp.values):
+                continue
+            for part in (sp.values, sp.indices):
+                rank = len(part.dims)
+                part.ClearField("raw_data")
+                for f in ("float_data", "int32_data", "int64_data", "double_data",
+                          "uint64_data", "string_data"):
+                    part.ClearField(f)
+                del part.dims[:]
+                part.dims.extend([0] + ([len(sp.dims)] if rank == 2 and part is sp.indices
+                                        else []))
 
 
 def _has_values(t: onnx.TensorProto) -> bool:

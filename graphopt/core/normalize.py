@@ -1,0 +1,171 @@
+"""Inputs onnxruntime runs but ``onnx.checker`` refuses, put right before any pass runs.
+
+The manager checks every pass's result with the checker, so a model the checker refuses
+from the start would have every changing pass rolled back, each blamed for what the input
+already had. ``normalize`` (called by ``graphopt.optimize`` on its copy of the input)
+rewrites what has one meaning, and refuses the rest with one line (``InvalidModelError``):
+
+1. nodes in domain ``"ai.onnx"`` (an alias of the default domain): the domain becomes ``""``
+   and an ``ai.onnx`` opset import merges into the default one (model and functions);
+2. nodes out of topological order, in the graph and in every subgraph: sorted, stably;
+   a cycle is refused, naming a node on it;
+3. a main-graph output declared without a shape: it takes the inferred one; one whose rank
+   cannot be inferred is refused (the checker requires a shape there, and none can be
+   written for an unknown rank); a main-graph input without a shape is refused likewise.
+
+Returns what was changed, one line per kind, for the report.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+
+from graphopt.errors import GraphoptError
+from graphopt.ir.graph import subgraphs
+from graphopt.ir.model import iter_graphs
+from graphopt.ir.tidy import GraphCycleError, toposort
+
+logger = logging.getLogger(__name__)
+
+_ALIAS = "ai.onnx"
+
+
+class InvalidModelError(GraphoptError):
+    """The input model is not one graphopt can verify its work on."""
+
+
+def _merge_alias_opsets(opsets) -> bool:
+    alias = [o for o in opsets if o.domain == _ALIAS]
+    if not alias:
+        return False
+    default = [o for o in opsets if o.domain == ""]
+    version = max(o.version for o in alias + default)
+    keep = [onnx.helper.make_opsetid(o.domain, o.version) for o in opsets
+            if o.domain not in ("", _ALIAS)]
+    del opsets[:]
+    opsets.extend([onnx.helper.make_opsetid("", version)] + keep)
+    return True
+
+
+def _alias_domains(model: onnx.ModelProto) -> int:
+    count = 0
+    graphs = list(iter_graphs(model.graph))
+    for fn in model.functions:
+        for node in fn.node:
+            if node.domain == _ALIAS:
+                node.domain = ""
+                count += 1
+        _merge_alias_opsets(fn.opset_import)
+        for node in fn.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    graphs.extend(iter_graphs(a.g))
+    for g in graphs:
+        for node in g.node:
+            if node.domain == _ALIAS:
+                node.domain = ""
+                count += 1
+    merged = _merge_alias_opsets(model.opset_import)
+    return count + int(merged)
+
+
+def _missing_shapes(model: onnx.ModelProto) -> list[str]:
+    """Fill outputs declared without a shape from inference; returns their names."""
+    from graphopt.analysis.shapes import infer_shapes, stripped_copy
+
+    graph = model.graph
+    for vi in graph.input:
+        if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape"):
+            raise InvalidModelError(
+                f"graph input '{vi.name}' declares no shape (onnx.checker requires one); "
+                "declare at least its rank, with dim_param names for dynamic dims")
+    missing = [vi.name for vi in graph.output if not vi.HasField("type") or (
+        vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape"))]
+    if not missing:
+        return []
+    work = stripped_copy(model)
+    for vi in work.graph.output:
+        if vi.name in missing:
+            vi.ClearField("type")
+    infer_shapes(work, None)
+    found = {vi.name: vi for vi in work.graph.output}
+    unknown = [n for n in missing if n not in found or not _typed(found[n])]
+    if unknown:
+        found.update(_session_outputs(model, unknown))
+    for vi in graph.output:
+        if vi.name not in missing:
+            continue
+        new = found.get(vi.name)
+        if new is None or not _typed(new):
+            raise InvalidModelError(
+                f"graph output '{vi.name}' declares no shape and its rank cannot be inferred "
+                "(onnx.checker requires one); declare at least its rank")
+        vi.type.CopyFrom(new.type)
+    return missing
+
+
+def _typed(vi: onnx.ValueInfoProto) -> bool:
+    tt = vi.type.tensor_type
+    return vi.type.HasField("tensor_type") and tt.HasField("shape") and bool(tt.elem_type)
+
+
+def _session_outputs(model: onnx.ModelProto, names: list[str]) -> dict[str, onnx.ValueInfoProto]:
+    """Output types as onnxruntime's own inference sees them (it knows its contrib ops,
+    where onnx's and the symbolic inference may not), for the outputs in ``names``."""
+    from graphopt.runtime.session import ort_session
+
+    try:
+        session = ort_session(model, lean=True)
+    except Exception as exc:  # noqa: BLE001 - then the rank stays unknown and is refused
+        logger.debug("onnxruntime cannot load the model to type its outputs: %s", exc)
+        return {}
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.output}
+    found = {}
+    for meta in session.get_outputs():
+        if meta.name not in names or not isinstance(meta.shape, list):
+            continue
+        dims = [d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) else None)
+                for d in meta.shape]
+        dtype = elem.get(meta.name) or _ORT_TYPES.get(meta.type, 0)
+        found[meta.name] = onnx.helper.make_tensor_value_info(meta.name, dtype, dims)
+    return found
+
+
+_ORT_TYPES = {"tensor(float)": onnx.TensorProto.FLOAT, "tensor(float16)": onnx.TensorProto.FLOAT16,
+              "tensor(double)": onnx.TensorProto.DOUBLE, "tensor(int64)": onnx.TensorProto.INT64,
+              "tensor(int32)": onnx.TensorProto.INT32, "tensor(int8)": onnx.TensorProto.INT8,
+              "tensor(uint8)": onnx.TensorProto.UINT8, "tensor(bool)": onnx.TensorProto.BOOL,
+              "tensor(bfloat16)": onnx.TensorProto.BFLOAT16,
+              "tensor(string)": onnx.TensorProto.STRING}
+
+
+def _sort(graph: onnx.GraphProto) -> int:
+    """Toposort ``graph``, then its subgraphs (taken after the sort, which rebuilds nodes)."""
+    count = int(toposort(graph))
+    for node in graph.node:
+        for sub in subgraphs(node):
+            count += _sort(sub)
+    return count
+
+
+def normalize(model: onnx.ModelProto) -> list[str]:
+    """Put ``model`` right in place (see the module doc); returns what was done."""
+    done = []
+    aliased = _alias_domains(model)
+    if aliased:
+        done.append(f"domain '{_ALIAS}' written as the default domain '' ({aliased} places)")
+    try:
+        sorted_graphs = _sort(model.graph)
+    except GraphCycleError as exc:
+        raise InvalidModelError(str(exc)) from None
+    if sorted_graphs:
+        done.append(f"nodes put in topological order ({sorted_graphs} graph(s))")
+    filled = _missing_shapes(model)
+    if filled:
+        done.append(f"shapes inferred for graph outputs declared without one: "
+                    f"{', '.join(filled)}")
+    for line in done:
+        logger.info("normalized the input: %s", line)
+    return done
