@@ -131,3 +131,30 @@ def export_minilm(path, *, batch: int = 2, seq: int = 8):
                           dynamic_axes={n: {0: "batch", 1: "seq"} for n in names},
                           opset_version=17, dynamo=False)
     return path
+
+
+def tiny_cnn(widths: tuple[int, int] = (16, 32), classes: int = 10, size: int = 16,
+             seed: int = 1) -> onnx.ModelProto:
+    """x[batch, 3, size, size] -> Conv(w0) -> Relu -> Conv(w1) -> Relu -> GlobalAveragePool
+    -> Flatten -> Gemm(classes) -> logits; nodes conv1, conv2, fc; random weights."""
+    from onnx import helper as h
+
+    rng = np.random.default_rng(seed)
+    w0, w1 = widths
+    nodes = [
+        h.make_node("Conv", ["x", "W", "b"], ["c"], pads=[1, 1, 1, 1], name="conv1"),
+        h.make_node("Relu", ["c"], ["r"], name="relu1"),
+        h.make_node("Conv", ["r", "W2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        h.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        h.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+        h.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        h.make_node("Gemm", ["f", "Wf", "bf"], ["logits"], transB=1, name="fc"),
+    ]
+    f32 = np.float32
+    inits = {"W": (rng.standard_normal((w0, 3, 3, 3)) * 0.3).astype(f32),
+             "b": (rng.standard_normal(w0) * 0.1).astype(f32),
+             "W2": (rng.standard_normal((w1, w0, 3, 3)) * (0.4 / np.sqrt(w0))).astype(f32),
+             "b2": (rng.standard_normal(w1) * 0.1).astype(f32),
+             "Wf": (rng.standard_normal((classes, w1)) * 0.3).astype(f32),
+             "bf": np.zeros(classes, f32)}
+    return make_model(nodes, {"x": ["batch", 3, size, size]}, ["logits"], inits)

@@ -116,7 +116,7 @@ def inspect(model: Path, input_shapes: tuple[str, ...], groups: bool, as_json: b
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Calibration inputs: an .npz file or a folder of .npz files.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the JSON report here.")
+              help="Write the report here: JSON, or an HTML page with plots for .html.")
 @click.option("--validate", "do_validate", is_flag=True,
               help="Compare the result with the input; exit 1 when outside tolerance.")
 @click.option("--atol", type=float, default=None, help="Absolute tolerance for --validate.")
@@ -153,7 +153,13 @@ def optimize(source: Path, output: Path, recipe: Path | None, pass_specs: tuple[
         status.update(f"writing {output}")
         save(model, output, external_data=external_data, protect=(source,))
     report.metadata.update({"input": str(source), "output": str(output)})
-    if report_path:
+    if report_path and report_path.suffix.lower() in (".html", ".htm"):
+        from .htmlreport import page_for_run, render_html
+        from .model import load
+
+        page = page_for_run(report, load(source, load_external=False), model, model=str(source))
+        _write_text_atomic(report_path, render_html(page))
+    elif report_path:
         _write_text_atomic(report_path, json.dumps(report.to_dict(), indent=2,
                                                    default=_json_default))
     if as_json:

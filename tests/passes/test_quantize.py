@@ -15,7 +15,7 @@ from graphopt.ir.model import save
 from graphopt.core.contract import Context
 from graphopt.core.manager import PassManager
 from graphopt.core.registry import build_pass
-from graphopt.testing import make_model, op_types, run
+from graphopt.testing import make_model, op_types, run, tiny_cnn
 
 F32 = np.float32
 
@@ -33,23 +33,7 @@ def _mlp() -> onnx.ModelProto:
 
 def _cnn() -> onnx.ModelProto:
     """x[batch, 3, 16, 16] -> Conv(16) -> Relu -> Conv(32) -> Relu -> GAP -> Flatten -> Gemm"""
-    rng = np.random.default_rng(1)
-    nodes = [
-        helper.make_node("Conv", ["x", "W", "b"], ["c"], pads=[1, 1, 1, 1], name="conv1"),
-        helper.make_node("Relu", ["c"], ["r"], name="relu1"),
-        helper.make_node("Conv", ["r", "W2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
-        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
-        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
-        helper.make_node("Gemm", ["f", "Wf", "bf"], ["logits"], transB=1, name="fc"),
-    ]
-    inits = {"W": (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(F32),
-             "b": (rng.standard_normal(16) * 0.1).astype(F32),
-             "W2": (rng.standard_normal((32, 16, 3, 3)) * 0.1).astype(F32),
-             "b2": (rng.standard_normal(32) * 0.1).astype(F32),
-             "Wf": (rng.standard_normal((10, 32)) * 0.3).astype(F32),
-             "bf": np.zeros(10, F32)}
-    return make_model(nodes, {"x": ["batch", 3, 16, 16]}, ["logits"], inits)
+    return tiny_cnn((16, 32))
 
 
 def _feeds(model, n=4, batch=8):
