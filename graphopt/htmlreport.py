@@ -399,7 +399,7 @@ def _spec(p: Mapping[str, Any]) -> str:
     """``name:key=value,...`` with the options that differ from the pass's defaults."""
     import dataclasses
 
-    from .pass_manager import registered_passes
+    from .core.registry import registered_passes
 
     cls = registered_passes().get(p["name"])
     defaults = ({f.name: f.default for f in dataclasses.fields(cls.Config)} if cls else {})

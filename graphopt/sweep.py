@@ -176,7 +176,7 @@ def plan_candidates(model: onnx.ModelProto, budgets: Sequence[Budget], modes: Se
                     ) -> tuple[list[CandidatePlan], list[str]]:
     """Every budget × quantize mode (module doc, 1), and notes on how budgets were met."""
     if available is None:
-        from .pass_manager import registered_passes
+        from .core.registry import registered_passes
 
         available = registered_passes()
     lossless = [p for p in LOSSLESS if p in available]
@@ -284,14 +284,14 @@ def split_feeds(calibration: list[Feed], validation: list[Feed] | None
 
 def _fidelity(original, candidate, feeds, provider) -> dict[str, Any]:
     from .htmlreport import fidelity_summary
-    from .validate import validate
+    from .runtime.validate import validate
 
     result = validate(original, candidate, feeds, providers=provider)
     return fidelity_summary([o.to_dict() for o in result.outputs])
 
 
 def _latency(original, candidate, feeds, provider, threads, timing) -> tuple[float, float]:
-    from .benchmark import benchmark
+    from .runtime.benchmark import benchmark
 
     a = b = 0.0
     for feed in feeds:
@@ -325,15 +325,15 @@ def run_sweep(
     from .analysis.cost import count_cost
     from .api import optimize
     from .htmlreport import kept_units
-    from .model import load, model_size_bytes, save
-    from .pass_manager import PassError
-    from .providers import ProviderOptions, create_session
+    from .ir.model import load, model_size_bytes, save
+    from .errors import PassError
+    from .runtime.providers import ProviderOptions, create_session
 
     original = load(model)
     calib, val, val_note = split_feeds(list(calibration), list(validation or []) or None)
     if not calib:
         raise InputSpecError("no calibration batches given")
-    from .validate import check_feeds
+    from .runtime.validate import check_feeds
 
     check_feeds(original, calib)
     check_feeds(original, val)

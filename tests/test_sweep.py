@@ -19,7 +19,7 @@ from onnx import helper
 import graphopt
 from graphopt.errors import ConfigError
 from graphopt.htmlreport import pareto, render_html
-from graphopt.inputs import generate_inputs
+from graphopt.ir.inputs import generate_inputs
 from graphopt.sweep import (
     Budget,
     parse_budgets,
@@ -227,3 +227,88 @@ def test_candidate_fields_round_trip(swept):
     _, result = swept
     c = result.candidates[0]
     assert set(c.to_dict()) == {f.name for f in dataclasses.fields(c)}
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="session")
+def cli_inputs(tmp_path_factory):
+    from graphopt.data.text import write_feeds
+
+    folder = tmp_path_factory.mktemp("sweep-cli")
+    model = _cnn()
+    graphopt.save(model, folder / "cnn.onnx")
+    write_feeds([generate_inputs(model, {"x": (4, 3, 12, 12)}, seed=i) for i in range(4)],
+                folder / "calib")
+    return folder
+
+
+def _sweep_cli(folder, out, *extra):
+    from graphopt.cli.commands import main
+
+    return main(["sweep", str(folder / "cnn.onnx"), "--calibration", str(folder / "calib"),
+                 "--out", str(out), "--rounds", "2", "--min-time", "0", *extra])
+
+
+def test_cli_sweep_picks_and_writes(cli_inputs, capsys):
+    """The table prints; sweep.json, report.html, the candidates and the picked model (the
+    chosen candidate's bytes) are written."""
+    out = cli_inputs / "out"
+    code = _sweep_cli(cli_inputs, out, "--budget", "macs=1,0.5", "--quantize", "none",
+                      "--pick", "min_cosine=0.5")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "macs=0.5" in captured.out and "pick min_cosine=0.5" in captured.out
+    data = json.loads((out / "sweep.json").read_text())
+    chosen = data["pick"]["chosen"]
+    assert chosen == pick_candidate(data["candidates"], "cosine", 0.5)
+    assert data["pick"]["output"] == str(out / "picked.onnx")
+    path = next(c["path"] for c in data["candidates"] if c["name"] == chosen)
+    assert graphopt.load(out / "picked.onnx").graph == graphopt.load(path).graph
+    assert (out / "report.html").read_text().count("<svg") >= 2
+
+
+def test_cli_sweep_floor_not_met(cli_inputs, capsys):
+    """No candidate meets the floor: the table prints, one error line, exit 1, no pick."""
+    out = cli_inputs / "unmet"
+    code = _sweep_cli(cli_inputs, out, "--budget", "macs=0.5", "--quantize", "dynamic",
+                      "--pick", "min_cosine=0.99999")
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "macs=0.5+dynamic" in captured.out
+    errors = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: no candidate meets")
+    assert (out / "sweep.json").exists() and not (out / "picked.onnx").exists()
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (("--budget", "macs=1,x"), "bad --budget"),
+    (("--quantize", "int4"), "bad --quantize"),
+    (("--pick", "min_cosine"), "bad --pick"),
+    (("--provider", "cuda"), "provider 'cuda'"),  # as far as the session: no GPU here
+    (("--provider", "tensorrt"), "provider 'tensorrt'"),
+])
+def test_cli_sweep_bad_input_one_line_nothing_written(cli_inputs, capsys, extra, fragment):
+    out = cli_inputs / "bad"
+    code = _sweep_cli(cli_inputs, out, *extra)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1 and fragment in err[0] and err[0].startswith("error:")
+    assert not out.exists()
+
+
+def test_cli_optimize_html_report(cli_inputs, tmp_path, capsys):
+    """optimize --report x.html writes the page for one run; .json keeps writing JSON."""
+    from graphopt.cli.commands import main
+
+    src = cli_inputs / "cnn.onnx"
+    html_path, json_path = tmp_path / "run.html", tmp_path / "run.json"
+    for report in (html_path, json_path):
+        code = main(["optimize", str(src), "-o", str(tmp_path / "small.onnx"), "--pass",
+                     "prune-channels:ratio=0.5", "--validate", "--report", str(report)])
+        assert code == 1  # lossy: outside the default tolerance, as documented
+    capsys.readouterr()
+    page = html_path.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 2
+    assert "prune-channels:ratio=0.5" in page
+    assert json.loads(json_path.read_text())["passes"][0]["name"] == "prune-channels"

@@ -17,54 +17,20 @@ import click
 
 from graphopt.errors import ConfigError, GraphoptError
 
+from .common import (  # noqa: F401 - _shapes etc. are used by the commands below
+    _console,
+    _emit_json,
+    _json_default,
+    _shapes,
+    _write_text_atomic,
+    input_shape_option,
+)
+
 logger = logging.getLogger("graphopt")
 
 EXIT_MISMATCH = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 3
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    console = Console(stderr=stderr, highlight=False)
-    if not console.is_terminal:
-        # Piped or captured output: rich would assume 80 columns and truncate names.
-        console = Console(stderr=stderr, highlight=False, width=160)
-    return console
-
-
-def _shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    from graphopt.ir.inputs import parse_input_shapes
-
-    return parse_input_shapes(values)
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=_json_default))
-
-
-def _json_default(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    return str(obj)
-
-
-input_shape_option = click.option(
-    "--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
-    help="Concrete dims for an input, e.g. input_ids:8x128 (repeatable). Only for analysis "
-         "and generated inputs: saved models keep their dynamic dims.",
-)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -154,8 +120,8 @@ def optimize(source: Path, output: Path, recipe: Path | None, pass_specs: tuple[
         save(model, output, external_data=external_data, protect=(source,))
     report.metadata.update({"input": str(source), "output": str(output)})
     if report_path and report_path.suffix.lower() in (".html", ".htm"):
-        from .htmlreport import page_for_run, render_html
-        from .model import load
+        from ..htmlreport import page_for_run, render_html
+        from ..ir.model import load
 
         page = page_for_run(report, load(source, load_external=False), model, model=str(source))
         _write_text_atomic(report_path, render_html(page))
@@ -172,14 +138,6 @@ def optimize(source: Path, output: Path, recipe: Path | None, pass_specs: tuple[
         sys.exit(EXIT_MISMATCH)
     if not report.ok:
         sys.exit(EXIT_MISMATCH)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    from graphopt.ir.model import _atomic_write
-
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder, path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- validate
@@ -396,6 +354,11 @@ def list_passes(as_json: bool) -> None:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
         table.add_row(r["name"], "lossless" if r["lossless"] else "lossy", opts, r["summary"])
     _console().print(table)
+
+
+from .sweep import sweep as _sweep  # noqa: E402 - defined in its own module
+
+cli.add_command(_sweep)
 
 
 # --------------------------------------------------------------------------- entry
