@@ -260,7 +260,8 @@ class PassManager:
                 except Exception as exc:  # noqa: BLE001
                     raise PassError(p.name, f"onnxruntime cannot run the result: {exc}",
                                     before) from exc
-                worst, problem = max_difference(ref, got, p.atol, p.rtol)
+                worst, problem = max_difference(*p.compare_outputs(feed, ref, got), p.atol,
+                                                p.rtol)
                 diff = max(diff, worst)
                 if problem:
                     raise PassError(p.name, f"changed the outputs of a lossless pass: {problem}",

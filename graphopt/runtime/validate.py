@@ -144,6 +144,26 @@ class ValidationResult:
         }
 
 
+def real_token_outputs(outputs: Mapping[str, np.ndarray], mask: np.ndarray,
+                       names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """``outputs`` with the padded tokens (``mask == 0``) of per-token outputs set to 0.
+
+    A per-token output is one whose first two dims are the mask's ``[batch, sequence]``
+    (and, when ``names`` is given, one of ``names``); other outputs are returned as they are.
+    Comparing two models through this compares only the tokens users consume.
+    """
+    mask = np.asarray(mask)
+    out = {}
+    for name, value in outputs.items():
+        value = np.asarray(value)
+        if (names is None or name in names) and mask.ndim == 2 and value.ndim >= 2 and \
+                value.shape[:2] == mask.shape:
+            keep = (mask != 0).reshape(mask.shape + (1,) * (value.ndim - 2))
+            value = np.where(keep, value, np.zeros((), value.dtype))
+        out[name] = value
+    return out
+
+
 def _num(value: float | None) -> float | str | None:
     """JSON-safe float: non-finite values become ``"inf"``, ``"-inf"`` or ``"nan"``."""
     if value is None:

@@ -1,0 +1,330 @@
+"""``unpad-tokens``: run an encoder's token-wise ops on its real tokens only (lossless).
+
+Encoders serve batches padded to the longest sentence (or to a fixed length), and every
+token-wise op (projections, FFN, LayerNorm, GELU, residual adds: nearly all of the FLOPs)
+runs on the padding too. This pass removes that work with standard ONNX ops only, so every
+execution provider runs the result:
+
+1. ``graphopt.analysis.tokens`` finds the attention mask, the stream entry (embeddings,
+   ``[B, S, H]``), the token-wise nodes and where tokens mix (see its module doc); a model
+   it refuses is a skip with the reason, and nothing changes.
+2. Once per run, from the mask: ``pidx = [first real token] ++ NonZero(mask)`` (``T + 1``
+   indices into the flattened ``B·S`` tokens; the leading copy of a real token keeps the
+   packed tensor non-empty when no token is real) and ``rep = CumSum(mask) · mask``
+   (``[B, S]``: the packed row of each real token, 0 for padding).
+3. A ``[B, S, ...]`` tensor that a token-wise node reads is *packed*:
+   ``Unsqueeze(Gather(Reshape(x, [-1, ...]), pidx), 0)``, ``[1, T + 1, ...]`` (the 3-D form
+   keeps onnxruntime's fusions such as SkipLayerNormalization). Token-wise nodes run on
+   packed tensors and produce packed tensors.
+4. Where a packed tensor is read by a node that is not token-wise, it is *re-padded*:
+   ``Gather(Squeeze(p, 0), rep)``. Inside a masked attention block (the Q/K/V head split)
+   padded positions get a copy of a real token, which the mask hides; everywhere else
+   (graph outputs, a pooler's selection) they are zeros. ``Shape`` of a packed tensor
+   (the TorchScript export recomputes batch and sequence from each layer's hidden states)
+   is answered with the padded shape, ``Concat(Shape(mask), Shape(p)[2:])``, with no
+   re-padding.
+5. Outputs keep their names, shapes and dtypes; batch and sequence stay dynamic. On real
+   tokens (``mask != 0``) they equal the original's to float rounding; **padded rows of
+   per-token outputs are zeros** (the original's values there are meaningless). Any mask
+   pattern works: left padding, holes, rows with no real token (all zeros, never NaN).
+6. The mask must hold 0/1 values (non-zero counts as a real token): calibration data whose
+   mask holds other values, or a float mask without calibration data to show its values
+   (an additive 0/-inf mask would be read inverted), is a skip with the reason. Opsets
+   below 13 are skipped (Squeeze/Unsqueeze take axes as inputs from 13 on).
+
+The manager checks the pass like every lossless pass, on real tokens only
+(``compare_outputs``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.analysis.tokens import TokenAnalysis, analyze_tokens
+from graphopt.ir.graph import unique_name
+from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.registry import register
+from graphopt.runtime.validate import real_token_outputs
+
+logger = logging.getLogger(__name__)
+
+_PREFIX = "graphopt_unpad"
+_FLOAT_MASKS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE,
+                TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class UnpadConfig:
+    """``mask``: the attention-mask input (found by the analysis when empty)."""
+
+    mask: str = ""
+
+
+@register
+class UnpadTokens(Pass):
+    """Gather real tokens after the embeddings and run token-wise ops on them only;
+    see the module docstring for the numbered cases."""
+
+    name = "unpad-tokens"
+    Config = UnpadConfig
+    lossless = True
+
+    def __init__(self, config=None, **options):
+        super().__init__(config, **options)
+        self._mask = ""
+        self._zeroed: tuple[str, ...] = ()
+
+    def compare_outputs(self, feed, reference, got):
+        """Real tokens only: padded rows of the re-padded outputs are zeros by design."""
+        if not self._mask or self._mask not in feed:
+            return reference, got
+        return (real_token_outputs(reference, feed[self._mask], self._zeroed),
+                real_token_outputs(got, feed[self._mask], self._zeroed))
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < 13:
+            return _skip(model, f"opset {opset} < 13 (Squeeze/Unsqueeze need axes inputs)")
+        found = analyze_tokens(model, self.config.mask or None)
+        if isinstance(found, str):
+            return _skip(model, found)
+        reason = _mask_values(found, ctx)
+        if reason:
+            return _skip(model, reason)
+        rewrite = _Rewrite(model, found, opset)
+        counters = rewrite.apply()
+        self._mask = found.mask
+        self._zeroed = tuple(rewrite.zeroed_outputs)
+        logger.info("unpad-tokens: %s", counters)
+        return PassResult(model, True, counters)
+
+
+def _skip(model: onnx.ModelProto, reason: str) -> PassResult:
+    return PassResult(model, False, skipped=[Skip("model", reason)])
+
+
+def _mask_values(found: TokenAnalysis, ctx: Context) -> str:
+    feeds = [f for f in (ctx.calibration or []) if found.mask in f]
+    for feed in feeds:
+        values = np.unique(np.asarray(feed[found.mask]))
+        if not np.isin(values, (0, 1)).all():
+            shown = ", ".join(f"{v:g}" for v in values[:6].astype(np.float64))
+            return (f"mask '{found.mask}' is not 0/1-valued in the calibration data "
+                    f"(values {shown}); an additive or weighted mask cannot be unpadded")
+    if found.mask_type in _FLOAT_MASKS and not feeds:
+        return (f"mask '{found.mask}' is a float input: it may be additive (0/-inf); give "
+                "calibration data showing 0/1 values")
+    return ""
+
+
+class _Rewrite:
+    """The rewrite of one analysed model (module doc, 2-4)."""
+
+    def __init__(self, model: onnx.ModelProto, found: TokenAnalysis, opset: int):
+        self.model = model
+        self.graph = model.graph
+        self.found = found
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.taken = {o for n in self.graph.node for o in n.output} | \
+            {i.name for i in self.graph.input} | {t.name for t in self.graph.initializer}
+        self.packed: dict[str, str] = {}  # padded name -> packed name
+        self.rest: dict[str, str] = {}    # packed name -> Shape(p)[2:]
+        self.zeroed_outputs: list[str] = []
+        self.counters = {"tokenwise_nodes": 0, "packs": 0, "repads": 0, "repads_zero": 0,
+                         "shapes_redirected": 0}
+
+    # ----------------------------------------------------------------- building blocks
+    def _name(self, base: str) -> str:
+        return unique_name(f"{_PREFIX}/{base}", self.taken)
+
+    def _const(self, base: str, value) -> str:
+        name = self._name(base)
+        self.nodes.append(helper.make_node(
+            "Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name)))
+        return name
+
+    def _op(self, op: str, inputs: list[str], base: str, output: str | None = None,
+            **attrs) -> str:
+        out = output or self._name(base)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self._name(f"{base}_node"),
+                                           **attrs))
+        return out
+
+    def _indices(self) -> None:
+        mask = self.found.mask
+        if self.found.mask_type == TensorProto.BOOL:
+            self.mask_bool = mask
+        else:
+            self.mask_bool = self._op("Cast", [mask], "mask_bool", to=TensorProto.BOOL)
+        m64 = self._op("Cast", [self.mask_bool], "mask_int", to=TensorProto.INT64)
+        self.shape_bs = self._op("Shape", [mask], "mask_shape")
+        flat = self._op("Reshape", [m64, self._const("minus_one", np.array([-1], np.int64))],
+                        "mask_flat")
+        nz = self._op("NonZero", [flat], "nonzero")
+        nzf = self._op("Reshape", [nz, self._const("minus_one", np.array([-1], np.int64))],
+                       "real_tokens")
+        zero = self._const("zero", np.array([0], np.int64))
+        one = self._const("one", np.array([1], np.int64))
+        first = self._op("Slice", [self._op("Concat", [nzf, zero], "real_or_zero", axis=0),
+                                   zero, one], "first_real")
+        self.pidx = self._op("Concat", [first, nzf], "pack_index", axis=0)
+        cums = self._op("CumSum", [flat, self._const("axis0", np.array(0, np.int64))],
+                        "mask_cumsum")
+        rep = self._op("Mul", [cums, flat], "repad_flat")
+        self.rep = self._op("Reshape", [rep, self.shape_bs], "repad_index")
+        self.axis0 = self._const("axes0", np.array([0], np.int64))
+
+    def _shape_rest(self, tensor: str) -> str:
+        """Shape(tensor)[2:] (cached per tensor)."""
+        if tensor not in self.rest:
+            if self.opset >= 15:
+                self.rest[tensor] = self._op("Shape", [tensor], "rest_shape", start=2)
+            else:
+                full = self._op("Shape", [tensor], "shape")
+                self.rest[tensor] = self._op(
+                    "Slice", [full, self._const("two", np.array([2], np.int64)),
+                              self._const("end", np.array([2**62], np.int64))], "rest_shape")
+        return self.rest[tensor]
+
+    def _pack(self, tensor: str) -> str:
+        if tensor not in self.packed:
+            target = self._op("Concat", [self._const("minus_one", np.array([-1], np.int64)),
+                                         self._shape_rest(tensor)], "flat_shape", axis=0)
+            flat = self._op("Reshape", [tensor, target], "flat")
+            rows = self._op("Gather", [flat, self.pidx], "packed_rows", axis=0)
+            self.packed[tensor] = self._op("Unsqueeze", [rows, self.axis0], "packed")
+            self.counters["packs"] += 1
+        return self.packed[tensor]
+
+    def _repad(self, packed: str, output: str, zero_dtype: int | None, rank: int) -> None:
+        rows = self._op("Squeeze", [packed, self.axis0], "rows")
+        if zero_dtype is None:
+            self._op("Gather", [rows, self.rep], "repad", output=output, axis=0)
+            self.counters["repads"] += 1
+            return
+        padded = self._op("Gather", [rows, self.rep], "repad", axis=0)
+        ones = [1] * (rank - 2)
+        if ones:
+            target = self._op("Concat", [self.shape_bs, self._const(
+                "ones", np.array(ones, np.int64))], "mask_shape_full", axis=0)
+            keep = self._op("Reshape", [self.mask_bool, target], "keep")
+        else:
+            keep = self.mask_bool
+        dtype = helper.tensor_dtype_to_np_dtype(zero_dtype)
+        zero = self._const("zero_value", np.zeros((), dtype))
+        self._op("Where", [keep, padded, zero], "repad_zero", output=output)
+        self.counters["repads_zero"] += 1
+
+    # ----------------------------------------------------------------- the rewrite
+    def apply(self) -> dict[str, int]:
+        graph, found = self.graph, self.found
+        self._indices()
+        tokenwise = set(found.tokenwise)
+        originals = list(graph.node)
+        renamed: dict[str, str] = {}  # original output name -> packed name
+        for idx in found.tokenwise:
+            node = originals[idx]
+            for k, name in enumerate(node.input):
+                if name in renamed:
+                    node.input[k] = renamed[name]
+                elif found.is_token_layout(name):
+                    node.input[k] = self._pack(name)
+            for k, name in enumerate(node.output):
+                if name:
+                    renamed[name] = self._name(f"{name}/packed")
+                    node.output[k] = renamed[name]
+            self.counters["tokenwise_nodes"] += 1
+        types = _elem_types(self.model)
+        outputs = {o.name for o in graph.output}
+        consumers: dict[str, list[int]] = {}
+        for i, node in enumerate(originals):
+            if i in tokenwise:
+                continue
+            for name in node.input:
+                if name in renamed:
+                    consumers.setdefault(name, []).append(i)
+        drop: set[int] = set()
+        for name, packed in renamed.items():
+            users = consumers.get(name, [])
+            shapes = [i for i in users if originals[i].op_type == "Shape"]
+            for i in shapes:
+                self._redirect_shape(originals[i], packed)
+                drop.add(i)
+            others = [i for i in users if i not in drop]
+            if not others and name not in outputs:
+                continue
+            masked = name not in outputs and all(i in found.attention_nodes for i in others)
+            rank = found.ranks.get(name, 3)
+            if masked:
+                self._repad(packed, name, None, rank)
+            else:
+                dtype = types.get(name, TensorProto.FLOAT)
+                self._repad(packed, name, dtype, rank)
+                if name in outputs:
+                    self.zeroed_outputs.append(name)
+        kept = [n for i, n in enumerate(originals) if i not in drop]
+        del graph.node[:]
+        graph.node.extend(_toposort(self.nodes + kept, graph))
+        return self.counters
+
+    def _redirect_shape(self, node: onnx.NodeProto, packed: str) -> None:
+        """``Shape(x)`` of a packed ``x`` -> the padded shape, with the same start/end."""
+        full = self._op("Concat", [self.shape_bs, self._shape_rest(packed)], "padded_shape",
+                        axis=0)
+        start = next((a.i for a in node.attribute if a.name == "start"), 0)
+        end = next((a.i for a in node.attribute if a.name == "end"), None)
+        if start == 0 and end is None:
+            self._op("Identity", [full], "shape", output=node.output[0])
+        else:
+            self._op("Slice", [full, self._const("start", np.array([start], np.int64)),
+                               self._const("end", np.array([end if end is not None else 2**62],
+                                                           np.int64))],
+                     "shape", output=node.output[0])
+        self.counters["shapes_redirected"] += 1
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    from graphopt.analysis.shapes import stripped_copy
+
+    work = stripped_copy(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(work, strict_mode=False)
+    except Exception:  # noqa: BLE001 - then the declared types must do
+        inferred = work
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.type.tensor_type.elem_type:
+            out[vi.name] = vi.type.tensor_type.elem_type
+    return out
+
+
+def _toposort(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Kahn's order over ``nodes`` (new nodes were appended wherever they were made)."""
+    from collections import deque
+
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    pending = [0] * len(nodes)
+    users: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        deps = {producer[x] for x in n.input if x in producer}
+        pending[i] = len(deps)
+        for d in deps:
+            users.setdefault(d, []).append(i)
+    ready = deque(i for i, p in enumerate(pending) if p == 0)
+    order = []
+    while ready:
+        i = ready.popleft()
+        order.append(nodes[i])
+        for u in users.get(i, ()):
+            pending[u] -= 1
+            if pending[u] == 0:
+                ready.append(u)
+    if len(order) != len(nodes):
+        raise RuntimeError("unpad-tokens made a cycle")
+    return order
