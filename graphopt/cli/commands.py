@@ -171,10 +171,13 @@ def _tolerances(values: tuple[str, ...]) -> dict[str, tuple[float, float | None]
               help="Tolerance for one output (repeatable).")
 @click.option("--count", type=click.IntRange(1, 1000), default=2, show_default=True,
               help="How many generated input batches (without --inputs).")
+@click.option("--mask", "mask", default="auto", show_default=True, metavar="NAME|auto|none",
+              help="Attention-mask input: compare per-token outputs on real tokens only "
+                   "(auto: the mask the token analysis finds, if any).")
 @click.option("--json", "as_json", is_flag=True)
 def validate(reference: Path, candidate: Path, inputs_path: Path | None,
              input_shapes: tuple[str, ...], atol: float, rtol: float, tols: tuple[str, ...],
-             count: int, as_json: bool) -> None:
+             count: int, mask: str, as_json: bool) -> None:
     """Compare CANDIDATE's outputs with REFERENCE's; exit 1 when outside tolerance."""
     from graphopt.ir.inputs import load_inputs
     from graphopt.ir.model import load
@@ -184,7 +187,8 @@ def validate(reference: Path, candidate: Path, inputs_path: Path | None,
     cand = load(candidate)
     feeds = load_inputs(inputs_path, ref) if inputs_path else None
     result = run_validation(ref, cand, feeds, input_shapes=_shapes(input_shapes), atol=atol,
-                            rtol=rtol, tolerances=_tolerances(tols) or None, count=count)
+                            rtol=rtol, tolerances=_tolerances(tols) or None, count=count,
+                            mask=_mask_input(ref, mask))
     if as_json:
         _emit_json(result.to_dict())
     else:
@@ -193,6 +197,17 @@ def validate(reference: Path, candidate: Path, inputs_path: Path | None,
         render_validation(_console(), result)
     if not result.ok:
         sys.exit(EXIT_MISMATCH)
+
+
+def _mask_input(model, mask: str) -> str | None:
+    if mask.lower() == "none":
+        return None
+    if mask.lower() != "auto":
+        return mask
+    from .analysis.tokens import analyze_tokens
+
+    found = analyze_tokens(model)
+    return None if isinstance(found, str) else found.mask
 
 
 # --------------------------------------------------------------------------- bench

@@ -120,6 +120,8 @@ def render_validation(console: Console, result: Any) -> None:
             f"atol {row.get('atol'):g}, rtol {row.get('rtol'):g}",
             "[green]yes[/]" if row["ok"] else f"[red]no[/] {row.get('message') or ''}")
     console.print(table)
+    if data.get("mask"):
+        console.print(f"per-token outputs compared on the real tokens of '{data['mask']}'")
     console.print("[green]within tolerance[/]" if data["ok"] else "[red]outside tolerance[/]")
 
 

@@ -112,6 +112,7 @@ class ValidationResult:
     atol: float = 1e-4
     rtol: float = 1e-3
     extra_outputs: list[str] = field(default_factory=list)  # only in the candidate
+    mask: str | None = None  # per-token outputs compared on this mask's real tokens only
 
     @property
     def ok(self) -> bool:
@@ -140,6 +141,7 @@ class ValidationResult:
             "rtol": self.rtol,
             "outputs": [o.to_dict() for o in self.outputs],
             "extra_outputs": list(self.extra_outputs),
+            "mask": self.mask,
             "failed": [o.name for o in self.failed],
         }
 
@@ -385,6 +387,7 @@ def validate(
     count: int = 2,
     seed: int = 0,
     providers: Sequence[OrtProvider] | str = ("CPUExecutionProvider",),
+    mask: str | None = None,
 ) -> ValidationResult:
     """Compare ``candidate`` with ``reference`` output by output (see the module doc).
 
@@ -393,6 +396,9 @@ def validate(
     ``seed``, ``seed + 1``, ...). ``tolerances`` maps output names to ``(atol, rtol)``.
     ``providers``: ORT provider names (short names ``cpu``/``cuda`` work too); a single
     string such as ``"cuda"`` or ``"auto"`` goes through provider detection.
+    ``mask``: an attention-mask input; per-token outputs (``[batch, sequence, ...]``) are
+    then compared on real tokens only (``real_token_outputs``), and generated feeds get
+    ragged masks.
     """
     if atol < 0 or rtol < 0:
         raise ConfigError(f"atol and rtol must be 0 or more, got atol={atol}, rtol={rtol}")
@@ -415,7 +421,8 @@ def validate(
 
     if feeds is None:
         feed_list: list[Feed] = [
-            generate_inputs(ref_model, input_shapes, seed=seed + i) for i in range(count)
+            generate_inputs(ref_model, input_shapes, seed=seed + i, ragged=bool(mask))
+            for i in range(count)
         ]
         shapes = resolve_shapes(ref_model, input_shapes)
     else:
@@ -424,6 +431,9 @@ def validate(
             raise InputSpecError("no input sets given; pass at least one feed dict")
         check_feeds(ref_model, feed_list)
         shapes = {k: tuple(np.shape(v)) for k, v in feed_list[0].items()}
+    if mask and mask not in {s.name for s in input_specs(ref_model)}:
+        raise ConfigError(f"--mask {mask}: the reference has no input named so (inputs: "
+                          f"{', '.join(s.name for s in input_specs(ref_model))})")
 
     ref_session = _session(ref_model, providers, f"reference ({ref_label})")
     cand_session = _session(cand_model, providers, f"candidate ({cand_label})")
@@ -435,6 +445,9 @@ def validate(
         expected = _run(ref_session, feed, "reference")
         got = _run(cand_session, feed, "candidate")
         cand_names = list(got)
+        if mask:
+            expected = real_token_outputs(expected, feed[mask])
+            got = real_token_outputs(got, feed[mask])
         for name, acc in accs.items():
             acc.add(expected[name], got.get(name))
         logger.debug("validated input set %d of %d", i + 1, len(feed_list))
@@ -449,4 +462,5 @@ def validate(
         atol=atol,
         rtol=rtol,
         extra_outputs=[n for n in cand_names if n not in accs],
+        mask=mask,
     )

@@ -240,3 +240,23 @@ def test_no_residual_stream():
     out, report = PassManager([build_pass("unpad-tokens")]).run(model, Context())
     assert report.passes[0].status == "unchanged"
     assert "no residual stream" in report.passes[0].skipped[0].reason
+
+
+def test_cli_optimize_and_validate_on_real_tokens(tmp_path, capsys):
+    """``graphopt optimize --pass unpad-tokens`` then ``graphopt validate``: the mask is
+    found (auto) and only real tokens are compared; ``--mask none`` compares padded rows too
+    and fails; a mask name the model lacks is one error line."""
+    import graphopt
+    from graphopt.cli import main
+
+    src, dst = tmp_path / "enc.onnx", tmp_path / "unpadded.onnx"
+    graphopt.save(_encoder(), src)
+    assert main(["optimize", str(src), "-o", str(dst), "--pass", "unpad-tokens"]) == 0
+    feed = tmp_path / "ragged.npz"
+    np.savez(feed, ids=np.random.default_rng(0).integers(0, 20, (B, S)), mask=ragged_mask())
+    assert main(["validate", str(src), str(dst), "--inputs", str(feed), "--json"]) == 0
+    assert '"mask": "mask"' in capsys.readouterr().out
+    assert main(["validate", str(src), str(dst), "--inputs", str(feed), "--mask", "none"]) == 1
+    assert main(["validate", str(src), str(dst), "--mask", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
