@@ -204,7 +204,7 @@ def _mask_input(model, mask: str) -> str | None:
         return None
     if mask.lower() != "auto":
         return mask
-    from .analysis.tokens import analyze_tokens
+    from ..analysis.tokens import analyze_tokens
 
     found = analyze_tokens(model)
     return None if isinstance(found, str) else found.mask

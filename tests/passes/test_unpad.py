@@ -247,7 +247,7 @@ def test_cli_optimize_and_validate_on_real_tokens(tmp_path, capsys):
     found (auto) and only real tokens are compared; ``--mask none`` compares padded rows too
     and fails; a mask name the model lacks is one error line."""
     import graphopt
-    from graphopt.cli import main
+    from graphopt.cli.commands import main
 
     src, dst = tmp_path / "enc.onnx", tmp_path / "unpadded.onnx"
     graphopt.save(_encoder(), src)
