@@ -38,13 +38,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphopt.analysis.view import (  # noqa: F401 - re-exported: the analysis' vocabulary
-    GraphView,
-    HandlerError,
-    Member,
-    NodeCoupling,
-    Slot,
-)
+import graphopt.analysis.ops  # noqa: F401 - registers the per-op handlers
+from graphopt.analysis.registry import couple_node
+from graphopt.analysis.view import GraphView, Member, NodeCoupling
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +139,6 @@ def analyze(model: onnx.ModelProto,
             input_shapes: Mapping[str, tuple[int, ...]] | None = None,
             shapes: Mapping[str, tuple] | None = None) -> Coupling:
     """Run the coupling analysis (see the module doc)."""
-    from graphopt.analysis.registry import couple_node
 
     view = GraphView(model, shapes, input_shapes)
     cache: dict[int, NodeCoupling] = {}

@@ -13,13 +13,17 @@ attributes (``group``, ``num_heads``), and shape-like constants (Reshape targets
 bounds, Resize sizes, Gather indices). Weights, biases and per-channel constants are sliced
 by the apply engine itself, never here.
 
-The handlers live by family in ``ops_elementwise`` (activations, broadcasting ops,
-normalizations and barriers), ``ops_weights`` (Conv, ConvTranspose, Gemm, MatMul, Gather)
-and ``ops_layout`` (Concat, Split, Slice, Transpose, Reshape family, pooling, reductions,
-Resize, Pad). To support a new op, add one function decorated with ``@handles("OpType")``
-(and ``@rewrites`` if an attribute or shape constant must follow the removal); fused
-attention ops (``ops_attention``) update their ``num_heads`` there. An op without a handler is a barrier
-whose reason names it.
+A rewriter gets the node's ``NodeView`` and an ``Editor`` (the typed interface below; the
+apply engine, ``graphopt.prune.apply``, implements it).
+
+This module is the mechanism only; the handlers live by family in ``graphopt.analysis.ops``
+(importing that package registers them all): ``ops.elementwise`` (activations, broadcasting
+ops, normalizations and barriers), ``ops.weights`` (Conv, ConvTranspose, Gemm, MatMul,
+Gather), ``ops.layout`` (Concat, Split, Slice, Transpose, Reshape family, pooling,
+reductions, Resize, Pad) and ``ops.attention`` (fused attention ops and their ``num_heads``).
+To support a new op, add one function decorated with ``@handles("OpType")`` (and
+``@rewrites`` if an attribute or shape constant must follow the removal; the two may be
+declared in either order). An op without a handler is a barrier whose reason names it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -136,36 +140,61 @@ class NodeView:
         self.nc.seeds.append(m)
 
 
-@dataclass
+class Editor(Protocol):
+    """What a rewriter may do to the model while a removal is applied."""
+
+    def removed(self, m: Member) -> np.ndarray:
+        """The atom indices the removal takes from member ``m`` (sorted; maybe empty)."""
+
+    def set_attr(self, node_idx: int, name: str, value: Any) -> None:
+        """Set (or replace) attribute ``name`` of node ``node_idx``."""
+
+    def remove_attr(self, node_idx: int, name: str) -> None:
+        """Drop attribute ``name`` of node ``node_idx`` if it has one."""
+
+    def set_input(self, node_idx: int, input_idx: int, value: np.ndarray) -> None:
+        """Give input ``input_idx`` of node ``node_idx`` a new constant value (copy-on-write)."""
+
+    def current_input(self, node_idx: int, input_idx: int, default: np.ndarray) -> np.ndarray:
+        """The value ``set_input`` gave that input in this removal, else ``default``."""
+
+
+Rewriter = Callable[[NodeView, Editor], None]
+
+
+@dataclass(frozen=True)
 class Handler:
     couple: Callable[[NodeView], None]
-    rewrite: Callable[[NodeView, Any], None] | None = None
+    rewrite: Rewriter | None = None
 
 
-HANDLERS: dict[tuple[str, str], Handler] = {}
+_COUPLERS: dict[tuple[str, str], Callable[[NodeView], None]] = {}
+_REWRITERS: dict[tuple[str, str], Rewriter] = {}
 
 
 def handles(*ops: str, domain: str = ""):
     """Register a coupling function for op types (``domain`` "" is the ONNX domain)."""
     def deco(fn: Callable[[NodeView], None]):
         for op in ops:
-            HANDLERS[(domain, op)] = Handler(fn)
+            _COUPLERS[(domain, op)] = fn
         return fn
     return deco
 
 
 def rewrites(*ops: str, domain: str = ""):
     """Register the rewriter that fixes an op's attributes/shape constants after a removal."""
-    def deco(fn):
+    def deco(fn: Rewriter):
         for op in ops:
-            HANDLERS[(domain, op)].rewrite = fn
+            _REWRITERS[(domain, op)] = fn
         return fn
     return deco
 
 
 def handler_for(node: onnx.NodeProto) -> Handler | None:
-    domain = "" if node.domain in ("", "ai.onnx") else node.domain
-    return HANDLERS.get((domain, node.op_type))
+    """The node's handler (None: no coupling function is registered for its op)."""
+    key = ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type)
+    couple = _COUPLERS.get(key)
+    return None if couple is None else Handler(couple, _REWRITERS.get(key))
 
 
 def couple_node(view: GraphView, idx: int) -> NodeCoupling:
@@ -187,15 +216,6 @@ def couple_node(view: GraphView, idx: int) -> NodeCoupling:
     return nv.nc
 
 
-def _ax(axis: int, rank: int) -> int:
+def axis_index(axis: int, rank: int) -> int:
+    """A possibly negative ONNX axis attribute as an index into a shape of ``rank``."""
     return axis + rank if axis < 0 else axis
-
-
-# The op modules register their handlers in HANDLERS when imported.
-from graphopt.analysis.ops import (  # noqa: E402,F401
-    attention as ops_attention,
-    elementwise as ops_elementwise,
-    layout as ops_layout,
-    weights as ops_weights,
-)
-

@@ -27,7 +27,9 @@ import onnx
 from onnx import numpy_helper
 
 from graphopt.errors import GraphoptError
-from graphopt.analysis.coupling import Coupling, GraphView, Member, Slot
+from graphopt.analysis.coupling import Coupling
+from graphopt.analysis.registry import NodeView, handler_for
+from graphopt.analysis.view import GraphView, Member, Slot
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +60,9 @@ def removed_atoms(coupling: Coupling, removal: Removal) -> dict[Member, np.ndarr
     return out
 
 
-class _Editor:
-    """Collects node edits and writes constants copy-on-write at ``commit``."""
+class Editor:
+    """Collects node edits and writes constants copy-on-write at ``commit``; what rewriters
+    get (``graphopt.analysis.registry.Editor`` is the interface)."""
 
     def __init__(self, coupling: Coupling, removed: dict[Member, np.ndarray],
                  model: onnx.ModelProto):
@@ -191,7 +194,7 @@ def _reader(model: onnx.ModelProto, coupling: Coupling) -> GraphView:
     return GraphView(model, shapes=coupling.view.shapes)
 
 
-def _const_edits(reader: GraphView, removed: dict[Member, np.ndarray], ed: _Editor) -> None:
+def _const_edits(reader: GraphView, removed: dict[Member, np.ndarray], ed: Editor) -> None:
     per_slot: dict[Slot, list[tuple[int, np.ndarray]]] = {}
     for m, atoms in removed.items():
         if m.slot.is_const and len(atoms):
@@ -220,11 +223,9 @@ def apply_removal(model: onnx.ModelProto, coupling: Coupling, removal: Removal
 
     Returns counters: groups and units pruned, constants sliced.
     """
-    from graphopt.analysis.registry import NodeView, handler_for
-
     _check_same(model, coupling, "apply_removal")
     removed = removed_atoms(coupling, removal)
-    ed = _Editor(coupling, removed, model)
+    ed = Editor(coupling, removed, model)
     _const_edits(_reader(model, coupling), removed, ed)
     for idx in _touched_nodes(coupling, removed):
         handler = handler_for(coupling.view.nodes[idx])
@@ -246,7 +247,7 @@ def mask_units(model: onnx.ModelProto, coupling: Coupling, removal: Removal) -> 
     """
     _check_same(model, coupling, "mask_units")
     removed = removed_atoms(coupling, removal)
-    ed = _Editor(coupling, removed, model)
+    ed = Editor(coupling, removed, model)
     per_slot: dict[Slot, list[tuple[int, np.ndarray]]] = {}
     for gid, units in removal.items():
         group = coupling.group(gid)

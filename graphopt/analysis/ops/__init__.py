@@ -1,0 +1,4 @@
+"""The per-op coupling handlers, by family; importing this package registers them all
+(``graphopt.analysis.registry`` is the mechanism they register with)."""
+
+from graphopt.analysis.ops import attention, elementwise, layout, weights  # noqa: F401

@@ -6,7 +6,7 @@ normalizations over an axis are barriers on it (its indices interact).
 
 from __future__ import annotations
 
-from graphopt.analysis.registry import NodeView, _ax, handles
+from graphopt.analysis.registry import NodeView, axis_index, handles
 
 # =========================================================================== elementwise
 
@@ -81,7 +81,7 @@ def _shape_of(nv: NodeView) -> None:
 @handles("QuantizeLinear", "DequantizeLinear")
 def _quant(nv: NodeView) -> None:
     shape = nv.in_shape(0)
-    axis = _ax(nv.attr("axis", 1), len(shape))
+    axis = axis_index(nv.attr("axis", 1), len(shape))
     for k, d in enumerate(shape):
         nv.link(nv.inp(0, k), nv.out(0, k), d)
     for i in (1, 2):
@@ -132,7 +132,7 @@ def _instance_norm(nv: NodeView) -> None:
          "SkipSimplifiedLayerNormalization", domain="com.microsoft")
 def _layer_norm(nv: NodeView) -> None:
     x = nv.in_shape(0)
-    axis = _ax(nv.attr("axis", -1), len(x))
+    axis = axis_index(nv.attr("axis", -1), len(x))
     skip_inputs = [0, 1] if nv.op.startswith("Skip") else [0]
     for k, d in enumerate(x):
         outs = [nv.out(0, k)]
@@ -176,7 +176,7 @@ def _lrn(nv: NodeView) -> None:
 def _softmax(nv: NodeView) -> None:
     x = nv.in_shape(0)
     old = nv.opset() < 13
-    axis = _ax(nv.attr("axis", 1 if old else -1), len(x))
+    axis = axis_index(nv.attr("axis", 1 if old else -1), len(x))
     for k, d in enumerate(x):
         if k == axis or (old and k > axis):
             reason = f"{nv.label} normalizes over axis {k}"

@@ -10,7 +10,7 @@ import logging
 import numpy as np
 
 from graphopt.analysis.view import GraphView, HandlerError
-from graphopt.analysis.registry import NodeView, _ax, handles, rewrites
+from graphopt.analysis.registry import NodeView, axis_index, handles, rewrites
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 @handles("Concat")
 def _concat(nv: NodeView) -> None:
     out = nv.out_shape(0)
-    axis = _ax(nv.attr("axis"), len(out))
+    axis = axis_index(nv.attr("axis"), len(out))
     offset = 0
     for i in range(len(nv.node.input)):
         s = nv.in_shape(i)
@@ -36,7 +36,7 @@ def _concat(nv: NodeView) -> None:
 @handles("Split")
 def _split(nv: NodeView) -> None:
     x = nv.in_shape(0)
-    axis = _ax(nv.attr("axis", 0), len(x))
+    axis = axis_index(nv.attr("axis", 0), len(x))
     offset = 0
     for o in range(len(nv.node.output)):
         s = nv.out_shape(o)
@@ -53,7 +53,7 @@ def _split(nv: NodeView) -> None:
 @rewrites("Split")
 def _split_rewrite(nv: NodeView, ed) -> None:
     x = nv.in_shape(0)
-    axis = _ax(nv.attr("axis", 0), len(x))
+    axis = axis_index(nv.attr("axis", 0), len(x))
     sizes = []
     changed = False
     for o in range(len(nv.node.output)):
@@ -86,7 +86,7 @@ def _slice_params(nv: NodeView, rank: int):
         axes = np.arange(len(starts) if starts is not None else nv.in_shape(1)[0])
     if steps is None and not nv.has_in(4) and starts is not None:
         steps = np.ones(len(starts), dtype=np.int64)
-    return starts, ends, np.array([_ax(int(a), rank) for a in axes]), steps
+    return starts, ends, np.array([axis_index(int(a), rank) for a in axes]), steps
 
 
 def _norm_bound(v: int, d: int) -> int:
@@ -417,7 +417,7 @@ def _reduce(nv: NodeView) -> None:
             axes = list(nv.attr("axes", []) or [])
         if not axes and not nv.attr("noop_with_empty_axes", 0):
             axes = list(range(len(x)))
-    axes = sorted({_ax(int(a), len(x)) for a in axes})
+    axes = sorted({axis_index(int(a), len(x)) for a in axes})
     for k, d in enumerate(x):
         if k in axes:
             nv.block(nv.inp(0, k), f"{nv.label} reduces over axis {k}")
@@ -455,7 +455,7 @@ def _resize_rewrite(nv: NodeView, ed) -> None:
     new = np.array(sizes, dtype=np.int64).copy()
     changed = False
     for j, k in enumerate(axes):
-        k = _ax(int(k), len(y))
+        k = axis_index(int(k), len(y))
         r = len(ed.removed(nv.out(0, k)))
         if r:
             new[j] = y[k] - r
@@ -479,7 +479,7 @@ def _pad(nv: NodeView) -> None:
         value = nv.const_in(3)
         if value is None:
             raise HandlerError(f"{nv.label} pads axes computed at runtime")
-        axes = [_ax(int(a), rank) for a in value]
+        axes = [axis_index(int(a), rank) for a in value]
     n = len(axes)
     amount = {a: (int(pads[j]), int(pads[j + n])) for j, a in enumerate(axes)}
     for k, d in enumerate(x):

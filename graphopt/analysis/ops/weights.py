@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphopt.analysis.registry import NodeView, _ax, handles, rewrites
+from graphopt.analysis.registry import NodeView, axis_index, handles, rewrites
 
 
 # =========================================================================== weight ops
@@ -160,7 +160,7 @@ def _matmul(nv: NodeView) -> None:
 @handles("Gather")
 def _gather(nv: NodeView) -> None:
     data = nv.in_shape(0)
-    axis = _ax(nv.attr("axis", 0), len(data))
+    axis = axis_index(nv.attr("axis", 0), len(data))
     indices = nv.const_in(1)
     ri = len(nv.in_shape(1))
     for k, d in enumerate(data):
@@ -185,7 +185,7 @@ def _gather(nv: NodeView) -> None:
 @rewrites("Gather")
 def _gather_rewrite(nv: NodeView, ed) -> None:
     data = nv.in_shape(0)
-    axis = _ax(nv.attr("axis", 0), len(data))
+    axis = axis_index(nv.attr("axis", 0), len(data))
     removed = ed.removed(nv.inp(0, axis))
     dropped = ed.removed(nv.out(0, axis))
     if not len(removed) and not len(dropped):
