@@ -14,7 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphopt.ir.inputs import generate_inputs
-from graphopt.runtime.session import ort_session, run_model
+from graphopt.runtime.session import outputs_of
 
 Dims = Sequence[int | str | None]
 
@@ -61,9 +61,7 @@ def make_model(
     return model
 
 
-def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs of ``model`` on ``feeds`` through onnxruntime (CPU)."""
-    return run_model(ort_session(model), feeds)
+run = outputs_of  # outputs of a model on feeds through onnxruntime (CPU)
 
 
 def assert_equivalent(

@@ -191,7 +191,7 @@ def activation_scores(coupling: Coupling, groups: list[Group], feeds) -> dict[in
 def ablation_scores(model: onnx.ModelProto, coupling: Coupling, groups: list[Group],
                     feeds) -> dict[int, np.ndarray]:
     """Relative change of every model output when one unit is masked (one run per unit)."""
-    from graphopt.testing import run
+    from graphopt.runtime.session import outputs_of as run
 
     if not feeds:
         raise ConfigError("ablation importance needs calibration inputs")

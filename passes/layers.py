@@ -35,8 +35,9 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from graphopt.analysis.structure import Block, find_structure, remove_blocks
+from graphopt.analysis.structure import Block, find_structure
 from graphopt.data.calibration import capture
+from graphopt.prune.blocks import remove_blocks
 from graphopt.errors import ConfigError
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register

@@ -24,8 +24,9 @@ Found on the ONNX graph alone, the same way for every exporter:
    (a graph output such as a KV-cache ``present`` tensor, or another layer), and its entry and
    exit shapes agree where known. Tensors that depend on the entry only through ``Shape``
    may leave the block (exporters build masks from ``Shape(embeddings)``): removal keeps them.
-6. ``remove_blocks`` rewires every consumer of an exit (nodes and graph outputs) to the
-   block's entry, following chains of removed neighbours, and deletes what became dead.
+6. ``graphopt.prune.blocks.remove_blocks`` rewires every consumer of an exit (nodes and
+   graph outputs) to the block's entry, following chains of removed neighbours, and deletes
+   what became dead.
 
 ``Block.nodes`` are positions in ``model.graph.node`` of the model that was analysed.
 """
@@ -35,12 +36,11 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import deque
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import onnx
 
-from ..errors import GraphoptError
+from graphopt.errors import GraphoptError
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _subgraph_refs(node: onnx.NodeProto) -> list[str]:
     return refs
 
 
-class _Index:
+class StructureIndex:
     """Producers, consumers, topological positions and static (input-free) tensors."""
 
     def __init__(self, graph: onnx.GraphProto):
@@ -300,7 +300,7 @@ class _Residual:
     post: str  # tensor after a post-norm following the Add ("" when none)
 
 
-def _find_residuals(idx: _Index, shapes: dict[str, tuple]) -> list[_Residual]:
+def _find_residuals(idx: StructureIndex, shapes: dict[str, tuple]) -> list[_Residual]:
     found = []
     spans: dict[int, set[int]] = {}
     for i in idx.order:
@@ -341,7 +341,7 @@ def _find_residuals(idx: _Index, shapes: dict[str, tuple]) -> list[_Residual]:
     return found
 
 
-def _branch_kind(idx: _Index, nodes: set[int]) -> str:
+def _branch_kind(idx: StructureIndex, nodes: set[int]) -> str:
     """"attention", "residual" (conv) or "mlp"; "" when the branch holds no weights."""
     ops = {idx.nodes[i].op_type for i in nodes}
     weighted = any(idx.nodes[i].op_type in WEIGHT_OPS and
@@ -358,7 +358,7 @@ def _branch_kind(idx: _Index, nodes: set[int]) -> str:
     return "mlp"
 
 
-def _passthrough(idx: _Index, tensor: str, shapes: dict[str, tuple]) -> str:
+def _passthrough(idx: StructureIndex, tensor: str, shapes: dict[str, tuple]) -> str:
     """Follow single-consumer ops that keep values: Identity, Dropout, a same-type Cast."""
     current = tensor
     while current not in idx.outputs:
@@ -379,7 +379,7 @@ def _passthrough(idx: _Index, tensor: str, shapes: dict[str, tuple]) -> str:
     return current
 
 
-def _post_norm(idx: _Index, tensor: str, shapes: dict[str, tuple]) -> str:
+def _post_norm(idx: StructureIndex, tensor: str, shapes: dict[str, tuple]) -> str:
     """The output of a normalization applied to ``tensor`` alone, or "" when there is none."""
     current = tensor
     while True:
@@ -399,7 +399,7 @@ def _post_norm(idx: _Index, tensor: str, shapes: dict[str, tuple]) -> str:
     return current if current != tensor else ""
 
 
-def _decomposed_norm(idx: _Index, tensor: str) -> str:
+def _decomposed_norm(idx: StructureIndex, tensor: str) -> str:
     """The end of a decomposed norm applied to ``tensor`` alone, or "".
 
     Walks from post-dominator to post-dominator (``x - mean(x)``, then ``·/sqrt(var+eps)``,
@@ -425,7 +425,7 @@ def _decomposed_norm(idx: _Index, tensor: str) -> str:
     return ""
 
 
-def _post_dominator(idx: _Index, tensor: str) -> tuple[str, set[int]] | None:
+def _post_dominator(idx: StructureIndex, tensor: str) -> tuple[str, set[int]] | None:
     """The nearest tensor every use of ``tensor`` flows into, with the region between."""
     if tensor in idx.outputs or not idx.consumers.get(tensor):
         return None
@@ -535,7 +535,7 @@ def _shape_mismatch(shapes: dict[str, tuple], entry: str, exit_: str) -> str:
     return ""
 
 
-def _make_block(idx: _Index, shapes, index: int, kind: str, entry: str, exit_: str,
+def _make_block(idx: StructureIndex, shapes, index: int, kind: str, entry: str, exit_: str,
                 norm: str) -> Block:
     nodes = idx.between(entry, exit_)
     reason = _shape_mismatch(shapes, entry, exit_) or idx.escapes(nodes, entry, exit_)
@@ -545,7 +545,7 @@ def _make_block(idx: _Index, shapes, index: int, kind: str, entry: str, exit_: s
 
 def find_structure(model: onnx.ModelProto) -> Structure:
     """The residual stream's layers and sub-blocks (see the module doc)."""
-    idx = _Index(model.graph)
+    idx = StructureIndex(model.graph)
     shapes = _inferred_shapes(model)
     residuals = _find_residuals(idx, shapes)
     if not residuals:
@@ -564,66 +564,3 @@ def find_structure(model: onnx.ModelProto) -> Structure:
             layers.append(_make_block(idx, shapes, index, "layer", first[0].skip, last[1], norm))
     logger.debug("found %d layers (%s-norm) and %d sub-blocks", len(layers), style, len(subs))
     return Structure(tuple(layers), tuple(subs), style)
-
-
-# --------------------------------------------------------------------------- removal
-
-
-def remove_blocks(model: onnx.ModelProto, blocks: Sequence[Block]) -> int:
-    """Remove ``blocks`` (found on this very model) in place; return the nodes deleted.
-
-    Consumers of each exit read the block's entry instead (through removed neighbours);
-    a graph output that was an exit becomes an ``Identity`` of the entry.
-    """
-    bad = [b for b in blocks if not b.removable]
-    if bad:
-        raise GraphoptError(f"{bad[0].site} cannot be removed: {bad[0].reason}")
-    graph = model.graph
-    rename = {b.exit: b.entry for b in blocks}
-
-    def resolve(name: str) -> str:
-        seen = set()
-        while name in rename and name not in seen:
-            seen.add(name)
-            name = rename[name]
-        return name
-
-    doomed = {i for b in blocks for i in b.nodes}
-    for node in graph.node:
-        _rename_inputs(node, resolve)
-    graph_outputs = {o.name for o in graph.output}
-    identities = [onnx.helper.make_node("Identity", [resolve(b.exit)], [b.exit],
-                                        name=f"graphopt_removed_{b.kind}_{b.index}")
-                  for b in blocks if b.exit in graph_outputs]
-    # Region nodes that still feed the rest of the graph (shape-only side products) stay.
-    idx = _Index(graph)
-    needed = graph_outputs - {b.exit for b in blocks}
-    needed.update(n for i, ins in enumerate(idx.inputs) if i not in doomed for n in ins)
-    needed.update(n for node in identities for n in node.input)
-    alive = set()
-    for i in sorted(doomed, key=idx.position.__getitem__, reverse=True):
-        if set(graph.node[i].output) & needed:
-            alive.add(i)
-            needed.update(idx.inputs[i])
-    keep = [node for i, node in enumerate(graph.node) if i not in doomed or i in alive]
-    del graph.node[:]
-    graph.node.extend(keep)
-    graph.node.extend(identities)
-    removed = len(doomed) - len(alive)
-    logger.debug("removed %d blocks (%d nodes)", len(blocks), removed)
-    return removed
-
-
-def _rename_inputs(node: onnx.NodeProto, resolve) -> None:
-    for k, name in enumerate(node.input):
-        if name:
-            new = resolve(name)
-            if new != name:
-                node.input[k] = new
-    for attr in node.attribute:
-        graphs: Iterable[onnx.GraphProto] = (
-            [attr.g] if attr.type == onnx.AttributeProto.GRAPH else
-            attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else [])
-        for g in graphs:
-            for inner in g.node:
-                _rename_inputs(inner, resolve)

@@ -145,6 +145,11 @@ def run_model(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
     return dict(zip(names, results))
 
 
+def outputs_of(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of ``model`` on ``feeds`` through a one-off onnxruntime CPU session."""
+    return run_model(ort_session(model), feeds)
+
+
 def max_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], atol: float,
                    rtol: float) -> tuple[float, str | None]:
     """Largest abs difference over shared outputs, and a message for the first mismatch."""
