@@ -137,14 +137,17 @@ class Quantize(Pass):
     Config = QuantizeConfig
     lossless = False
 
-    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        cfg: QuantizeConfig = self.config
+    def check(self, model: onnx.ModelProto, ctx: Context) -> None:
         found = quantized_ops(model)
         if found:
             what = ", ".join(f"{n} {op}" for op, n in sorted(found.items()))
             raise UnsupportedModelError(
-                f"the model is already quantized ({what}); quantize the float model it "
-                "came from")
+                f"pass 'quantize': the model is already quantized ({what}); quantize the "
+                "float model it came from")
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        cfg: QuantizeConfig = self.config
+        self.check(model, ctx)  # a quantize before this one in the same recipe
         skipped: list[Skip] = []
         inputs = [i.name for i in model.graph.input]
         with tempfile.TemporaryDirectory(prefix="graphopt-quantize-") as tmp:

@@ -92,6 +92,11 @@ class Pass:
             raise TypeError("give a config or keyword options, not both")
         self.config = config if config is not None else make_config(self.Config, options, self.name)
 
+    def check(self, model: onnx.ModelProto, ctx: Context) -> None:
+        """Refuse the run before any pass starts (raise a ``GraphoptError`` naming the fix)
+        when this pass can never apply to ``model``, the manager's input: a user error is
+        then one line, with no pass run and nothing rolled back. Default: accept."""
+
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:  # pragma: no cover
         raise NotImplementedError
 

@@ -91,6 +91,8 @@ class PassManager:
         from graphopt.analysis.cost import count_cost
 
         ctx = ctx or Context()
+        for p in self.passes:
+            p.check(model, ctx)
         report = Report()
         done: list[str] = []
         self._known = None
