@@ -23,11 +23,21 @@ execution provider runs the result:
    (the TorchScript export recomputes batch and sequence from each layer's hidden states)
    is answered with the padded shape, ``Concat(Shape(mask), Shape(p)[2:])``, with no
    re-padding.
-5. Outputs keep their names, shapes and dtypes; batch and sequence stay dynamic. On real
+5. Attention runs *row-compacted* when ``compact_plan`` allows it (the default,
+   ``compact=false`` turns it off): at ``[B, L]``, ``L`` the longest row's real-token count,
+   each row's real tokens first. Q/K/V are re-padded into that layout, the mask input and
+   the ``Shape`` of ``[B, S, ...]`` tensors read by attention and its side computations
+   (the mask bias, head-split shapes) are answered with the compact mask and ``[B, L, ...]``,
+   and contexts are packed from it. Keys change order, which attention does not see (float
+   summation order aside). Refused, with the reason as a note, when the sequence length is
+   fixed, a side computation reads a learned table (a position bias) or a tensor computed
+   at the compact length leaves attention other than into a token-wise op; attention then
+   runs at ``S``, as in 4.
+6. Outputs keep their names, shapes and dtypes; batch and sequence stay dynamic. On real
    tokens (``mask != 0``) they equal the original's to float rounding; **padded rows of
    per-token outputs are zeros** (the original's values there are meaningless). Any mask
    pattern works: left padding, holes, rows with no real token (all zeros, never NaN).
-6. The mask must hold 0/1 values (non-zero counts as a real token): calibration data whose
+7. The mask must hold 0/1 values (non-zero counts as a real token): calibration data whose
    mask holds other values, or a float mask without calibration data to show its values
    (an additive 0/-inf mask would be read inverted), is a skip with the reason. Opsets
    below 13 are skipped (Squeeze/Unsqueeze take axes as inputs from 13 on).
@@ -45,7 +55,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.analysis.tokens import TokenAnalysis, analyze_tokens
+from graphopt.analysis.tokens import CompactPlan, TokenAnalysis, analyze_tokens, compact_plan
 from graphopt.ir.graph import unique_name
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
@@ -60,9 +70,11 @@ _FLOAT_MASKS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE,
 
 @dataclass(frozen=True)
 class UnpadConfig:
-    """``mask``: the attention-mask input (found by the analysis when empty)."""
+    """``mask``: the attention-mask input (found by the analysis when empty);
+    ``compact``: run attention at the batch's longest real length (module doc, 5)."""
 
     mask: str = ""
+    compact: bool = True
 
 
 @register
@@ -96,12 +108,14 @@ class UnpadTokens(Pass):
         reason = _mask_values(found, ctx)
         if reason:
             return _skip(model, reason)
-        rewrite = _Rewrite(model, found, opset)
+        plan = compact_plan(model, found) if self.config.compact else "compact=false"
+        notes = [Skip("attention compaction", plan)] if isinstance(plan, str) else []
+        rewrite = _Rewrite(model, found, opset, None if isinstance(plan, str) else plan)
         counters = rewrite.apply()
         self._mask = found.mask
         self._zeroed = tuple(rewrite.zeroed_outputs)
         logger.info("unpad-tokens: %s", counters)
-        return PassResult(model, True, counters)
+        return PassResult(model, True, counters, notes)
 
 
 def _skip(model: onnx.ModelProto, reason: str) -> PassResult:
@@ -125,8 +139,11 @@ def _mask_values(found: TokenAnalysis, ctx: Context) -> str:
 class _Rewrite:
     """The rewrite of one analysed model (module doc, 2-4)."""
 
-    def __init__(self, model: onnx.ModelProto, found: TokenAnalysis, opset: int):
+    def __init__(self, model: onnx.ModelProto, found: TokenAnalysis, opset: int,
+                 plan: CompactPlan | None):
         self.model = model
+        self.plan = plan
+        self.region = plan.region if plan is not None else set()
         self.graph = model.graph
         self.found = found
         self.opset = opset
@@ -137,7 +154,7 @@ class _Rewrite:
         self.rest: dict[str, str] = {}    # packed name -> Shape(p)[2:]
         self.zeroed_outputs: list[str] = []
         self.counters = {"tokenwise_nodes": 0, "packs": 0, "repads": 0, "repads_zero": 0,
-                         "shapes_redirected": 0}
+                         "shapes_redirected": 0, "attention_compacted": int(plan is not None)}
 
     # ----------------------------------------------------------------- building blocks
     def _name(self, base: str) -> str:
@@ -179,6 +196,46 @@ class _Rewrite:
         rep = self._op("Mul", [cums, flat], "repad_flat")
         self.rep = self._op("Reshape", [rep, self.shape_bs], "repad_index")
         self.axis0 = self._const("axes0", np.array([0], np.int64))
+        if self.plan is not None:
+            self._compact_indices(m64, nzf, zero, one)
+
+    def _compact_indices(self, m64: str, nzf: str, zero: str, one: str) -> None:
+        """Row-compact layout ``[B, L]``, ``L`` = the longest row's real tokens (at least 1):
+        ``rep_c`` (packed row of each compact slot, 0 past a row's end), ``pidx_c`` (compact
+        flat slot of each packed row), the compact mask and ``[B, L]``."""
+        one_s = self._const("one_scalar", np.array(1, np.int64))
+        counts = self._op("ReduceSum", [m64, one], "row_counts", keepdims=1)
+        longest = self._op("Max", [self._op("ReduceMax", [counts], "longest_row", keepdims=0),
+                                   one_s], "compact_length")
+        slots = self._op("Range", [self._const("zero_scalar", np.array(0, np.int64)), longest,
+                                   one_s], "slots")
+        row = self._op("Unsqueeze", [slots, self.axis0], "slot_row")
+        cmask = self._op("Less", [row, counts], "compact_mask_bool")
+        offsets = self._op("CumSum", [counts, self._const("axis0", np.array(0, np.int64))],
+                           "row_offsets", exclusive=1)
+        self.rep_c = self._op("Mul", [
+            self._op("Add", [self._op("Add", [offsets, row], "slot_token"), one_s],
+                     "slot_row_packed"),
+            self._op("Cast", [cmask], "compact_mask_int", to=TensorProto.INT64)],
+            "compact_repad_index")
+        rank = self._op("Sub", [self._op("CumSum", [m64, self._const(
+            "axis1", np.array(1, np.int64))], "row_cumsum"), one_s], "rank_in_row")
+        in_row = self._op("Gather", [self._op("Reshape", [rank, self._const(
+            "minus_one", np.array([-1], np.int64))], "rank_flat"), nzf], "token_slot", axis=0)
+        seq = self._op("Gather", [self.shape_bs, one_s], "seq_len", axis=0)
+        slot = self._op("Add", [self._op("Mul", [self._op("Div", [nzf, seq], "token_row"),
+                                                 longest], "row_start"), in_row],
+                        "compact_slot")
+        first = self._op("Slice", [self._op("Concat", [slot, zero], "slot_or_zero", axis=0),
+                                   zero, one], "first_slot")
+        self.pidx_c = self._op("Concat", [first, slot], "compact_pack_index", axis=0)
+        self.shape_bl = self._op("Concat", [
+            self._op("Slice", [self.shape_bs, zero, one], "batch_dim"),
+            self._op("Reshape", [longest, one], "compact_dim")], "compact_shape", axis=0)
+        if self.found.mask_type == TensorProto.BOOL:
+            self.cmask = cmask
+        else:
+            self.cmask = self._op("Cast", [cmask], "compact_mask", to=self.found.mask_type)
 
     def _shape_rest(self, tensor: str) -> str:
         """Shape(tensor)[2:] (cached per tensor)."""
@@ -192,20 +249,23 @@ class _Rewrite:
                               self._const("end", np.array([2**62], np.int64))], "rest_shape")
         return self.rest[tensor]
 
-    def _pack(self, tensor: str) -> str:
+    def _pack(self, tensor: str, compact: bool = False) -> str:
         if tensor not in self.packed:
             target = self._op("Concat", [self._const("minus_one", np.array([-1], np.int64)),
                                          self._shape_rest(tensor)], "flat_shape", axis=0)
             flat = self._op("Reshape", [tensor, target], "flat")
-            rows = self._op("Gather", [flat, self.pidx], "packed_rows", axis=0)
+            rows = self._op("Gather", [flat, self.pidx_c if compact else self.pidx],
+                            "packed_rows", axis=0)
             self.packed[tensor] = self._op("Unsqueeze", [rows, self.axis0], "packed")
             self.counters["packs"] += 1
         return self.packed[tensor]
 
-    def _repad(self, packed: str, output: str, zero_dtype: int | None, rank: int) -> None:
+    def _repad(self, packed: str, output: str, zero_dtype: int | None, rank: int,
+               compact: bool = False) -> None:
         rows = self._op("Squeeze", [packed, self.axis0], "rows")
         if zero_dtype is None:
-            self._op("Gather", [rows, self.rep], "repad", output=output, axis=0)
+            self._op("Gather", [rows, self.rep_c if compact else self.rep], "repad",
+                     output=output, axis=0)
             self.counters["repads"] += 1
             return
         padded = self._op("Gather", [rows, self.rep], "repad", axis=0)
@@ -227,6 +287,7 @@ class _Rewrite:
         self._indices()
         tokenwise = set(found.tokenwise)
         originals = list(graph.node)
+        producer = {o: i for i, n in enumerate(originals) for o in n.output if o}
         renamed: dict[str, str] = {}  # original output name -> packed name
         for idx in found.tokenwise:
             node = originals[idx]
@@ -234,7 +295,7 @@ class _Rewrite:
                 if name in renamed:
                     node.input[k] = renamed[name]
                 elif found.is_token_layout(name):
-                    node.input[k] = self._pack(name)
+                    node.input[k] = self._pack(name, producer.get(name) in self.region)
             for k, name in enumerate(node.output):
                 if name:
                     renamed[name] = self._name(f"{name}/packed")
@@ -250,8 +311,10 @@ class _Rewrite:
                 if name in renamed:
                     consumers.setdefault(name, []).append(i)
         drop: set[int] = set()
+        if self.plan is not None:
+            self._compact_region(originals, renamed, consumers)
         for name, packed in renamed.items():
-            users = consumers.get(name, [])
+            users = [i for i in consumers.get(name, []) if i not in self.region]
             shapes = [i for i in users if originals[i].op_type == "Shape"]
             for i in shapes:
                 self._redirect_shape(originals[i], packed)
@@ -273,19 +336,51 @@ class _Rewrite:
         graph.node.extend(_toposort(self.nodes + kept, graph))
         return self.counters
 
+    def _compact_region(self, originals, renamed, consumers) -> None:
+        """Attention and its side computations at the compact length (module doc, 5)."""
+        plan = self.plan
+        for i, k in plan.mask_reads:
+            originals[i].input[k] = self.cmask
+        answers = {}
+        for i in plan.shape_leaves:
+            leaf = originals[i]
+            x = leaf.input[0]
+            rest = self._shape_rest(renamed.get(x, x))
+            full = self._op("Concat", [self.shape_bl, rest], "compact_full_shape", axis=0)
+            answers[leaf.output[0]] = self._slice_shape(leaf, full, "compact_shape_of")
+        for i in plan.region:
+            node = originals[i]
+            for k, name in enumerate(node.input):
+                if name in answers:
+                    node.input[k] = answers[name]
+        for name, packed in renamed.items():
+            users = [i for i in consumers.get(name, []) if i in plan.region]
+            if users:
+                compact = self._name(f"{name}/compact")
+                self._repad(packed, compact, None, self.found.ranks.get(name, 3), True)
+                for i in users:
+                    node = originals[i]
+                    for k, x in enumerate(node.input):
+                        if x == name:
+                            node.input[k] = compact
+
+    def _slice_shape(self, node: onnx.NodeProto, full: str, base: str,
+                     output: str | None = None) -> str:
+        """``full`` cut as ``node`` (a Shape) cuts with its start/end attributes."""
+        start = next((a.i for a in node.attribute if a.name == "start"), 0)
+        end = next((a.i for a in node.attribute if a.name == "end"), None)
+        if start == 0 and end is None:
+            return self._op("Identity", [full], base, output=output)
+        return self._op("Slice", [full, self._const("start", np.array([start], np.int64)),
+                                  self._const("end", np.array(
+                                      [end if end is not None else 2**62], np.int64))],
+                        base, output=output)
+
     def _redirect_shape(self, node: onnx.NodeProto, packed: str) -> None:
         """``Shape(x)`` of a packed ``x`` -> the padded shape, with the same start/end."""
         full = self._op("Concat", [self.shape_bs, self._shape_rest(packed)], "padded_shape",
                         axis=0)
-        start = next((a.i for a in node.attribute if a.name == "start"), 0)
-        end = next((a.i for a in node.attribute if a.name == "end"), None)
-        if start == 0 and end is None:
-            self._op("Identity", [full], "shape", output=node.output[0])
-        else:
-            self._op("Slice", [full, self._const("start", np.array([start], np.int64)),
-                               self._const("end", np.array([end if end is not None else 2**62],
-                                                           np.int64))],
-                     "shape", output=node.output[0])
+        self._slice_shape(node, full, "shape", node.output[0])
         self.counters["shapes_redirected"] += 1
 
 

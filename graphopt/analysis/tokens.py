@@ -263,3 +263,110 @@ def _is_tokenwise(view: GraphView, idx: int, labelled: list[str],
         if any(lead + a >= 0 and shape[lead + a] != 1 for a in (0, 1)):
             return False
     return True
+
+
+# --------------------------------------------------------------------------- compaction
+
+
+@dataclass
+class CompactPlan:
+    """Attention at the batch's longest real length ``L`` instead of the padded ``S``.
+
+    ``region``: the attention blocks' nodes and their *side* computations (the mask bias,
+    head-split shapes: ancestors of attention nodes that do not come from the token flow).
+    ``shape_leaves``: ``Shape`` nodes of tensors from outside the region whose outputs the
+    region reads (answered with ``[B, L, ...]``). ``mask_reads``: (node, input) pairs of the
+    region that read the mask input (they read the compact mask instead).
+    """
+
+    region: set[int]
+    shape_leaves: set[int]
+    mask_reads: list[tuple[int, int]]
+
+
+def compact_plan(model: onnx.ModelProto, found: TokenAnalysis) -> CompactPlan | str:
+    """Whether the attention blocks can run on row-compacted tokens, or why not.
+
+    Keys are reordered (each row's real tokens first), which attention does not see: the
+    mask bias is recomputed from the compact mask, and nothing may bring the positions in
+    (a side computation reading a learned table, a relative-position bias, is refused),
+    nor may the sequence length be baked into constants (a fixed-length mask is refused).
+    """
+    graph = model.graph
+    nodes = list(graph.node)
+    inits = {t.name for t in graph.initializer}
+    inputs = {vi.name: vi for vi in graph.input if vi.name not in inits}
+    dims = _declared(inputs[found.mask]) or ()
+    if len(dims) == 2 and isinstance(dims[1], int) and dims[1] > 0:
+        return "the sequence length is fixed: constants may hold it"
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for name in n.input:
+            if name:
+                consumers.setdefault(name, []).append(i)
+    static = set(inits)
+    for i, n in enumerate(nodes):
+        if n.op_type == "Constant" or (n.input and all(x in static for x in n.input if x)
+                                       and any(n.input)):
+            static.update(o for o in n.output if o)
+    attention = found.attention_nodes
+    tokenwise = set(found.tokenwise)
+    def token_shaped(x: str) -> bool:
+        return x in found.labels or x == found.entry or (
+            x in inputs and (_declared(inputs[x]) or ())[:2] == dims)
+
+    region = set(attention) - tokenwise
+    leaves = {i for i in region if nodes[i].op_type == "Shape" and
+              producer.get(nodes[i].input[0]) not in region and token_shaped(nodes[i].input[0])}
+    region -= leaves
+    todo = list(region)
+    while todo:
+        i = todo.pop()
+        for name in nodes[i].input:
+            if not name or name in static or name == found.mask:
+                continue
+            p = producer.get(name)
+            if p is None:
+                if name in inputs:
+                    return f"{_label(nodes[i])} reads input '{name}' by value"
+                continue
+            if p in region or p in tokenwise or p in leaves:
+                continue
+            node = nodes[p]
+            if node.op_type == "Shape" and token_shaped(node.input[0]):
+                leaves.add(p)
+                continue
+            if name in found.labels:
+                return (f"{_label(nodes[i])} reads '{name}' ([batch, sequence] hidden "
+                        "states) without packing")
+            if node.op_type == "Size":
+                return f"{_label(node)} counts tokens"
+            for x in node.input:
+                if x in inits:
+                    t = next(t for t in graph.initializer if t.name == x)
+                    if t.data_type in _FLOAT_DATA and int(np.prod(t.dims)) > 1:
+                        return (f"{_label(node)} feeds attention from the learned table "
+                                f"'{x}' (a position bias?)")
+            region.add(p)
+            todo.append(p)
+    outputs = {o.name for o in graph.output}
+    for i in region:
+        for out in nodes[i].output:
+            if out in outputs:
+                return f"'{out}' (computed at the compact length) is a graph output"
+            for c in consumers.get(out, ()):
+                if c not in region and c not in tokenwise and c not in leaves:
+                    return (f"'{out}' (computed at the compact length) is read by "
+                            f"{_label(nodes[c])} outside attention")
+    reads = [(i, k) for i in region for k, name in enumerate(nodes[i].input)
+             if name == found.mask]
+    return CompactPlan(region, leaves, reads)
+
+
+_FLOAT_DATA = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+               onnx.TensorProto.BFLOAT16}
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return f"{node.op_type} '{node.name or node.output[0]}'"

@@ -146,6 +146,7 @@ def test_real_tokens_equal(exported, name, vocab):
     assert entry.counters["tokenwise_nodes"] >= 12 * layers
     if name == "minilm-torchscript":
         assert entry.counters["shapes_redirected"] >= layers
+    assert entry.counters["attention_compacted"] == 1, entry.skipped
     assert_real_tokens_equal(before, after, feeds_for(before, ragged_mask(), vocab))
     assert_real_tokens_equal(before, after, feeds_for(before, ragged_mask(4, 17)[::-1].copy(),
                                                       vocab, seed=1))
@@ -160,7 +161,8 @@ def test_real_tokens_equal(exported, name, vocab):
 #       -> + x -> LN -> FFN (·W1, Relu, ·W2) -> + -> LN -> out [B, S, H]
 
 
-def _encoder(*, mask_in_scores=True, mask_type=TensorProto.INT64, tail=None, hidden=8):
+def _encoder(*, mask_in_scores=True, mask_type=TensorProto.INT64, tail=None, hidden=8,
+             seq="seq", position_bias=False):
     rng = np.random.default_rng(0)
     w = {n: rng.standard_normal(s).astype(np.float32) * 0.3 for n, s in [
         ("E", (20, hidden)), ("Wq", (hidden, hidden)), ("Wk", (hidden, hidden)),
@@ -168,7 +170,8 @@ def _encoder(*, mask_in_scores=True, mask_type=TensorProto.INT64, tail=None, hid
         ("W2", (16, hidden))]}
     w.update(g=np.ones(hidden, np.float32), b=np.zeros(hidden, np.float32),
              one=np.array(1.0, np.float32), big=np.array(-1e4, np.float32),
-             axes1=np.array([1], np.int64))
+             axes1=np.array([1], np.int64), pos=rng.standard_normal(64).astype(np.float32),
+             i0=np.array(0, np.int64), i1=np.array(1, np.int64))
     n = helper.make_node
     nodes = [
         n("Gather", ["E", "ids"], ["emb"]), n("LayerNormalization", ["emb", "g", "b"], ["x"]),
@@ -178,7 +181,9 @@ def _encoder(*, mask_in_scores=True, mask_type=TensorProto.INT64, tail=None, hid
         n("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT),
         n("Sub", ["one", "maskf"], ["inv"]), n("Mul", ["inv", "big"], ["bias2"]),
         n("Unsqueeze", ["bias2", "axes1"], ["bias"]),
-        n("Add", ["scores", "bias" if mask_in_scores else "scores"], ["masked"]),
+        n("Add", ["scores", "bias" if mask_in_scores else "scores"], ["masked0"]),
+        # a learned [S, S] bias (relative positions): position-dependent, like T5's
+        n("Add", ["masked0", "relbias" if position_bias else "zero_bias"], ["masked"]),
         n("Softmax", ["masked"], ["p"], axis=-1), n("MatMul", ["p", "v"], ["ctx"]),
         n("MatMul", ["ctx", "Wo"], ["attn"]), n("Add", ["attn", "x"], ["r1"]),
         n("LayerNormalization", ["r1", "g", "b"], ["h1"]), n("MatMul", ["h1", "W1"], ["f1"]),
@@ -189,15 +194,38 @@ def _encoder(*, mask_in_scores=True, mask_type=TensorProto.INT64, tail=None, hid
     if tail == "mean":  # mean over the sequence, padding included: unbounded mixing
         nodes.append(n("ReduceMean", ["h2"], ["out"], axes=[1], keepdims=0))
         out = "out"
-    inputs = [("ids", ["batch", "seq"], TensorProto.INT64), ("mask", ["batch", "seq"], mask_type)]
+    if position_bias:
+        nodes[:0] = [n("Shape", ["mask"], ["msh"]), n("Gather", ["msh", "i1"], ["slen"]),
+                     n("Range", ["i0", "slen", "i1"], ["positions"]),
+                     n("Gather", ["pos", "positions"], ["relbias"])]  # a bias per key position
+    w["zero_bias"] = np.zeros((1,), np.float32)
+    inputs = [("ids", ["batch", seq], TensorProto.INT64), ("mask", ["batch", seq], mask_type)]
     return make_model(nodes, inputs, [out], w)
 
 
-def test_hand_built_encoder_equal():
-    """The smallest encoder: packed, equal on real tokens, zeros elsewhere."""
-    before, after, entry = unpad(_encoder())
+@pytest.mark.parametrize("compact", [True, False])
+def test_hand_built_encoder_equal(compact):
+    """The smallest encoder, attention compacted or at the padded length: equal on real
+    tokens, zeros elsewhere."""
+    before, after, entry = unpad(_encoder(), compact=compact)
     assert entry.status == "changed", entry.skipped
+    assert entry.counters["attention_compacted"] == int(compact)
     feed = {"ids": np.random.default_rng(0).integers(0, 20, (B, S)), "mask": ragged_mask()}
+    assert_real_tokens_equal(before, after, feed, "mask", atol=1e-5)
+
+
+def test_compaction_refusals_are_notes():
+    """A fixed sequence length, or a learned table feeding the scores (a position bias),
+    keeps attention at the padded length, said in a note; the result is still exact."""
+    fixed = _encoder(seq=S)
+    before, after, entry = unpad(fixed)
+    assert entry.status == "changed" and entry.counters["attention_compacted"] == 0
+    assert "sequence length is fixed" in entry.skipped[0].reason
+    feed = {"ids": np.random.default_rng(0).integers(0, 20, (B, S)), "mask": ragged_mask()}
+    assert_real_tokens_equal(before, after, feed, "mask", atol=1e-5)
+    before, after, entry = unpad(_encoder(position_bias=True))
+    assert entry.counters["attention_compacted"] == 0
+    assert "learned table" in entry.skipped[0].reason
     assert_real_tokens_equal(before, after, feed, "mask", atol=1e-5)
 
 
