@@ -204,7 +204,7 @@ def trace(path: Path, passes: list[str], out: Path) -> None:
     tracer.wrap(graphopt, "save", "save")
     tracer.wrap(pass_manager, "ort_session", "ort_session (write weights + create)")
     if hasattr(pass_manager, "_Snapshot"):  # large models: rollback copy on disk
-        tracer.wrap(pass_manager, "_file_session", "ort session from a snapshot file")
+        tracer.wrap(pass_manager, "file_session", "ort session from a snapshot file")
         tracer.wrap(pass_manager._Snapshot, "__init__", "snapshot write (rollback copy)")
         tracer.wrap(pass_manager._Snapshot, "matches", "snapshot compare (unchanged pass)")
         tracer.wrap(pass_manager._Snapshot, "restore", "snapshot restore (rollback)")

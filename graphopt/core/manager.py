@@ -27,7 +27,7 @@ from graphopt.core.finalize import finalize
 from graphopt.core.report import PassReport, Report
 from graphopt.errors import ConfigError, GraphoptError, PassError
 from graphopt.runtime.session import (
-    _file_session,
+    file_session,
     _Snapshot,
     _weight_bytes,
     check_model,
@@ -226,7 +226,7 @@ class PassManager:
                 reference = known[2]
             else:
                 try:
-                    session = (_file_session(backup.path) if on_disk
+                    session = (file_session(backup.path) if on_disk
                                else ort_session(backup, lean=True))
                     reference = [run_model(session, f) for f in feeds]
                     del session
@@ -247,7 +247,7 @@ class PassManager:
             if on_disk:
                 # Written for the check session, kept as the next pass's rollback copy.
                 self._candidate = self._new_snapshot(out)
-                session = _file_session(self._candidate.path)
+                session = file_session(self._candidate.path)
             else:
                 session = ort_session(out, lean=True)
         except Exception as exc:  # noqa: BLE001

@@ -172,6 +172,28 @@ def max_ir_version() -> int:
     return 7
 
 
+def serialized(model: onnx.ModelProto) -> bytes:
+    """``model``'s bytes with the IR version lowered to what onnxruntime reads; ``model``
+    itself is left as it was."""
+    original = model.ir_version
+    model.ir_version = min(original, max_ir_version())
+    try:
+        return model.SerializeToString()
+    finally:
+        model.ir_version = original
+
+
+ModelLike = PathLike | onnx.ModelProto
+
+
+def as_model(source: ModelLike, label: str = "model") -> tuple[onnx.ModelProto, str]:
+    """``(model, label)``: a ModelProto as given (named ``label``), or a path loaded (named
+    by its path)."""
+    if isinstance(source, onnx.ModelProto):
+        return source, label
+    return load(source), os.fspath(source)
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of weight data held in the proto (external tensors count as 0)."""
     total = 0

@@ -34,13 +34,12 @@ import onnx
 
 from graphopt.errors import ConfigError, InputSpecError
 from graphopt.ir.inputs import Shape, generate_inputs, resolve_shapes
-from graphopt.ir.model import load
+from graphopt.ir.model import ModelLike, as_model
 from graphopt.runtime.providers import SHORT_NAMES, ProviderOptions, create_session
 from graphopt.runtime.validate import check_feeds, check_same_inputs
 
 logger = logging.getLogger(__name__)
 
-ModelLike = str | os.PathLike | onnx.ModelProto
 Feed = Mapping[str, np.ndarray]
 Timer = Callable[[], float]
 
@@ -209,12 +208,6 @@ def _check_run(runner: Callable[[], Any], label: str) -> None:
         ) from exc
 
 
-def _as_model(source: ModelLike, default_label: str) -> tuple[onnx.ModelProto, str]:
-    if isinstance(source, onnx.ModelProto):
-        return source, default_label
-    return load(source), str(source)
-
-
 def pick_feed(
     model: onnx.ModelProto,
     feeds: Sequence[Feed] | Feed | None,
@@ -270,10 +263,10 @@ def benchmark(
         threads=threads, trt_fp16=trt_fp16,
         trt_cache=os.fspath(trt_cache) if trt_cache is not None else None,
     )
-    a_model, a_label = _as_model(model, "model")
+    a_model, a_label = as_model(model, "model")
     b_model = b_label = None
     if vs is not None:
-        b_model, b_label = _as_model(vs, "vs")
+        b_model, b_label = as_model(vs, "vs")
         check_same_inputs(a_model, b_model, "model", "--vs model")
     feed, shapes = pick_feed(a_model, feeds, input_shapes, seed)
 

@@ -30,6 +30,8 @@ from typing import Any
 import onnx
 
 from graphopt.errors import ConfigError, ModelFormatError, ProviderError
+from graphopt.ir.model import serialized
+from graphopt.runtime.session import ort_session_for
 
 logger = logging.getLogger(__name__)
 
@@ -103,45 +105,9 @@ def ort_providers(name: str, options: ProviderOptions | None = None) -> list[Ort
     raise ConfigError(f"unknown provider '{name}'; choose one of {', '.join(ORT_NAMES)}")
 
 
-def _session_options(threads: int | None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    return so
-
-
-def _model_bytes(model: onnx.ModelProto) -> bytes:
-    from graphopt.ir.model import max_ir_version
-
-    original = model.ir_version
-    model.ir_version = min(original, max_ir_version())
-    try:
-        return model.SerializeToString()
-    finally:
-        model.ir_version = original
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else exc.__class__.__name__
-
-
-def ort_session_for(
-    model: onnx.ModelProto | bytes,
-    providers: Sequence[OrtProvider],
-    threads: int | None = None,
-):
-    """A session with exactly ``providers``, ORT's constructor fallback off: a failing EP
-    or a refused model raises onnxruntime's own exception (callers translate it)."""
-    import onnxruntime as ort
-
-    data = model if isinstance(model, bytes) else _model_bytes(model)
-    return ort.InferenceSession(
-        data, _session_options(threads), providers=list(providers), enable_fallback=0
-    )
 
 
 def _cpu_session(data: bytes, threads: int | None, label: str):
@@ -206,7 +172,7 @@ def create_session(
     """
     options = options or ProviderOptions()
     name = check_provider_name(provider)
-    data = _model_bytes(model)
+    data = serialized(model)
     candidates = AUTO_ORDER if name == "auto" else (name,)
     for candidate in candidates:
         if candidate == "cpu":

@@ -1,8 +1,9 @@
-"""onnxruntime plumbing for verification: sessions, output comparison, memory release, and
-on-disk snapshots of large models (the pass manager's rollback copies).
-
-Kept apart from ``pass_manager`` so the pass contract and the manager's control flow read
-on their own; everything here is about running a model once, cheaply and without copies.
+"""Every onnxruntime session graphopt makes, and running models once: ``ort_session`` (an
+in-memory model; ``lean`` for verification without a serialized copy of the weights),
+``ort_session_for`` (exactly the given execution providers, no fallback: what
+``providers.create_session`` probes with), ``file_session`` (a model file), one option set
+(``session_options``); ``run_model``/``outputs_of``, ``max_difference``, ``check_model``,
+memory release, and on-disk snapshots of large models (the pass manager's rollback copies).
 """
 
 from __future__ import annotations
@@ -86,24 +87,41 @@ def ort_session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutio
     """
     import onnxruntime as ort
 
-    from graphopt.ir.model import max_ir_version
+    from graphopt.ir.model import serialized
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
+    options = session_options(threads)
     if lean:
         with tempfile.TemporaryDirectory(prefix="graphopt-verify-",
                                          ignore_cleanup_errors=True) as tmp:
             path = _write_with_external_weights(model, Path(tmp))
             return ort.InferenceSession(str(path), options, providers=list(providers))
-    original = model.ir_version
-    model.ir_version = min(original, max_ir_version())
-    try:
-        data = model.SerializeToString()
-    finally:
-        model.ir_version = original
-    return ort.InferenceSession(data, options, providers=list(providers))
+    return ort.InferenceSession(serialized(model), options, providers=list(providers))
+
+
+def ort_session_for(model: onnx.ModelProto | bytes, providers: Sequence, threads: int | None = None):
+    """A session with exactly ``providers`` (names or ``(name, options)`` pairs), ORT's
+    constructor fallback off: a failing EP or a refused model raises onnxruntime's own
+    exception (callers translate it)."""
+    import onnxruntime as ort
+
+    from graphopt.ir.model import serialized
+
+    data = model if isinstance(model, bytes) else serialized(model)
+    return ort.InferenceSession(
+        data, session_options(threads), providers=list(providers), enable_fallback=0
+    )
+
+
+def session_options(threads: int | None = None):
+    """The options of every session graphopt makes: quiet logs, ``threads`` intra-op threads
+    (None: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
 
 
 def _write_with_external_weights(model: onnx.ModelProto, folder: Path) -> Path:
@@ -212,13 +230,11 @@ def release_memory() -> None:
         trim(0)
 
 
-def _file_session(path: Path):
+def file_session(path: Path):
     """An onnxruntime session on a model file, with the verification sessions' options."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
 
 
 class _Snapshot:

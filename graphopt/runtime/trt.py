@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,7 +48,6 @@ from graphopt.runtime.benchmark import (
     BenchmarkResult,
     Feed,
     LatencyStats,
-    ModelLike,
     Timer,
     check_timing_args,
     interleaved_times,
@@ -57,7 +55,14 @@ from graphopt.runtime.benchmark import (
 )
 from graphopt.errors import ConfigError, GraphoptError, UnsupportedModelError
 from graphopt.ir.inputs import Shape, resolve_shapes
-from graphopt.ir.model import _EXTERNAL_THRESHOLD, load, max_ir_version, save, tensor_bytes
+from graphopt.ir.model import (
+    _EXTERNAL_THRESHOLD,
+    ModelLike,
+    as_model,
+    save,
+    serialized,
+    tensor_bytes,
+)
 from graphopt.runtime.validate import check_same_inputs
 
 logger = logging.getLogger(__name__)
@@ -144,13 +149,7 @@ def _parse(trt, parser, model: onnx.ModelProto, label: str) -> None:
             save(model, path, external_data=True)
             ok = parser.parse_from_file(str(path))
     else:
-        original = model.ir_version
-        model.ir_version = min(original, max_ir_version())
-        try:
-            data = model.SerializeToString()
-        finally:
-            model.ir_version = original
-        ok = parser.parse(data)
+        ok = parser.parse(serialized(model))
     if not ok:
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         first = errors[0] if errors else "no detail"
@@ -180,10 +179,7 @@ def build_engine(
         raise GraphoptError(reason)
     if workspace_mb is not None and workspace_mb < 1:
         raise ConfigError(f"workspace_mb must be 1 or more, got {workspace_mb}")
-    if isinstance(model, onnx.ModelProto):
-        proto = model
-    else:
-        proto, label = load(model), str(model)
+    proto, label = as_model(model, label)
     shapes = resolve_shapes(proto, input_shapes)
     profiles = dict(profiles or {})
     unknown = sorted(set(profiles) - set(shapes))
@@ -444,9 +440,9 @@ def benchmark_tensorrt(
     trt, reason = import_tensorrt()
     if trt is None:
         return Skipped(reason)
-    models = [_as_model(model, "model")]
+    models = [as_model(model, "model")]
     if vs is not None:
-        models.append(_as_model(vs, "vs"))
+        models.append(as_model(vs, "vs"))
         check_same_inputs(models[0][0], models[1][0], "model", "--vs model")
     feed, shapes = pick_feed(models[0][0], feeds, input_shapes, seed)
     device, reason = pick_device()
@@ -492,8 +488,3 @@ def benchmark_tensorrt(
         notes=notes,
     )
 
-
-def _as_model(source: ModelLike, default_label: str) -> tuple[onnx.ModelProto, str]:
-    if isinstance(source, onnx.ModelProto):
-        return source, default_label
-    return load(source), os.fspath(source)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,20 +36,15 @@ import onnx
 
 from graphopt.errors import ConfigError, InputSpecError, ModelFormatError
 from graphopt.ir.inputs import Shape, generate_inputs, input_specs, resolve_shapes
-from graphopt.ir.model import load
-from graphopt.runtime.providers import (
-    OrtProvider,
-    create_session,
-    ort_session_for,
-    resolve_ort_providers,
-)
+from graphopt.ir.model import ModelLike, as_model
+from graphopt.runtime.providers import OrtProvider, create_session, resolve_ort_providers
+from graphopt.runtime.session import ort_session_for
 
 logger = logging.getLogger(__name__)
 
 REL_FLOOR = 1e-3
 _LOGIT_WORDS = ("logit", "score")
 
-ModelLike = str | os.PathLike | onnx.ModelProto
 Feed = Mapping[str, np.ndarray]
 
 
@@ -308,12 +302,6 @@ def _fmt(shape: Sequence[int]) -> str:
 # --------------------------------------------------------------------------- running
 
 
-def _as_model(source: ModelLike) -> tuple[onnx.ModelProto, str]:
-    if isinstance(source, onnx.ModelProto):
-        return source, "model"
-    return load(source), str(source)
-
-
 def check_same_inputs(a: onnx.ModelProto, b: onnx.ModelProto,
                       a_label: str = "reference", b_label: str = "candidate") -> None:
     """Both models take the same input names, else ``InputSpecError`` naming the difference."""
@@ -404,8 +392,8 @@ def validate(
         raise ConfigError(f"atol and rtol must be 0 or more, got atol={atol}, rtol={rtol}")
     if count < 1:
         raise ConfigError(f"count must be 1 or more, got {count}")
-    ref_model, ref_label = _as_model(reference)
-    cand_model, cand_label = _as_model(candidate)
+    ref_model, ref_label = as_model(reference)
+    cand_model, cand_label = as_model(candidate)
     check_same_inputs(ref_model, cand_model)
     ref_outputs = [o.name for o in ref_model.graph.output]
     tolerances = dict(tolerances or {})
