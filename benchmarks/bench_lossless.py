@@ -21,7 +21,7 @@
    is what the model costs; both are given as multiples of the model file's size. The
    target (BERT-base: < 10 s, < 2.5x) is checked against ``peak - base``. CPU time
    (user + system) is given beside the wall time: on a shared machine it moves less.
-4. ``--trace`` runs one measurement with the manager's steps wrapped: seconds and RSS
+4. ``--trace`` runs one measurement observed through the manager's hook (``observers``): seconds and RSS
    before/peak/after of every call, in order, and the step running at the highest RSS.
 """
 
@@ -76,7 +76,7 @@ def build(name: str, path: Path) -> None:
 # --------------------------------------------------------------------------- measurement
 
 
-def measure(path: Path, passes: list[str], out: Path) -> dict:
+def measure(path: Path, passes: list[str], out: Path, observers=()) -> dict:
     """load -> passes -> save in this (fresh) process; returns times and peak RSS."""
     import resource
     import time
@@ -107,7 +107,8 @@ def measure(path: Path, passes: list[str], out: Path) -> dict:
     t1 = time.perf_counter()
     # The pipeline keeps no reference to the loaded proto: the manager may drop it once a
     # pass has replaced it (a caller that keeps it pays one more model size).
-    model, report = PassManager([build_pass(p) for p in run]).run(loaded.pop(), Context())
+    model, report = PassManager([build_pass(p) for p in run], observers=observers).run(
+        loaded.pop(), Context())
     t2 = time.perf_counter()
     graphopt.save(model, out)
     t3 = time.perf_counter()
@@ -137,6 +138,7 @@ class _Tracer:
         self.stats: dict[str, list[float]] = {}  # phase -> [calls, seconds, peak rss]
         self.events: list[tuple] = []  # (depth, phase, rss in, rss out, peak, seconds)
         self.top = (0, "")  # highest sampled RSS and the phases running then
+        self._tokens: list[tuple] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -156,68 +158,80 @@ class _Tracer:
             if rss > self.top[0]:
                 self.top = (rss, " > ".join(self.stack))
 
-    def wrap(self, owner, attr: str, label: str) -> None:
-        import functools
+    def enter(self, label: str) -> tuple:
+        import time
+
+        self.stack.append(label)
+        self.stats.setdefault(label, [0, 0.0, 0])
+        before_peak = self.stats[label][2]
+        self.stats[label][2] = 0
+        return label, time.perf_counter(), self.rss(), before_peak
+
+    def leave(self, token: tuple) -> None:
         import resource
         import time
+
+        label, start, entry_rss, before_peak = token
+        self._note(label, self.rss())
+        call_peak = self.stats[label][2]
+        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.events.append((len(self.stack) - 1, label, entry_rss, self.rss(),
+                            max(call_peak, self.rss()), time.perf_counter() - start, max_rss))
+        self.stats[label][2] = max(before_peak, call_peak)
+        entry = self.stats[label]
+        entry[0] += 1
+        entry[1] += time.perf_counter() - start
+        self.stack.pop()
+
+    def wrap(self, owner, attr: str, label: str) -> None:
+        import functools
 
         original = getattr(owner, attr)
 
         @functools.wraps(original)
         def traced(*args, **kwargs):
-            self.stack.append(label)
-            start = time.perf_counter()
-            entry_rss = self.rss()
-            self.stats.setdefault(label, [0, 0.0, 0])
-            before_peak = self.stats[label][2]
-            self.stats[label][2] = 0
+            token = self.enter(label)
             try:
                 return original(*args, **kwargs)
             finally:
-                self._note(label, self.rss())
-                call_peak = self.stats[label][2]
-                max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-                self.events.append((len(self.stack) - 1, label, entry_rss, self.rss(),
-                                    max(call_peak, self.rss()), time.perf_counter() - start,
-                                    max_rss))
-                self.stats[label][2] = max(before_peak, call_peak)
-                entry = self.stats.setdefault(label, [0, 0.0, 0])
-                entry[0] += 1
-                entry[1] += time.perf_counter() - start
-                self.stack.pop()
+                self.leave(token)
 
         setattr(owner, attr, traced)
+
+    def observe(self, event) -> None:
+        """The manager's observer hook (graphopt.core.observe): one phase per label."""
+        label = _PHASE_LABELS.get(event.phase, event.phase)
+        if event.phase == "run":
+            label = f"pass {event.pass_name}.run"
+        if event.phase == "snapshot":  # a point event: counted, not timed
+            self.leave(self.enter(label))
+        elif event.stage == "start":
+            self._tokens.append(self.enter(label))
+        else:
+            self.leave(self._tokens.pop())
+
+
+_PHASE_LABELS = {
+    "pass": "  manager: all of a pass", "reference": "ort reference (session + run)",
+    "session": "ort session (write weights + create)", "finalize": "finalize (cleanup + shapes)",
+    "checker": "onnx.checker", "compare": "ort run of the result + compare",
+    "snapshot": "snapshot write (rollback copy)", "restore": "restore (rollback)",
+    "cost": "count_cost (shape inference)",
+}
 
 
 def trace(path: Path, passes: list[str], out: Path) -> None:
     """Run ``measure`` with each step of the manager timed and its peak RSS recorded."""
     import graphopt
-    import graphopt.ir.model
-    from graphopt.core import manager as pass_manager
-    from graphopt.analysis import cost, shapes
-    from graphopt.core.registry import registered_passes
+    from graphopt.analysis import shapes
 
     tracer = _Tracer()
     base = tracer.rss()
     size = path.stat().st_size
     tracer.wrap(graphopt, "load", "load")
     tracer.wrap(graphopt, "save", "save")
-    tracer.wrap(pass_manager, "ort_session", "ort_session (write weights + create)")
-    if hasattr(pass_manager, "_Snapshot"):  # large models: rollback copy on disk
-        tracer.wrap(pass_manager, "file_session", "ort session from a snapshot file")
-        tracer.wrap(pass_manager._Snapshot, "__init__", "snapshot write (rollback copy)")
-        tracer.wrap(pass_manager._Snapshot, "matches", "snapshot compare (unchanged pass)")
-        tracer.wrap(pass_manager._Snapshot, "restore", "snapshot restore (rollback)")
-    tracer.wrap(pass_manager, "run_model", "ort run")
-    tracer.wrap(pass_manager, "finalize", "finalize (gs cleanup/toposort + shapes)")
-    tracer.wrap(pass_manager, "check_model", "onnx.checker")
-    tracer.wrap(cost, "count_cost", "count_cost (shape inference)")
-    tracer.wrap(shapes, "infer_shapes", "  infer_shapes (inside the above)")
-    for name, cls in registered_passes().items():
-        if name in passes:
-            tracer.wrap(cls, "run", f"pass {name}.run")
-    tracer.wrap(pass_manager.PassManager, "_run_one", "  manager _run_one (all of a pass)")
-    result = measure(path, passes, out)
+    tracer.wrap(shapes, "infer_shapes", "  infer_shapes (inside finalize/cost)")
+    result = measure(path, passes, out, observers=[tracer.observe])
     tracer.stop.set()
     print(f"model file {size / 2**20:.0f} MB; RSS after imports {base / 2**20:.0f} MB; "
           f"wall {result['wall_s']:.2f} s; peak RSS - base "

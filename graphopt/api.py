@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .analysis.cost import count_cost
 from .errors import ConfigError
 from graphopt.ir.inputs import Shape, check_input_shapes, load_inputs
 from graphopt.ir.model import load
 from graphopt.core.contract import Context
 from graphopt.core.manager import PassManager
+from graphopt.core.observe import Observer
 from graphopt.core.report import Report
 from graphopt.core.recipe import Recipe, load_recipe, passes_from_specs
 from graphopt.core.normalize import normalize
@@ -64,6 +64,7 @@ def optimize(
     verify: bool = True,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    observers: Sequence[Observer] = (),
 ) -> tuple[onnx.ModelProto, Report]:
     """Optimize ``model`` with passes (names, ``"name:key=value"`` strings, Pass objects) or a
     recipe (a ``Recipe`` or a ``.yaml``/``.json`` path); return the new model and a report.
@@ -78,6 +79,7 @@ def optimize(
     4. ``validate=True`` (or a dict of ``graphopt.validate`` keyword options) compares the
        result with the input on the calibration data (else generated inputs) and stores the
        ``ValidationResult`` in ``report.validation``.
+    5. ``observers`` watch the manager's phases (``graphopt.core.observe``).
     """
     recipe = _recipe(passes_or_recipe)
     original = load(model)
@@ -88,16 +90,14 @@ def optimize(
     feeds = _calibration_feeds(calibration, original)
     ctx = Context(input_shapes=shapes or None, calibration=feeds, seed=seed)
     manager = PassManager(recipe.passes, on_error=on_error or recipe.on_error, verify=verify,
-                          progress=progress)
+                          progress=progress, observers=observers)
     work = onnx.ModelProto()
     work.CopyFrom(original)
-    before = count_cost(original, ctx.input_shapes)
     optimized, report = manager.run(work, ctx)
-    after = count_cost(optimized, ctx.input_shapes)
     if normalized:
         report.metadata["normalized"] = normalized
-    report.metadata["cost_before"] = before.to_dict()
-    report.metadata["cost_after"] = after.to_dict()
+    report.metadata["cost_before"] = report.cost_before.to_dict()
+    report.metadata["cost_after"] = report.cost_after.to_dict()
     if validate:
         from graphopt.runtime.validate import validate as run_validation
 

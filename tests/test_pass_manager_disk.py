@@ -1,18 +1,20 @@
-"""The manager's on-disk rollback copy for large models (``_Snapshot``), exercised on a small
-model by lowering the size threshold."""
+"""The manager's on-disk rollback copy for large models (``Snapshot``), exercised on a small
+model with ``rollback="disk"`` (what ``auto`` picks for large models)."""
 
 from __future__ import annotations
+
+import tempfile
 
 import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from graphopt.core import manager as pass_manager
 from graphopt.errors import PassError
 from graphopt.core.contract import Context, Pass, PassResult
 from graphopt.core.manager import PassManager
-from graphopt.runtime.session import _Snapshot
+from graphopt.core.observe import Event
+from graphopt.runtime.session import Snapshot
 from graphopt.testing import make_model, run
 
 
@@ -67,25 +69,26 @@ class _Interrupt(Pass):
 
 @pytest.fixture
 def on_disk(monkeypatch, tmp_path):
-    """Every model takes the on-disk path; temporary folders go to a folder of the test's."""
+    """``disk(passes, ...)`` makes a manager that keeps its rollback copies on disk and
+    records each snapshot written (an observer); temporary folders go to the test's."""
     temp = tmp_path / "temp"
     temp.mkdir()
-    monkeypatch.setattr(pass_manager, "_DISK_ROLLBACK_BYTES", 0)
-    monkeypatch.setattr(pass_manager.tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     writes = []
-    real = _Snapshot.__init__
 
-    def counting(self, model, folder):
-        writes.append(folder)
-        real(self, model, folder)
+    def record(event: Event) -> None:
+        if event.phase == "snapshot":
+            writes.append(event)
 
-    monkeypatch.setattr(_Snapshot, "__init__", counting)
-    return temp, writes
+    def disk(passes, **kwargs):
+        return PassManager(passes, rollback="disk", observers=[record], **kwargs)
+
+    return temp, writes, disk
 
 
 def _in_memory(passes, model, **kwargs):
     """The same run on the in-memory path (the default for a small model)."""
-    return PassManager(passes, **kwargs).run(model, Context())
+    return PassManager(passes, rollback="memory", **kwargs).run(model, Context())
 
 
 def test_snapshot_restores_the_model_exactly(tmp_path):
@@ -94,7 +97,7 @@ def test_snapshot_restores_the_model_exactly(tmp_path):
     model.ir_version = 11
     model.graph.initializer[0].data_location = onnx.TensorProto.DEFAULT
     before = model.SerializeToString()
-    snap = _Snapshot(model, tmp_path / "snap")
+    snap = Snapshot(model, tmp_path / "snap")
     assert model.SerializeToString() == before
     assert [i for i, *_ in snap._spilled] == [0]
     assert snap.restore().SerializeToString() == before
@@ -106,7 +109,7 @@ def test_snapshot_restores_the_model_exactly(tmp_path):
 def test_snapshot_matches_sees_weight_and_graph_edits(tmp_path):
     """matches() is False after an in-place weight edit or a node edit."""
     model = _model()
-    snap = _Snapshot(model, tmp_path / "snap")
+    snap = Snapshot(model, tmp_path / "snap")
     _Scale("s", 2.0).run(model, Context())
     assert not snap.matches(model)
     other = _model()
@@ -115,26 +118,25 @@ def test_snapshot_matches_sees_weight_and_graph_edits(tmp_path):
     assert snap.matches(_model())
 
 
-def test_disk_run_equals_memory_run(on_disk, monkeypatch):
+def test_disk_run_equals_memory_run(on_disk):
     """change, no change, failure, change: same statuses and same result as in memory;
     one snapshot write to start plus one per checked change, and nothing left on disk."""
-    temp, writes = on_disk
+    temp, writes, disk = on_disk
     passes = [_Scale("a-disk-test", 1.0), _Nothing(), _Scale("bad-disk-test", 1.5),
               _Scale("b-disk-test", 1.0)]
-    out, report = PassManager(passes, on_error="continue").run(_model(), Context())
+    out, report = disk(passes, on_error="continue").run(_model(), Context())
     assert [p.status for p in report.passes] == ["changed", "unchanged", "rolled back",
                                                  "changed"]
     assert len(writes) == 4  # start, check a, check bad (discarded), check b
     assert list(temp.iterdir()) == []
-    monkeypatch.setattr(pass_manager, "_DISK_ROLLBACK_BYTES", 2**62)
     expected, _ = _in_memory(passes, _model(), on_error="continue")
     assert out.SerializeToString() == expected.SerializeToString()
 
 
 def test_failing_first_pass_restores_the_input(on_disk):
     """A rolled-back first pass gives back exactly the input model, read from disk."""
-    temp, _ = on_disk
-    out, report = PassManager([_Scale("bad-disk-test", 1.5)], on_error="continue").run(
+    temp, _, disk = on_disk
+    out, report = disk([_Scale("bad-disk-test", 1.5)], on_error="continue").run(
         _model(), Context())
     assert report.passes[0].status == "rolled back"
     assert out.SerializeToString() == _model().SerializeToString()
@@ -143,7 +145,8 @@ def test_failing_first_pass_restores_the_input(on_disk):
 
 def test_unchanged_pass_that_edits_is_undone(on_disk):
     """A pass reporting no change that edited the weights gets the model before it back."""
-    out, report = PassManager([_Scale("liar-disk-test", 3.0, modified=False)]).run(
+    _, _, disk = on_disk
+    out, report = disk([_Scale("liar-disk-test", 3.0, modified=False)]).run(
         _model(), Context())
     assert report.passes[0].status == "unchanged"
     x = {"x": np.ones((2, 64), np.float32)}
@@ -153,21 +156,21 @@ def test_unchanged_pass_that_edits_is_undone(on_disk):
 
 def test_stop_and_interrupt_clean_up(on_disk):
     """on_error='stop' and a KeyboardInterrupt inside a pass leave no temporary files."""
-    temp, _ = on_disk
+    temp, _, disk = on_disk
     with pytest.raises(PassError):
-        PassManager([_Scale("a-disk-test", 1.0), _Scale("bad-disk-test", 1.5)]).run(
+        disk([_Scale("a-disk-test", 1.0), _Scale("bad-disk-test", 1.5)]).run(
             _model(), Context())
     assert list(temp.iterdir()) == []
     with pytest.raises(KeyboardInterrupt):
-        PassManager([_Scale("a-disk-test", 1.0), _Interrupt()]).run(_model(), Context())
+        disk([_Scale("a-disk-test", 1.0), _Interrupt()]).run(_model(), Context())
     assert list(temp.iterdir()) == []
 
 
 def test_disk_run_without_verification(on_disk):
     """verify=False: each pass gets a fresh snapshot (no check files to reuse)."""
-    temp, writes = on_disk
+    temp, writes, disk = on_disk
     passes = [_Scale("a-disk-test", 2.0), _Scale("b-disk-test", 0.5)]
-    out, report = PassManager(passes, verify=False).run(_model(), Context())
+    out, report = disk(passes, verify=False).run(_model(), Context())
     assert [p.status for p in report.passes] == ["changed", "changed"]
     assert len(writes) == 2
     assert list(temp.iterdir()) == []
@@ -175,11 +178,12 @@ def test_disk_run_without_verification(on_disk):
     np.testing.assert_allclose(run(out, x)["y"], run(_model(), x)["y"], rtol=1e-6)
 
 
-def test_small_model_stays_in_memory(monkeypatch):
+def test_small_model_stays_in_memory():
     """Under the threshold no snapshot is written."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("snapshot written for a small model")
+    def refuse(event: Event) -> None:
+        if event.phase == "snapshot":
+            raise AssertionError("snapshot written for a small model")
 
-    monkeypatch.setattr(_Snapshot, "__init__", refuse)
-    _, report = PassManager([_Scale("a-disk-test", 1.0), _Nothing()]).run(_model(), Context())
+    _, report = PassManager([_Scale("a-disk-test", 1.0), _Nothing()],
+                            observers=[refuse]).run(_model(), Context())
     assert [p.status for p in report.passes] == ["changed", "unchanged"]

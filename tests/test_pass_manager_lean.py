@@ -8,10 +8,11 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from graphopt.core import manager as pass_manager
 from graphopt.errors import PassError
 from graphopt.core.contract import Context, Pass, PassResult
+from graphopt.core.finalize import finalize
 from graphopt.core.manager import PassManager
+from graphopt.core.observe import Event
 from graphopt.runtime.session import check_model, ort_session
 from graphopt.testing import make_model, run
 
@@ -77,34 +78,31 @@ class _Nothing(Pass):
         return PassResult(model, modified=False)
 
 
-def _count_sessions(monkeypatch) -> list[int]:
-    calls = []
-    real = pass_manager.ort_session
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pass_manager, "ort_session", counting)
-    return calls
+def _count_sessions(calls: list[int]):
+    """An observer counting the onnxruntime sessions the manager opens."""
+    def observe(event: Event) -> None:
+        if event.phase == "session" and event.stage == "start":
+            calls.append(1)
+    return observe
 
 
-def test_reference_reused_between_passes(monkeypatch):
+def test_reference_reused_between_passes():
     """change, no change, change: one reference session plus one check per change."""
-    calls = _count_sessions(monkeypatch)
+    calls = []
     passes = [_Scale("a-test", 1.0), _Nothing(), _Scale("b-test", 1.0)]
-    _, report = PassManager(passes).run(_model(), Context())
+    _, report = PassManager(passes, observers=[_count_sessions(calls)]).run(_model(), Context())
     assert [p.status for p in report.passes] == ["changed", "unchanged", "changed"]
     assert len(calls) == 3
 
 
-def test_reused_reference_still_catches_a_change(monkeypatch):
+def test_reused_reference_still_catches_a_change():
     """A lossless pass that changes outputs after a reused reference is rolled back."""
-    calls = _count_sessions(monkeypatch)
+    calls = []
     model = _model()
     x = {"x": np.ones((2, 64), np.float32)}
     passes = [_Scale("a-test", 1.0), _Scale("bad-test", 1.5)]
-    out, report = PassManager(passes, on_error="continue").run(model, Context())
+    out, report = PassManager(passes, on_error="continue",
+                              observers=[_count_sessions(calls)]).run(model, Context())
     assert [p.status for p in report.passes] == ["changed", "rolled back"]
     assert "changed the outputs" in report.passes[1].error
     np.testing.assert_allclose(run(out, x)["y"], run(_model(), x)["y"])
@@ -129,7 +127,7 @@ def test_finalize_copy_leaves_input_alone():
     model = _model()
     model.graph.initializer.append(numpy_helper.from_array(np.zeros(4096, np.float32), "dead"))
     before = model.SerializeToString()
-    out = pass_manager.finalize(model)
+    out = finalize(model)
     assert model.SerializeToString() == before
     assert "dead" not in {t.name for t in out.graph.initializer}
     x = {"x": np.ones((2, 64), np.float32)}

@@ -12,11 +12,8 @@ and the checks: the returned model keeps them only when the input had value_info
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,13 +23,12 @@ from graphopt.core.contract import Context, Pass
 from graphopt.core.finalize import finalize
 from graphopt.core.report import PassReport, Report
 from graphopt.errors import ConfigError, GraphoptError, PassError
+from graphopt.core.observe import Event, Observer, Observers
+from graphopt.core.rollback import Kept, Where, rollback_store
 from graphopt.runtime.session import (
-    file_session,
-    _Snapshot,
     _weight_bytes,
     check_model,
     max_difference,
-    ort_session,
     release_memory,
     run_model,
 )
@@ -40,7 +36,8 @@ from graphopt.runtime.session import (
 logger = logging.getLogger(__name__)
 
 
-
+# Below this many bytes of weights the manager does not call release_memory (a full gc pass
+# costs ~0.1 s in a process with torch loaded; small models' copies do not matter).
 _RELEASE_BYTES = 64 * 2**20
 
 
@@ -50,79 +47,75 @@ def _same_feeds(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) 
     )
 
 
-# Models with at least this many bytes of weights keep the copy a failing pass is rolled back
-# to on disk (``_Snapshot``) instead of in memory: one model size less at the peak
-# (BERT-base: 2.95x -> ~2x the file size). Smaller models keep the in-memory copy (faster).
-_DISK_ROLLBACK_BYTES = 64 * 2**20
-
-
 class PassManager:
     """Run passes in order, verify each, roll back failures.
 
     ``on_error``: "stop" raises ``PassError`` after rolling back the failing pass; "continue"
-    records it and goes on with the model from before that pass.
+    records it and goes on with the model from before that pass. ``rollback``: where the
+    copy to roll back to is kept (``graphopt.core.rollback``: "auto" puts large models on
+    disk). ``observers``: callables told about every phase (``graphopt.core.observe``).
     """
 
     def __init__(self, passes: Sequence[Pass], *, on_error: str = "stop", verify: bool = True,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, rollback: Where = "auto",
+                 observers: Sequence[Observer] = ()):
         if on_error not in ("stop", "continue"):
             raise ConfigError(f"on_error must be 'stop' or 'continue', not {on_error!r}")
+        if rollback not in ("auto", "memory", "disk"):
+            raise ConfigError(f"rollback must be 'auto', 'memory' or 'disk', not {rollback!r}")
         self.passes = list(passes)
         self.on_error = on_error
         self.verify = verify
         self.progress = progress
+        self.rollback = rollback
+        self.observers = Observers(observers)
         # (model, feeds, outputs): ORT outputs already computed for a model object, so the
         # next lossless pass's reference needs no second session on the same model.
         self._known: tuple[onnx.ModelProto, list, list] | None = None
-        # The run's temporary folder for on-disk rollback copies, the check files of the
-        # running pass, and a counter naming their folders (see run).
-        self._spill: Path | None = None
-        self._candidate: _Snapshot | None = None
-        self._serial = 0
+        self._store = None
+
+    def add_observer(self, observer: Observer) -> None:
+        self.observers.observers.append(observer)
+
+    def _cost(self, model: onnx.ModelProto, ctx: Context, pass_name: str | None = None):
+        from graphopt.analysis.cost import count_cost
+
+        with self.observers.phase("cost", pass_name):
+            return count_cost(model, ctx.input_shapes)
 
     def run(self, model: onnx.ModelProto, ctx: Context | None = None
             ) -> tuple[onnx.ModelProto, Report]:
         """Run the passes on ``model`` (changed in place or replaced) and report.
 
-        Before each pass the manager keeps the model as it is, to roll back to: a copy in
-        memory, or for models with ``_DISK_ROLLBACK_BYTES`` of weights or more a
-        ``_Snapshot`` in a temporary folder, removed when the run ends however it ends.
+        Before each pass the manager keeps the model as it is, to roll back to (see
+        ``graphopt.core.rollback``); what it writes is removed when the run ends however it
+        ends. ``report.cost_before``/``cost_after`` are the model's params and MACs.
         """
-        from graphopt.analysis.cost import count_cost
-
         ctx = ctx or Context()
         for p in self.passes:
             p.check(model, ctx)
         report = Report()
         done: list[str] = []
         self._known = None
-        cost = count_cost(model, ctx.input_shapes)
-        weights = _weight_bytes(model)
-        large = weights >= _RELEASE_BYTES
+        cost = self._cost(model, ctx)
+        report.cost_before = cost
+        large = _weight_bytes(model) >= _RELEASE_BYTES
         # value_info inferred by finalize() serves the passes and their verification only:
         # kept in a model whose exporter wrote none, it lets onnxruntime apply fusions the
         # original does not get (MiniLM: SkipLayerNormalization, slower on some CPUs), so
         # a no-op run would change the speed. The result has value_info iff the input had.
         keep_value_info = len(model.graph.value_info) > 0
-        self._spill = (Path(tempfile.mkdtemp(prefix="graphopt-rollback-"))
-                       if weights >= _DISK_ROLLBACK_BYTES else None)
-        snapshot: _Snapshot | None = None  # of `model` as it is now, when on disk
+        self._store = store = rollback_store(
+            model, self.rollback, lambda: self.observers.emit(Event("snapshot", "start")))
         try:
             for p in self.passes:
                 if self.progress:
                     self.progress(p.name)
+                self.observers.emit(Event("pass", "start", p.name))
                 entry = PassReport(p.name, config_dict(p.config), p.lossless, "not run",
                                    params_before=cost.params, macs_before=cost.macs)
                 start = time.perf_counter()
-                backup: onnx.ModelProto | _Snapshot
-                if self._spill is None:
-                    backup = onnx.ModelProto()
-                    backup.CopyFrom(model)
-                else:
-                    if snapshot is None:
-                        snapshot = self._new_snapshot(model)
-                    backup = snapshot
-                self._candidate = None
+                backup = store.keep(model)
                 # Outputs known for the model before this pass hold for the backup too.
                 known = (self._known if self._known is not None and self._known[0] is model
                          else None)
@@ -133,16 +126,12 @@ class PassManager:
                     entry.status = "changed" if changed else "unchanged"
                     entry.max_abs_diff = diff
                     if changed:
-                        cost = count_cost(model, ctx.input_shapes)
-                        if snapshot is not None:  # the check's files, if any, are the model's
-                            snapshot.close()
-                            snapshot, self._candidate = self._candidate, None
+                        cost = self._cost(model, ctx, p.name)
+                        store.accept()  # the check's files, if any, are the model's copy
                     elif known is not None:
                         self._known = (model, *known[1:])
                 except PassError as exc:
                     rolled_back = True
-                    if isinstance(backup, onnx.ModelProto):
-                        model = backup
                     entry.status = "rolled back"
                     entry.error = str(exc)
                     logger.warning("%s; rolled back", exc)
@@ -150,17 +139,18 @@ class PassManager:
                         entry.seconds = time.perf_counter() - start
                         entry.params_after, entry.macs_after = cost.params, cost.macs
                         report.passes.append(entry)
+                        report.cost_after = cost
+                        self.observers.emit(Event("pass", "end", p.name, entry.seconds,
+                                                  entry.status))
                         exc.report = report  # type: ignore[attr-defined]
                         raise
                 finally:
-                    if self._candidate is not None:  # the failed pass's check files
-                        self._candidate.close()
-                        self._candidate = None
+                    store.discard()  # the failed pass's check files, if any
                 if rolled_back:
-                    if isinstance(backup, _Snapshot):
+                    with self.observers.phase("restore", p.name):
                         # The failed model is let go of (with the exception's frames) first.
                         model = None
-                        if large:
+                        if large and backup.on_disk:
                             release_memory()
                         model = backup.restore()
                     if known is not None:
@@ -169,6 +159,7 @@ class PassManager:
                 entry.params_after, entry.macs_after = cost.params, cost.macs
                 report.passes.append(entry)
                 done.append(p.name)
+                self.observers.emit(Event("pass", "end", p.name, entry.seconds, entry.status))
                 # Let go of this pass's rollback copy before the next pass makes its own:
                 # held over, it is a third copy of the weights while the next one is made.
                 backup = known = None
@@ -176,35 +167,20 @@ class PassManager:
                     release_memory()
             if not keep_value_info:
                 del model.graph.value_info[:]
+            report.cost_after = cost
             return model, report
         finally:
-            if self._spill is not None:
-                shutil.rmtree(self._spill, ignore_errors=True)
-            self._spill = self._candidate = None
+            store.close()
+            self._store = None
 
-    def _new_snapshot(self, model: onnx.ModelProto) -> _Snapshot:
-        """Write ``model`` to a new folder in this run's temporary folder."""
-        assert self._spill is not None
-        self._serial += 1
-        return _Snapshot(model, self._spill / str(self._serial))
-
-    def _as_before(self, model: onnx.ModelProto, backup: onnx.ModelProto | _Snapshot
-                   ) -> onnx.ModelProto:
-        """The model before a pass that reported no change (which may have edited it all
-        the same): the in-memory copy, or ``model`` itself once compared with the snapshot."""
-        if isinstance(backup, onnx.ModelProto):
-            return backup
-        if backup.matches(model):
-            return model
-        logger.warning("a pass that reported no change changed the model; restored")
-        return backup.restore()
-
-    def _run_one(self, p: Pass, model: onnx.ModelProto, backup: onnx.ModelProto | _Snapshot,
-                 ctx: Context, entry: PassReport, before: tuple[str, ...]
+    def _run_one(self, p: Pass, model: onnx.ModelProto, backup: Kept, ctx: Context,
+                 entry: PassReport, before: tuple[str, ...]
                  ) -> tuple[onnx.ModelProto, bool, float | None]:
         known = self._known if self._known is not None and self._known[0] is model else None
+        phase = self.observers.phase
         try:
-            result = p.run(model, ctx)
+            with phase("run", p.name):
+                result = p.run(model, ctx)
         except GraphoptError as exc:
             raise PassError(p.name, str(exc), before) from exc
         except Exception as exc:  # noqa: BLE001 - a pass bug must not lose the user's model
@@ -213,61 +189,60 @@ class PassManager:
         entry.counters = dict(result.counters)
         entry.skipped = list(result.skipped)
         if not result.modified:
-            return self._as_before(model, backup), False, None
+            return backup.unchanged(model), False, None
         self._known = None  # the model (perhaps the same object) has changed
-        on_disk = isinstance(backup, _Snapshot)
         # The reference is computed only now, for a pass that changed something, and from
         # the outputs the previous pass's check already computed when it can.
-        feeds = (ctx.sample_feeds(backup.outline if on_disk else backup, 1)
-                 if self.verify else [])
+        feeds = ctx.sample_feeds(backup.outline, 1) if self.verify else []
         reference = None
         if self.verify and p.lossless:
             if known is not None and _same_feeds(known[1], feeds):
                 reference = known[2]
             else:
                 try:
-                    session = (file_session(backup.path) if on_disk
-                               else ort_session(backup, lean=True))
-                    reference = [run_model(session, f) for f in feeds]
-                    del session
+                    with phase("reference", p.name):
+                        with phase("session", p.name):
+                            session = backup.reference_session()
+                        reference = [run_model(session, f) for f in feeds]
+                        del session
                 except Exception as exc:  # noqa: BLE001 - the input model itself may not run
                     logger.warning("cannot run the model before '%s' (%s); numeric check "
                                    "skipped", p.name, exc)
         try:
-            out = finalize(result.model, in_place=True)
+            with phase("finalize", p.name):
+                out = finalize(result.model, in_place=True)
         except Exception as exc:  # noqa: BLE001
             raise PassError(p.name, f"cleanup after the pass failed: {exc}", before) from exc
         if not self.verify:
             return out, True, None
         try:
-            check_model(out)
+            with phase("checker", p.name):
+                check_model(out)
         except onnx.checker.ValidationError as exc:
             raise PassError(p.name, f"onnx.checker refused the result: {exc}", before) from exc
         try:
-            if on_disk:
-                # Written for the check session, kept as the next pass's rollback copy.
-                self._candidate = self._new_snapshot(out)
-                session = file_session(self._candidate.path)
-            else:
-                session = ort_session(out, lean=True)
+            with phase("session", p.name):
+                # On disk, written for the check session and kept as the next rollback copy.
+                session = self._store.check_session(out)
         except Exception as exc:  # noqa: BLE001
             raise PassError(p.name, f"onnxruntime cannot load the result: {exc}", before) from exc
         diff = None
         if reference is not None:
             diff = 0.0
             outputs = []
-            for feed, ref in zip(feeds, reference):
-                try:
-                    got = run_model(session, feed)
-                except Exception as exc:  # noqa: BLE001
-                    raise PassError(p.name, f"onnxruntime cannot run the result: {exc}",
-                                    before) from exc
-                worst, problem = max_difference(*p.compare_outputs(feed, ref, got), p.atol,
-                                                p.rtol)
-                diff = max(diff, worst)
-                if problem:
-                    raise PassError(p.name, f"changed the outputs of a lossless pass: {problem}",
-                                    before)
-                outputs.append(got)
+            with phase("compare", p.name):
+                for feed, ref in zip(feeds, reference):
+                    try:
+                        got = run_model(session, feed)
+                    except Exception as exc:  # noqa: BLE001
+                        raise PassError(p.name, f"onnxruntime cannot run the result: {exc}",
+                                        before) from exc
+                    worst, problem = max_difference(*p.compare_outputs(feed, ref, got), p.atol,
+                                                    p.rtol)
+                    diff = max(diff, worst)
+                    if problem:
+                        raise PassError(p.name, "changed the outputs of a lossless pass: "
+                                        f"{problem}", before)
+                    outputs.append(got)
             self._known = (out, feeds, outputs)
         return out, True, diff

@@ -34,8 +34,12 @@ class PassReport:
 @dataclass
 class Report:
     passes: list[PassReport] = field(default_factory=list)
-    validation: Any = None  # graphopt.validate.ValidationResult when asked for
+    validation: Any = None  # graphopt.runtime.validate.ValidationResult when asked for
     metadata: dict[str, Any] = field(default_factory=dict)
+    # graphopt.analysis.cost.Cost of the model before the first pass and after the last,
+    # counted by the manager (once per change).
+    cost_before: Any = None
+    cost_after: Any = None
 
     @property
     def ok(self) -> bool:

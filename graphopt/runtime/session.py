@@ -237,7 +237,7 @@ def file_session(path: Path):
     return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
 
 
-class _Snapshot:
+class Snapshot:
     """A model as it was, kept on disk: the rollback copy of a large model.
 
     The files are the lean sessions' format (``_write_with_external_weights``: ``model.onnx``
