@@ -90,13 +90,15 @@ class UnpadTokens(Pass):
         super().__init__(config, **options)
         self._mask = ""
         self._zeroed: tuple[str, ...] = ()
+        self._selected: dict[str, int] = {}
 
     def compare_outputs(self, feed, reference, got):
         """Real tokens only: padded rows of the re-padded outputs are zeros by design."""
         if not self._mask or self._mask not in feed:
             return reference, got
-        return (real_token_outputs(reference, feed[self._mask], self._zeroed),
-                real_token_outputs(got, feed[self._mask], self._zeroed))
+        mask = np.asarray(feed[self._mask])
+        return tuple(_selected_rows(real_token_outputs(outputs, mask, self._zeroed), mask,
+                                    self._selected) for outputs in (reference, got))
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -110,12 +112,49 @@ class UnpadTokens(Pass):
             return _skip(model, reason)
         plan = compact_plan(model, found) if self.config.compact else "compact=false"
         notes = [Skip("attention compaction", plan)] if isinstance(plan, str) else []
+        self._selected = _selections(model, found)
         rewrite = _Rewrite(model, found, opset, None if isinstance(plan, str) else plan)
         counters = rewrite.apply()
         self._mask = found.mask
         self._zeroed = tuple(rewrite.zeroed_outputs)
         logger.info("unpad-tokens: %s", counters)
         return PassResult(model, True, counters, notes)
+
+
+def _selections(model: onnx.ModelProto, found: TokenAnalysis) -> dict[str, int]:
+    """Graph outputs computed from one selected token (a pooler reading token 0): output ->
+    that token's index. Their rows where the token is padding are meaningless."""
+    graph = model.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    out = {}
+    for output in graph.output:
+        seen, todo, picks = set(), [output.name], set()
+        while todo:
+            name = todo.pop()
+            i = producer.get(name)
+            if i is None or i in seen:
+                continue
+            seen.add(i)
+            if i in found.selections:
+                picks.add(found.selections[i])
+                continue
+            todo.extend(x for x in graph.node[i].input if x)
+        if len(picks) == 1:
+            out[output.name] = picks.pop()
+    return out
+
+
+def _selected_rows(outputs, mask: np.ndarray, selected: dict[str, int]):
+    """Rows of selected-token outputs whose token is padding set to 0 (not compared)."""
+    out = dict(outputs)
+    for name, k in selected.items():
+        value = out.get(name)
+        if value is None or value.ndim < 1 or value.shape[0] != mask.shape[0] or \
+                not -mask.shape[1] <= k < mask.shape[1]:
+            continue
+        keep = (mask[:, k] != 0).reshape((-1,) + (1,) * (value.ndim - 1))
+        out[name] = np.where(keep, value, np.zeros((), value.dtype))
+    return out
 
 
 def _skip(model: onnx.ModelProto, reason: str) -> PassResult:

@@ -79,6 +79,7 @@ class TokenAnalysis:
     attention_blocks: int = 0
     attention_nodes: set[int] = field(default_factory=set)
     ranks: dict[str, int] = field(default_factory=dict)
+    selections: dict[int, int] = field(default_factory=dict)  # Gather node -> token index
 
     def is_token_layout(self, tensor: str) -> bool:
         return self.labels.get(tensor) == {0: "B", 1: "S"}
@@ -218,6 +219,9 @@ def _propagate(view: GraphView, result: TokenAnalysis, in_attention) -> str:
                 return (f"{view.node_label(idx)} mixes tokens outside a masked attention "
                         f"({lost[0]}); the analysis cannot bound it")
             result.mixing[idx] = bound
+            index = view.const(node.input[1]) if node.op_type == "Gather" else None
+            if index is not None and index.size == 1:
+                result.selections[idx] = int(index.reshape(-1)[0])
             continue
         if _is_tokenwise(view, idx, labelled, outs, labels):
             result.tokenwise.append(idx)
