@@ -49,12 +49,18 @@ class ExportError(GraphoptError):
 
 
 class PassError(GraphoptError):
-    """A pass broke an invariant or failed verification.
+    """A pass broke an invariant or failed verification, and was rolled back: exit code 1,
+    or 2 (``user_error``) when the cause was the user's config or input.
 
     Carries the pass name and the passes that ran before it, so a user can reproduce it.
     """
 
-    def __init__(self, pass_name: str, message: str, before: tuple[str, ...] = ()):
+    exit_code = 1
+
+    def __init__(self, pass_name: str, message: str, before: tuple[str, ...] = (), *,
+                 user_error: bool = False):
+        if user_error:
+            self.exit_code = 2
         self.pass_name = pass_name
         self.before = tuple(before)
         after = f" (after {', '.join(before)})" if before else ""

@@ -33,7 +33,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -41,7 +41,7 @@ import onnx
 from graphopt.prune.apply import apply_removal, mask_units
 from graphopt.analysis.coupling import Coupling, Group, analyze
 from graphopt.errors import ConfigError
-from graphopt.prune.importance import check_patterns, group_selected, unit_scores
+from graphopt.prune.importance import check_selection, group_selected, unit_scores
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
 
@@ -64,17 +64,10 @@ class HeadsConfig:
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if not 0.0 <= self.ratio < 1.0:
-            raise ConfigError(f"ratio must be in [0, 1), got {self.ratio}")
-        if self.importance not in IMPORTANCE:
-            raise ConfigError(f"importance must be one of {', '.join(IMPORTANCE)}, "
-                              f"got '{self.importance}'")
-        if self.scope not in ("layer", "global"):
-            raise ConfigError(f"scope must be layer or global, got '{self.scope}'")
+        check_selection(self.ratio, self.importance, IMPORTANCE, self.scope, ("layer", "global"),
+                        self.include, self.exclude)
         if self.min_heads < 1:
             raise ConfigError(f"min_heads must be 1 or more, got {self.min_heads}")
-        check_patterns(self.include, "include")
-        check_patterns(self.exclude, "exclude")
 
 
 @dataclass
@@ -264,7 +257,6 @@ class PruneHeads(Pass):
     name = "prune-heads"
     Config = HeadsConfig
     lossless = False
-    last_plan: ClassVar[HeadsPlan | None] = None
 
     def plan(self, model: onnx.ModelProto, ctx: Context) -> HeadsPlan:
         cfg = self.config
@@ -278,19 +270,20 @@ class PruneHeads(Pass):
                 continue
             if g.kind != "blocks" and g.source_op not in ATTENTION_OPS:
                 if not g.prunable:  # stopped at a fused op it could not see into
-                    plan.skipped.append(Skip(_site(g), g.reason or "not prunable"))
+                    plan.skipped.append(Skip(_site(g), g.reason or "not prunable",
+                                             "not-prunable"))
                 continue
             block = head_block(g)
             plan.blocks.append(block)
-            why = group_selected(g, cfg.include, cfg.exclude)
+            why, code = group_selected(g, cfg.include, cfg.exclude), "excluded"
             if why == "not matched by include":
                 continue
             if why is None and not g.prunable:
-                why = g.reason or "not prunable"
+                why, code = g.reason or "not prunable", "not-prunable"
             if why is None and block.heads <= cfg.min_heads:
-                why = f"only {block.heads} head(s)"
+                why, code = f"only {block.heads} head(s)", "too-small"
             if why is not None:
-                plan.skipped.append(Skip(_site(g), why))
+                plan.skipped.append(Skip(_site(g), why, code))
                 continue
             chosen.append(block)
         if not chosen or cfg.ratio == 0:
@@ -308,8 +301,6 @@ class PruneHeads(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         plan = self.plan(model, ctx)
-        type(self).last_plan = plan
-        self.last_plan = plan
         if plan.removal:
             apply_removal(model, plan.coupling, plan.removal)
         if plan.blocks:
@@ -322,7 +313,7 @@ class PruneHeads(Pass):
                     "blocks_pruned": sum(1 for u in plan.removal.values() if len(u)),
                     "heads_removed": int(removed),
                     "blocks_skipped": len(plan.skipped)}
-        return PassResult(model, bool(plan.removal), counters, plan.skipped)
+        return PassResult(model, bool(plan.removal), counters, plan.skipped, plan)
 
 
 def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:

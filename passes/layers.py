@@ -87,7 +87,7 @@ class PruneLayers(Pass):
             return PassResult(model, False, skipped=[Skip(
                 "model", f"no {cfg.kind} blocks found: no residual Add(x, f(x)) whose branch "
                 "holds weights lies on a stream")])
-        skipped = [Skip(b.site, b.reason) for b in blocks if not b.removable]
+        skipped = [Skip(b.site, b.reason, "not-prunable") for b in blocks if not b.removable]
         wanted = _how_many(cfg, len(blocks))
         if wanted == 0:
             skipped.append(Skip("model", f"ratio {cfg.ratio} of {len(blocks)} {cfg.kind} blocks "

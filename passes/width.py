@@ -30,7 +30,7 @@ from graphopt.analysis.coupling import Coupling, Group, analyze
 from graphopt.errors import ConfigError
 from graphopt.prune.importance import (
     IMPORTANCE,
-    check_patterns,
+    check_selection,
     group_selected,
     select_units,
     unit_scores,
@@ -65,21 +65,14 @@ class WidthConfig:
     max_ratio: float = 0.9
 
     def __post_init__(self):
-        if not 0.0 <= self.ratio < 1.0:
-            raise ConfigError(f"ratio must be in [0, 1), got {self.ratio}")
-        if self.importance not in IMPORTANCE:
-            raise ConfigError(f"importance must be one of {', '.join(IMPORTANCE)}, "
-                              f"got '{self.importance}'")
-        if self.scope not in ("group", "global"):
-            raise ConfigError(f"scope must be group or global, got '{self.scope}'")
+        check_selection(self.ratio, self.importance, IMPORTANCE, self.scope, ("group", "global"),
+                        self.include, self.exclude)
         if self.round_to < 1:
             raise ConfigError(f"round_to must be 1 or more, got {self.round_to}")
         if self.min_keep < 1:
             raise ConfigError(f"min_keep must be 1 or more, got {self.min_keep}")
         if not 0.0 < self.max_ratio < 1.0:
             raise ConfigError(f"max_ratio must be in (0, 1), got {self.max_ratio}")
-        check_patterns(self.include, "include")
-        check_patterns(self.exclude, "exclude")
 
 
 @dataclass
@@ -108,7 +101,6 @@ class _WidthPass(Pass):
     lossless = False
     kind: ClassVar[str] = ""
     unit_name: ClassVar[str] = "units"
-    last_plan: WidthPlan | None = None  # the decision of the latest run (for reports, tests)
 
     def eligible(self, group: Group) -> str | None:
         """None if this pass may prune the group, else the reason it is skipped."""
@@ -124,17 +116,17 @@ class _WidthPass(Pass):
         plan = WidthPlan(coupling)
         chosen = []
         for g in coupling.groups:
-            why = self.eligible(g)
+            why, code = self.eligible(g), "not-prunable"
             if why == "other kind":
                 continue
             if why is None:
-                why = group_selected(g, cfg.include, cfg.exclude)
+                why, code = group_selected(g, cfg.include, cfg.exclude), "excluded"
                 if why == "not matched by include":
                     continue
             if why is None and g.size <= cfg.min_keep:
-                why = f"only {g.size} unit(s)"
+                why, code = f"only {g.size} unit(s)", "too-small"
             if why is not None:
-                plan.skipped.append(Skip(_site(g), why))
+                plan.skipped.append(Skip(_site(g), why, code))
                 continue
             chosen.append(g)
         if not chosen or cfg.ratio == 0:
@@ -149,11 +141,10 @@ class _WidthPass(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         plan = self.plan(model, ctx)
-        self.last_plan = plan
         if plan.removal:
             apply_removal(model, plan.coupling, plan.removal)
         return PassResult(model, bool(plan.removal), plan.counters(self.unit_name),
-                          plan.skipped)
+                          plan.skipped, plan)
 
 
 @register

@@ -5,6 +5,7 @@ one is installed)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 import shutil
@@ -30,6 +31,10 @@ from graphopt.sweep import (
     run_sweep,
 )
 from graphopt.testing import make_model, tiny_cnn
+
+needs_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="the HTML report's plots need matplotlib")
 
 
 def _cnn():
@@ -177,6 +182,7 @@ def test_sweep_measures_every_candidate(swept):
     assert result.original["latency_ms"] > 0 and "held out" in result.validation
 
 
+@needs_matplotlib
 def test_sweep_json_and_html(swept, tmp_path):
     _, result = swept
     data = json.loads(json.dumps(result.to_dict(), default=str))
@@ -251,6 +257,7 @@ def _sweep_cli(folder, out, *extra):
                  "--out", str(out), "--rounds", "2", "--min-time", "0", *extra])
 
 
+@needs_matplotlib
 def test_cli_sweep_picks_and_writes(cli_inputs, capsys):
     """The table prints; sweep.json, report.html, the candidates and the picked model (the
     chosen candidate's bytes) are written."""
@@ -269,6 +276,7 @@ def test_cli_sweep_picks_and_writes(cli_inputs, capsys):
     assert (out / "report.html").read_text().count("<svg") >= 2
 
 
+@needs_matplotlib
 def test_cli_sweep_floor_not_met(cli_inputs, capsys):
     """No candidate meets the floor: the table prints, one error line, exit 1, no pick."""
     out = cli_inputs / "unmet"
@@ -297,6 +305,7 @@ def test_cli_sweep_bad_input_one_line_nothing_written(cli_inputs, capsys, extra,
     assert not out.exists()
 
 
+@needs_matplotlib
 def test_cli_optimize_html_report(cli_inputs, tmp_path, capsys):
     """optimize --report x.html writes the page for one run; .json keeps writing JSON."""
     from graphopt.cli.commands import main

@@ -23,18 +23,30 @@ from graphopt.core.config import make_config
 
 @dataclass(frozen=True)
 class Skip:
-    """A site a pass looked at and left alone, with the reason."""
+    """A site a pass looked at and left alone: the reason for people, and a ``code`` for
+    programs (one of ``SKIP_CODES``) so nothing has to parse the text."""
 
     site: str
     reason: str
+    code: str = "unsupported"
+
+
+# excluded: the user's include/exclude left it out; not-prunable: the analysis refused it
+# (the reason says why); too-small: at or under the pass's minimum; unsupported: the pass
+# cannot handle this site (op, pattern, dtype).
+SKIP_CODES = ("excluded", "not-prunable", "too-small", "unsupported")
 
 
 @dataclass
 class PassResult:
+    """What a pass returns. ``plan`` is the pass's decision as data (what it chose to remove
+    and why), for reports and tests; the manager keeps it in the pass's ``PassReport``."""
+
     model: onnx.ModelProto
     modified: bool
     counters: dict[str, int] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
+    plan: Any = None
 
 
 @dataclass

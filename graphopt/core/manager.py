@@ -22,7 +22,7 @@ from graphopt.core.config import config_dict
 from graphopt.core.contract import Context, Pass
 from graphopt.core.finalize import finalize
 from graphopt.core.report import PassReport, Report
-from graphopt.errors import ConfigError, GraphoptError, PassError
+from graphopt.errors import ConfigError, GraphoptError, InputSpecError, PassError
 from graphopt.core.observe import Event, Observer, Observers
 from graphopt.core.rollback import Kept, Where, rollback_store
 from graphopt.runtime.session import (
@@ -182,12 +182,17 @@ class PassManager:
             with phase("run", p.name):
                 result = p.run(model, ctx)
         except GraphoptError as exc:
-            raise PassError(p.name, str(exc), before) from exc
+            # A user's config or input problem found mid-run (an index out of range, a file
+            # that does not read) keeps the user-error exit code 2; a pass that fails
+            # verification exits 1.
+            raise PassError(p.name, str(exc), before,
+                            user_error=isinstance(exc, (ConfigError, InputSpecError))) from exc
         except Exception as exc:  # noqa: BLE001 - a pass bug must not lose the user's model
             logger.debug("pass %s crashed", p.name, exc_info=True)
             raise PassError(p.name, f"crashed: {exc.__class__.__name__}: {exc}", before) from exc
         entry.counters = dict(result.counters)
         entry.skipped = list(result.skipped)
+        entry.plan = result.plan
         if not result.modified:
             return backup.unchanged(model), False, None
         self._known = None  # the model (perhaps the same object) has changed

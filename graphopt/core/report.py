@@ -24,9 +24,12 @@ class PassReport:
     macs_before: int = 0
     macs_after: int = 0
     max_abs_diff: float | None = None
+    plan: Any = field(default=None, repr=False)  # the pass's PassResult.plan (not serialized)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "plan"}
+        d["config"] = dict(self.config)
+        d["counters"] = dict(self.counters)
         d["skipped"] = [dataclasses.asdict(s) for s in self.skipped]
         return d
 

@@ -162,6 +162,20 @@ def check_patterns(patterns: Sequence[str], option: str) -> None:
                 raise ConfigError(f"{option}: bad regular expression '{p[3:]}': {exc}") from None
 
 
+def check_selection(ratio: float, importance: str, known: Sequence[str], scope: str,
+                    scopes: Sequence[str], include: Sequence[str], exclude: Sequence[str]
+                    ) -> None:
+    """The options every pruning config shares, or ``ConfigError`` naming the bad one."""
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"ratio must be in [0, 1), got {ratio}")
+    if importance not in known:
+        raise ConfigError(f"importance must be one of {', '.join(known)}, got '{importance}'")
+    if scope not in scopes:
+        raise ConfigError(f"scope must be {' or '.join(scopes)}, got '{scope}'")
+    check_patterns(include, "include")
+    check_patterns(exclude, "exclude")
+
+
 def group_selected(group: Group, include: Sequence[str], exclude: Sequence[str]) -> str | None:
     """None if the group's source nodes pass include/exclude, else why not."""
     names = group.source_nodes or (group.source,)

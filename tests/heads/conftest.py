@@ -172,7 +172,7 @@ def masked_heads(model: onnx.ModelProto, options: dict | None = None, *, ctx=Non
     pass_obj = build_pass("prune-heads", options or {"ratio": 0.5})
     pruned, report = PassManager([pass_obj]).run(copy_model(model), ctx)
     assert report.ok, report.passes[0].error
-    plan = pass_obj.last_plan
+    plan = report.passes[0].plan
     assert plan.removal, f"nothing pruned; skipped: {plan.skipped}"
     masked = copy_model(model)
     mask_units(masked, plan.coupling, plan.removal)

@@ -20,8 +20,8 @@ def test_mha_exports_masked_equivalence(family, hf_model, oracle, meta):
 def test_llama_gqa_rope_prunes_whole_kv_groups(hf_model, oracle, meta):
     """LLaMA-style (GQA 4 q / 2 kv heads, RoPE, SwiGLU): a whole KV group goes per layer."""
     model = hf_model("llama")
-    pruned, _, p = oracle(model, {"ratio": 0.5})
-    blocks = p.last_plan.blocks
+    pruned, report, p = oracle(model, {"ratio": 0.5})
+    blocks = report.passes[0].plan.blocks
     assert [b.heads_per_unit for b in blocks] == [2, 2]
     assert [b.head_dim for b in blocks] == [8, 8]
     m = meta(pruned)

@@ -59,8 +59,8 @@ def masked_equivalence(model: onnx.ModelProto, removal: Mapping[int, np.ndarray]
         work = copy_model(model)
         pruned, report = PassManager([pass_obj]).run(work, ctx)
         assert report.ok, report.passes[0].error
-        coupling = pass_obj.last_plan.coupling
-        removal = pass_obj.last_plan.removal
+        coupling = report.passes[0].plan.coupling
+        removal = report.passes[0].plan.removal
     else:
         coupling = analyze(copy_model(model), ctx.input_shapes)
         pruned = copy_model(model)

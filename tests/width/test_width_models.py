@@ -10,6 +10,8 @@ from graphopt.analysis.cost import count_cost
 from graphopt.core.contract import Context
 from graphopt.passes.width import PruneChannels, PruneNeurons
 
+pytest.importorskip("torch", reason="these models are built and exported with torch")
+
 
 def _prune(wt, model, cls, ctx=None, **options):
     pruned, report, removal = wt.masked_equivalence(model, pass_obj=cls(**options), ctx=ctx)

@@ -1,5 +1,7 @@
-"""The manager's on-disk rollback copy for large models (``Snapshot``), exercised on a small
-model with ``rollback="disk"`` (what ``auto`` picks for large models)."""
+"""The manager's verification and rollback copies: lean (file-backed) sessions, the checker
+on a stripped copy, references computed lazily and reused between passes, and the on-disk
+rollback copy for large models (``Snapshot``), exercised on a small model with
+``rollback="disk"`` (what ``auto`` picks for large models)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from onnx import helper, numpy_helper
 
 from graphopt.errors import PassError
 from graphopt.core.contract import Context, Pass, PassResult
+from graphopt.core.finalize import finalize
 from graphopt.core.manager import PassManager
 from graphopt.core.observe import Event
-from graphopt.runtime.session import Snapshot
+from graphopt.runtime.session import Snapshot, check_model, ort_session
 from graphopt.testing import make_model, run
 
 
@@ -187,3 +190,84 @@ def test_small_model_stays_in_memory():
     _, report = PassManager([_Scale("a-disk-test", 1.0), _Nothing()],
                             observers=[refuse]).run(_model(), Context())
     assert [p.status for p in report.passes] == ["changed", "unchanged"]
+
+
+# --------------------------------------------------------------------------- lean checks
+
+
+def test_lean_session_matches_plain():
+    """lean=True runs the same outputs as a session on the serialized model."""
+    model = _model()
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    plain = ort_session(model).run(None, {"x": x})[0]
+    before = model.SerializeToString()
+    lean = ort_session(model, lean=True).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(lean, plain)
+    assert model.SerializeToString() == before, "the model is left as it was"
+
+
+def test_check_model_on_stripped_copy():
+    """check_model passes a valid model with large weights and refuses a dangling input."""
+    model = _model()
+    before = model.SerializeToString()
+    check_model(model)
+    assert model.SerializeToString() == before
+    model.graph.node[0].input[1] = "missing"
+    with pytest.raises(onnx.checker.ValidationError):
+        check_model(model)
+
+
+def _count_sessions(calls: list[int]):
+    """An observer counting the onnxruntime sessions the manager opens."""
+    def observe(event: Event) -> None:
+        if event.phase == "session" and event.stage == "start":
+            calls.append(1)
+    return observe
+
+
+def test_reference_reused_between_passes():
+    """change, no change, change: one reference session plus one check per change."""
+    calls = []
+    passes = [_Scale("a-test", 1.0), _Nothing(), _Scale("b-test", 1.0)]
+    _, report = PassManager(passes, observers=[_count_sessions(calls)]).run(_model(), Context())
+    assert [p.status for p in report.passes] == ["changed", "unchanged", "changed"]
+    assert len(calls) == 3
+
+
+def test_reused_reference_still_catches_a_change():
+    """A lossless pass that changes outputs after a reused reference is rolled back."""
+    calls = []
+    model = _model()
+    x = {"x": np.ones((2, 64), np.float32)}
+    passes = [_Scale("a-test", 1.0), _Scale("bad-test", 1.5)]
+    out, report = PassManager(passes, on_error="continue",
+                              observers=[_count_sessions(calls)]).run(model, Context())
+    assert [p.status for p in report.passes] == ["changed", "rolled back"]
+    assert "changed the outputs" in report.passes[1].error
+    np.testing.assert_allclose(run(out, x)["y"], run(_model(), x)["y"])
+    assert len(calls) == 3  # reference, check a, check bad (its reference was reused)
+    with pytest.raises(PassError):
+        PassManager([_Scale("bad-test", 1.5)]).run(_model(), Context())
+
+
+class _LossyScale(_Scale):
+    lossless = False
+
+
+def test_lossy_pass_in_place_invalidates_reference():
+    """After a lossy in-place change, the next lossless pass is checked against the new model."""
+    passes = [_Scale("a-test", 1.0), _LossyScale("lossy-test", 2.0), _Scale("b-test", 1.0)]
+    _, report = PassManager(passes).run(_model(), Context())
+    assert [p.status for p in report.passes] == ["changed", "changed", "changed"]
+
+
+def test_finalize_copy_leaves_input_alone():
+    """finalize() without in_place returns a new model and keeps the input's weights."""
+    model = _model()
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(4096, np.float32), "dead"))
+    before = model.SerializeToString()
+    out = finalize(model)
+    assert model.SerializeToString() == before
+    assert "dead" not in {t.name for t in out.graph.initializer}
+    x = {"x": np.ones((2, 64), np.float32)}
+    np.testing.assert_array_equal(run(out, x)["y"], run(model, x)["y"])
