@@ -14,7 +14,8 @@ and checks what came back:
 3. ``mode=fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` with the
    graph's inputs and outputs kept float32 (``keep_io_types``), ops onnxruntime lists as
    needing float32 (its ``DEFAULT_OP_BLOCK_LIST``) plus ``block_ops`` kept in float32.
-4. Pre-processing inside the pass: shape inference (graphopt's, which runs onnxruntime's
+4. Pre-processing inside the pass: int8 modes convert a model below opset 13 to opset 13
+   (onnx's version converter; per-channel QDQ needs the ``axis`` of opset 13), then shape inference (graphopt's, which runs onnxruntime's
    symbolic inference without importing torch) and then onnxruntime's ``quant_pre_process``
    (its basic graph optimization and onnx shape inference) for the int8 modes, unless
    ``preprocess=false``.
@@ -40,6 +41,7 @@ from typing import Literal
 
 import numpy as np
 import onnx
+import onnx.version_converter
 
 from graphopt.errors import ConfigError, UnsupportedModelError
 from graphopt.core.contract import Context, Pass, PassResult, Skip
@@ -155,7 +157,7 @@ class Quantize(Pass):
             if cfg.mode == "fp16":
                 out = self._fp16(model)
             else:
-                src = self._prepared(model, folder, ctx, skipped)
+                src = self._prepared(_opset_13(model, skipped), folder, ctx, skipped)
                 out = self._int8(src, folder, ctx, skipped)
         _carry_metadata(model, out)
         counters = _count(model, out)
@@ -277,6 +279,24 @@ class Quantize(Pass):
                 continue
             counters[f"cosine_ppm_{name}"] = int(round(1e6 * _cosine(r, g)))
         return counters
+
+
+def _opset_13(model: onnx.ModelProto, skipped: list[Skip]) -> onnx.ModelProto:
+    """``model`` converted to opset 13 when it is older: per-channel QDQ needs the ``axis``
+    of QuantizeLinear/DequantizeLinear (opset 13), and onnxruntime's quantizer writes it
+    into an opset-12 graph that the checker then refuses (PP-OCRv4's detector)."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if version >= 13:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, 13)
+    except Exception as exc:  # noqa: BLE001 - the converter lacks adapters for some ops
+        raise UnsupportedModelError(
+            f"int8 quantization needs opset 13 and onnx cannot convert this opset-{version} "
+            f"model: {_first_line(exc)} (re-export it with opset 13 or later)") from exc
+    skipped.append(Skip("opset", f"converted from opset {version} to 13 for per-channel "
+                        "quantization (QuantizeLinear/DequantizeLinear axis)"))
+    return converted
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

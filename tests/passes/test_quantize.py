@@ -170,3 +170,17 @@ def test_pruned_model_stays_quantizable():
     assert list(conv1_weight.dims) == [8, 3, 3, 3]
     assert {p.key: p.value for p in out.metadata_props}["graphopt.layers"] == "[0, 1]"
     assert run(out, feeds[0])["logits"].shape == (8, 10)
+
+
+def test_static_on_an_opset_12_model_converts_to_13():
+    """Per-channel QDQ needs opset 13 (DequantizeLinear axis): an opset-12 model is
+    converted first, with a note, and the result checks and loads (PP-OCRv4's case)."""
+    model = tiny_cnn((8, 8), size=8)
+    model.opset_import[0].version = 12
+    onnx.checker.check_model(model)
+    out, entry = _quantize(model, Context(calibration=_feeds(model, 2)), mode="static")
+    assert out.opset_import[0].version >= 13
+    assert any("opset 12 to 13" in s.reason for s in entry.skipped)
+    axes = [a.i for n in out.graph.node if n.op_type == "DequantizeLinear"
+            for a in n.attribute if a.name == "axis"]
+    assert axes and set(axes) == {0}
