@@ -55,7 +55,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.analysis.tokens import CompactPlan, TokenAnalysis, analyze_tokens, compact_plan
+from graphopt.analysis.tokens import (CompactPlan, TokenAnalysis, analyze_tokens, compact_plan,
+                                      selected_outputs)
 from graphopt.ir.graph import unique_name
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
@@ -96,9 +97,9 @@ class UnpadTokens(Pass):
         """Real tokens only: padded rows of the re-padded outputs are zeros by design."""
         if not self._mask or self._mask not in feed:
             return reference, got
-        mask = np.asarray(feed[self._mask])
-        return tuple(_selected_rows(real_token_outputs(outputs, mask, self._zeroed), mask,
-                                    self._selected) for outputs in (reference, got))
+        mask = feed[self._mask]
+        return (real_token_outputs(reference, mask, self._zeroed, self._selected),
+                real_token_outputs(got, mask, self._zeroed, self._selected))
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -112,49 +113,13 @@ class UnpadTokens(Pass):
             return _skip(model, reason)
         plan = compact_plan(model, found) if self.config.compact else "compact=false"
         notes = [Skip("attention compaction", plan)] if isinstance(plan, str) else []
-        self._selected = _selections(model, found)
+        self._selected = selected_outputs(model, found)
         rewrite = _Rewrite(model, found, opset, None if isinstance(plan, str) else plan)
         counters = rewrite.apply()
         self._mask = found.mask
         self._zeroed = tuple(rewrite.zeroed_outputs)
         logger.info("unpad-tokens: %s", counters)
         return PassResult(model, True, counters, notes)
-
-
-def _selections(model: onnx.ModelProto, found: TokenAnalysis) -> dict[str, int]:
-    """Graph outputs computed from one selected token (a pooler reading token 0): output ->
-    that token's index. Their rows where the token is padding are meaningless."""
-    graph = model.graph
-    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-    out = {}
-    for output in graph.output:
-        seen, todo, picks = set(), [output.name], set()
-        while todo:
-            name = todo.pop()
-            i = producer.get(name)
-            if i is None or i in seen:
-                continue
-            seen.add(i)
-            if i in found.selections:
-                picks.add(found.selections[i])
-                continue
-            todo.extend(x for x in graph.node[i].input if x)
-        if len(picks) == 1:
-            out[output.name] = picks.pop()
-    return out
-
-
-def _selected_rows(outputs, mask: np.ndarray, selected: dict[str, int]):
-    """Rows of selected-token outputs whose token is padding set to 0 (not compared)."""
-    out = dict(outputs)
-    for name, k in selected.items():
-        value = out.get(name)
-        if value is None or value.ndim < 1 or value.shape[0] != mask.shape[0] or \
-                not -mask.shape[1] <= k < mask.shape[1]:
-            continue
-        keep = (mask[:, k] != 0).reshape((-1,) + (1,) * (value.ndim - 1))
-        out[name] = np.where(keep, value, np.zeros((), value.dtype))
-    return out
 
 
 def _skip(model: onnx.ModelProto, reason: str) -> PassResult:

@@ -269,6 +269,28 @@ def _is_tokenwise(view: GraphView, idx: int, labelled: list[str],
     return True
 
 
+def selected_outputs(model: onnx.ModelProto, found: TokenAnalysis) -> dict[str, int]:
+    """Graph outputs computed from one selected token (a pooler reading token 0): output ->
+    that token's index. Their rows where the token is padding are meaningless."""
+    graph = model.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    out = {}
+    for output in graph.output:
+        seen, todo, picks = set(), [output.name], set()
+        while todo:
+            i = producer.get(todo.pop())
+            if i is None or i in seen:
+                continue
+            seen.add(i)
+            if i in found.selections:
+                picks.add(found.selections[i])
+                continue
+            todo.extend(x for x in graph.node[i].input if x)
+        if len(picks) == 1:
+            out[output.name] = picks.pop()
+    return out
+
+
 # --------------------------------------------------------------------------- compaction
 
 

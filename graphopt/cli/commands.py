@@ -188,7 +188,7 @@ def validate(reference: Path, candidate: Path, inputs_path: Path | None,
     feeds = load_inputs(inputs_path, ref) if inputs_path else None
     result = run_validation(ref, cand, feeds, input_shapes=_shapes(input_shapes), atol=atol,
                             rtol=rtol, tolerances=_tolerances(tols) or None, count=count,
-                            mask=_mask_input(ref, mask))
+                            **_mask_input(ref, mask))
     if as_json:
         _emit_json(result.to_dict())
     else:
@@ -199,15 +199,16 @@ def validate(reference: Path, candidate: Path, inputs_path: Path | None,
         sys.exit(EXIT_MISMATCH)
 
 
-def _mask_input(model, mask: str) -> str | None:
+def _mask_input(model, mask: str) -> dict:
+    """validate's ``mask`` and ``selected`` options from ``--mask``."""
     if mask.lower() == "none":
-        return None
-    if mask.lower() != "auto":
-        return mask
-    from ..analysis.tokens import analyze_tokens
+        return {}
+    from ..analysis.tokens import analyze_tokens, selected_outputs
 
-    found = analyze_tokens(model)
-    return None if isinstance(found, str) else found.mask
+    found = analyze_tokens(model, None if mask.lower() == "auto" else mask)
+    if isinstance(found, str):
+        return {} if mask.lower() == "auto" else {"mask": mask}
+    return {"mask": found.mask, "selected": selected_outputs(model, found)}
 
 
 # --------------------------------------------------------------------------- bench

@@ -141,12 +141,15 @@ class ValidationResult:
 
 
 def real_token_outputs(outputs: Mapping[str, np.ndarray], mask: np.ndarray,
-                       names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+                       names: Sequence[str] | None = None,
+                       selected: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """``outputs`` with the padded tokens (``mask == 0``) of per-token outputs set to 0.
 
     A per-token output is one whose first two dims are the mask's ``[batch, sequence]``
-    (and, when ``names`` is given, one of ``names``); other outputs are returned as they are.
-    Comparing two models through this compares only the tokens users consume.
+    (and, when ``names`` is given, one of ``names``); ``selected`` maps outputs computed
+    from one token (a pooler reading token 0) to that token's index, and their rows where
+    it is padding are set to 0; other outputs are returned as they are. Comparing two
+    models through this compares only the tokens users consume.
     """
     mask = np.asarray(mask)
     out = {}
@@ -155,6 +158,11 @@ def real_token_outputs(outputs: Mapping[str, np.ndarray], mask: np.ndarray,
         if (names is None or name in names) and mask.ndim == 2 and value.ndim >= 2 and \
                 value.shape[:2] == mask.shape:
             keep = (mask != 0).reshape(mask.shape + (1,) * (value.ndim - 2))
+            value = np.where(keep, value, np.zeros((), value.dtype))
+        k = (selected or {}).get(name)
+        if k is not None and mask.ndim == 2 and value.ndim >= 1 and \
+                value.shape[0] == mask.shape[0] and -mask.shape[1] <= k < mask.shape[1]:
+            keep = (mask[:, k] != 0).reshape((-1,) + (1,) * (value.ndim - 1))
             value = np.where(keep, value, np.zeros((), value.dtype))
         out[name] = value
     return out
@@ -376,6 +384,7 @@ def validate(
     seed: int = 0,
     providers: Sequence[OrtProvider] | str = ("CPUExecutionProvider",),
     mask: str | None = None,
+    selected: Mapping[str, int] | None = None,
 ) -> ValidationResult:
     """Compare ``candidate`` with ``reference`` output by output (see the module doc).
 
@@ -386,7 +395,8 @@ def validate(
     string such as ``"cuda"`` or ``"auto"`` goes through provider detection.
     ``mask``: an attention-mask input; per-token outputs (``[batch, sequence, ...]``) are
     then compared on real tokens only (``real_token_outputs``), and generated feeds get
-    ragged masks.
+    ragged masks; ``selected`` (see ``real_token_outputs``) leaves out rows of outputs
+    that read one token where that token is padding.
     """
     if atol < 0 or rtol < 0:
         raise ConfigError(f"atol and rtol must be 0 or more, got atol={atol}, rtol={rtol}")
@@ -434,8 +444,8 @@ def validate(
         got = _run(cand_session, feed, "candidate")
         cand_names = list(got)
         if mask:
-            expected = real_token_outputs(expected, feed[mask])
-            got = real_token_outputs(got, feed[mask])
+            expected = real_token_outputs(expected, feed[mask], selected=selected)
+            got = real_token_outputs(got, feed[mask], selected=selected)
         for name, acc in accs.items():
             acc.add(expected[name], got.get(name))
         logger.debug("validated input set %d of %d", i + 1, len(feed_list))

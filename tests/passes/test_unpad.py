@@ -300,3 +300,18 @@ def test_cli_optimize_and_validate_on_real_tokens(tmp_path, capsys):
     assert main(["validate", str(src), str(dst), "--mask", "nope"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
+
+
+def test_cli_validate_left_padding_with_a_pooler(exported, tmp_path):
+    """``graphopt validate`` (mask auto) on left-padded inputs: per-token outputs on real
+    tokens, the pooler on rows whose token 0 is real: within tolerance."""
+    import graphopt
+    from graphopt.cli.commands import main
+
+    before, after, entry = unpad(exported("bert"))
+    src, dst, feed = tmp_path / "bert.onnx", tmp_path / "unpadded.onnx", tmp_path / "left.npz"
+    graphopt.save(before, src)
+    graphopt.save(after, dst)
+    np.savez(feed, **feeds_for(before, ragged_mask()[[1, 1, 0, 3]], 100))
+    assert main(["validate", str(src), str(dst), "--inputs", str(feed)]) == 0
+    assert main(["validate", str(src), str(dst), "--inputs", str(feed), "--mask", "none"]) == 1
