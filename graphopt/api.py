@@ -63,6 +63,7 @@ def optimize(
     on_error: str | None = None,
     verify: bool = True,
     seed: int = 0,
+    allow_unverified: bool = False,
     progress: Callable[[str], None] | None = None,
     observers: Sequence[Observer] = (),
 ) -> tuple[onnx.ModelProto, Report]:
@@ -76,7 +77,10 @@ def optimize(
     2. ``input_shapes`` fixes dynamic dims for analysis and generated inputs only; the saved
        model keeps its dynamic dims. A recipe's shapes apply unless given here.
     3. ``calibration``: an ``.npz`` file, a folder of them, a feed dict or a list of them.
-    4. ``validate=True`` (or a dict of ``graphopt.validate`` keyword options) compares the
+    4. A lossless pass is checked at several input sizes (``graphopt.runtime.check_feeds``);
+       when none runs the model, the pass is ``unverified`` and ``report.ok`` is False unless
+       ``allow_unverified``.
+    5. ``validate=True`` (or a dict of ``graphopt.validate`` keyword options) compares the
        result with the input on the calibration data (else generated inputs) and stores the
        ``ValidationResult`` in ``report.validation``.
     5. ``observers`` watch the manager's phases (``graphopt.core.observe``).
@@ -94,6 +98,7 @@ def optimize(
     work = onnx.ModelProto()
     work.CopyFrom(original)
     optimized, report = manager.run(work, ctx)
+    report.allow_unverified = allow_unverified
     if normalized:
         report.metadata["normalized"] = normalized
     report.metadata["cost_before"] = report.cost_before.to_dict()

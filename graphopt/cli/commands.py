@@ -91,12 +91,19 @@ def inspect(model: Path, input_shapes: tuple[str, ...], groups: bool, as_json: b
               help="When a pass fails verification: stop (default) or continue without it.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights beside the model (default: only when over 2 GB).")
+@click.option("--allow-unverified", is_flag=True,
+              help="Write the result even when a lossless pass could not be checked (no input "
+                   "size tried runs the model); it is still reported as unverified.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def optimize(source: Path, output: Path, recipe: Path | None, pass_specs: tuple[str, ...],
              input_shapes: tuple[str, ...], calibration: Path | None, report_path: Path | None,
              do_validate: bool, atol: float | None, rtol: float | None, on_error: str | None,
-             external_data: bool | None, as_json: bool) -> None:
-    """Run passes on SOURCE and write the result to -o OUTPUT."""
+             external_data: bool | None, allow_unverified: bool, as_json: bool) -> None:
+    """Run passes on SOURCE and write the result to -o OUTPUT.
+
+    A lossless pass whose result could not be checked (no input size tried runs the model)
+    is reported as unverified, and nothing is written (exit 1) unless --allow-unverified.
+    """
     from graphopt.api import optimize as run_optimize
     from graphopt.ir.model import save
     from graphopt.core.recipe import Recipe, load_recipe, passes_from_specs
@@ -113,12 +120,14 @@ def optimize(source: Path, output: Path, recipe: Path | None, pass_specs: tuple[
     with console.status("optimizing", spinner="dots") as status:
         model, report = run_optimize(
             source, plan, input_shapes=_shapes(input_shapes), calibration=calibration,
-            validate=validate_opts, on_error=on_error,
+            validate=validate_opts, on_error=on_error, allow_unverified=allow_unverified,
             progress=lambda name: status.update(f"running pass [bold]{name}[/]"),
         )
-        status.update(f"writing {output}")
-        save(model, output, external_data=external_data, protect=(source,))
-    report.metadata.update({"input": str(source), "output": str(output)})
+        held = bool(report.unverified) and not allow_unverified
+        if not held:
+            status.update(f"writing {output}")
+            save(model, output, external_data=external_data, protect=(source,))
+    report.metadata.update({"input": str(source), "output": None if held else str(output)})
     if report_path and report_path.suffix.lower() in (".html", ".htm"):
         from ..htmlreport import page_for_run, render_html
         from ..ir.model import load
@@ -134,6 +143,12 @@ def optimize(source: Path, output: Path, recipe: Path | None, pass_specs: tuple[
         from graphopt.cli.render import render_report
 
         render_report(_console(), report)
+    if held:
+        names = ", ".join(f"'{p.name}'" for p in report.unverified)
+        click.echo(f"error: {output} not written: pass {names} changed the model but could not "
+                   f"be verified ({report.unverified[0].unverified}); rerun with "
+                   "--allow-unverified to write it anyway", err=True)
+        sys.exit(EXIT_MISMATCH)
     if report.validation is not None and not report.validation.ok:
         sys.exit(EXIT_MISMATCH)
     if not report.ok:

@@ -77,7 +77,8 @@ def render_report(console: Console, report: Any) -> None:
                   title="passes", title_justify="left")
     for p in report.passes:
         status = {"changed": "[green]changed[/]", "unchanged": "unchanged",
-                  "rolled back": "[red]rolled back[/]"}.get(p.status, p.status)
+                  "rolled back": "[red]rolled back[/]",
+                  "unverified": "[bold red]unverified[/]"}.get(p.status, p.status)
         counters = ", ".join(f"{k}={v}" for k, v in p.counters.items() if v) or "-"
         table.add_row(p.name, status, counters,
                       f"{_n(p.params_before)} → {_n(p.params_after)}",
@@ -87,6 +88,8 @@ def render_report(console: Console, report: Any) -> None:
     for p in report.passes:
         if p.error:
             console.print(f"[red]{escape(p.error)}[/]")
+        if p.unverified:
+            console.print(f"[bold red]{p.name} not verified:[/] {escape(p.unverified)}")
         for s in p.skipped[:20]:
             console.print(f"  [dim]{p.name} skipped[/] {escape(s.site)}: {escape(s.reason)}")
         if len(p.skipped) > 20:

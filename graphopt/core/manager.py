@@ -72,6 +72,10 @@ class PassManager:
         # (model, feeds, outputs): ORT outputs already computed for a model object, so the
         # next lossless pass's reference needs no second session on the same model.
         self._known: tuple[onnx.ModelProto, list, list] | None = None
+        # The check feeds found for this run (several sizes; see _reference) and the
+        # candidates that did not run, for the report of an unverified pass.
+        self._feeds: list | None = None
+        self._not_run: list[str] = []
         self._store = None
 
     def add_observer(self, observer: Observer) -> None:
@@ -97,6 +101,7 @@ class PassManager:
         report = Report()
         done: list[str] = []
         self._known = None
+        self._feeds, self._not_run = None, []
         cost = self._cost(model, ctx)
         report.cost_before = cost
         large = _weight_bytes(model) >= _RELEASE_BYTES
@@ -124,6 +129,8 @@ class PassManager:
                     model, changed, diff = self._run_one(p, model, backup, ctx, entry,
                                                          tuple(done))
                     entry.status = "changed" if changed else "unchanged"
+                    if changed and entry.unverified:
+                        entry.status = "unverified"
                     entry.max_abs_diff = diff
                     if changed:
                         cost = self._cost(model, ctx, p.name)
@@ -173,6 +180,48 @@ class PassManager:
             store.close()
             self._store = None
 
+    def _reference(self, backup: Kept, ctx: Context, known, entry: PassReport
+                   ) -> tuple[list, list | None]:
+        """The check feeds and the model-before-the-pass's outputs on them (see
+        ``graphopt.runtime.check_feeds``: several sizes, found once per run); no reference
+        (and ``entry.unverified`` saying why) when nothing runs the model before the pass."""
+        from graphopt.runtime.check_feeds import describe, find_check_feeds
+
+        if known is not None and self._feeds and _same_feeds(known[1], self._feeds):
+            entry.checked_at = [describe(f) for f in self._feeds]
+            return self._feeds, known[2]
+        phase = self.observers.phase
+        try:
+            with phase("session", entry.name):
+                session = backup.reference_session()
+        except Exception as exc:  # noqa: BLE001 - the input model itself may not load
+            entry.unverified = f"onnxruntime cannot load the model before the pass: {exc}"
+            logger.warning("pass '%s' not verified: %s", entry.name, entry.unverified)
+            return [], None
+        with phase("reference", entry.name):
+            if self._feeds is None:
+                self._feeds, reference, self._not_run = find_check_feeds(
+                    backup.outline, lambda feed: run_model(session, feed, quiet=True),
+                    input_shapes=ctx.input_shapes, calibration=ctx.calibration, seed=ctx.seed)
+            else:
+                reference = []
+                for feed in self._feeds:
+                    try:
+                        reference.append(run_model(session, feed))
+                    except Exception as exc:  # noqa: BLE001
+                        self._not_run.append(f"{describe(feed)}: {exc}")
+                        reference = None
+                        break
+        del session
+        if not self._feeds or reference is None:
+            tried = "; ".join(self._not_run[:3]) or "no inputs could be generated"
+            entry.unverified = (f"no input tried runs the model before the pass ({tried}); "
+                                "give --input-shape or --calibration with inputs it runs")
+            logger.warning("pass '%s' not verified: %s", entry.name, entry.unverified)
+            return [], None
+        entry.checked_at = [describe(f) for f in self._feeds]
+        return self._feeds, reference
+
     def _run_one(self, p: Pass, model: onnx.ModelProto, backup: Kept, ctx: Context,
                  entry: PassReport, before: tuple[str, ...]
                  ) -> tuple[onnx.ModelProto, bool, float | None]:
@@ -198,21 +247,9 @@ class PassManager:
         self._known = None  # the model (perhaps the same object) has changed
         # The reference is computed only now, for a pass that changed something, and from
         # the outputs the previous pass's check already computed when it can.
-        feeds = ctx.sample_feeds(backup.outline, 1) if self.verify else []
-        reference = None
+        feeds, reference = [], None
         if self.verify and p.lossless:
-            if known is not None and _same_feeds(known[1], feeds):
-                reference = known[2]
-            else:
-                try:
-                    with phase("reference", p.name):
-                        with phase("session", p.name):
-                            session = backup.reference_session()
-                        reference = [run_model(session, f) for f in feeds]
-                        del session
-                except Exception as exc:  # noqa: BLE001 - the input model itself may not run
-                    logger.warning("cannot run the model before '%s' (%s); numeric check "
-                                   "skipped", p.name, exc)
+            feeds, reference = self._reference(backup, ctx, known, entry)
         try:
             with phase("finalize", p.name):
                 out = finalize(result.model, in_place=True)

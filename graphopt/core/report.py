@@ -14,7 +14,9 @@ class PassReport:
     name: str
     config: dict[str, Any]
     lossless: bool
-    status: str  # "changed", "unchanged", "rolled back", "not run"
+    # "changed", "unchanged", "rolled back", "not run", or "unverified": a lossless pass
+    # changed the model but nothing ran the model before it, so its outputs were not checked
+    status: str
     counters: dict[str, int] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
     error: str | None = None
@@ -25,6 +27,8 @@ class PassReport:
     macs_after: int = 0
     max_abs_diff: float | None = None
     plan: Any = field(default=None, repr=False)  # the pass's PassResult.plan (not serialized)
+    checked_at: list[str] = field(default_factory=list)  # input sizes the check ran at
+    unverified: str | None = None  # why the outputs were not checked
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "plan"}
@@ -43,17 +47,25 @@ class Report:
     # counted by the manager (once per change).
     cost_before: Any = None
     cost_after: Any = None
+    # Whether an unverified pass leaves the run ok (the CLI's --allow-unverified).
+    allow_unverified: bool = False
 
     @property
     def ok(self) -> bool:
-        return all(p.status != "rolled back" for p in self.passes)
+        return all(p.status != "rolled back" for p in self.passes) and (
+            self.allow_unverified or not self.unverified)
+
+    @property
+    def unverified(self) -> list[PassReport]:
+        return [p for p in self.passes if p.status == "unverified"]
 
     @property
     def failed(self) -> list[PassReport]:
         return [p for p in self.passes if p.status == "rolled back"]
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"ok": self.ok, "passes": [p.to_dict() for p in self.passes]}
+        out: dict[str, Any] = {"ok": self.ok, "passes": [p.to_dict() for p in self.passes],
+                               "unverified": [p.name for p in self.unverified]}
         out.update(self.metadata)
         if self.validation is not None:
             out["validation"] = self.validation.to_dict()

@@ -156,10 +156,19 @@ def _write_with_external_weights(model: onnx.ModelProto, folder: Path) -> Path:
     return path
 
 
-def run_model(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_model(session, feeds: Mapping[str, np.ndarray], *, quiet: bool = False
+              ) -> dict[str, np.ndarray]:
+    """Outputs by name. ``quiet``: a failing run logs nothing (the check-size search tries
+    sizes that may not run; onnxruntime would print each failure as an error)."""
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
-    results = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    options = None
+    if quiet:
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.log_severity_level = 4
+    results = session.run(names, {k: v for k, v in feeds.items() if k in wanted}, options)
     return dict(zip(names, results))
 
 

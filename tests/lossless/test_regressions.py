@@ -378,3 +378,79 @@ def test_dynamically_quantized_model_passes_lossless_passes(quantized_cnn, shape
         n.op_type for n in out.graph.node}
     onnx.checker.check_model(out)
     _same_outputs(model, out, _images([(1, 3, 8, 8), (1, 3, 5, 13)]), atol=0)
+
+
+# --------------------------------------------------------------------------- class 3: unverified
+
+
+def _stride32_detector():
+    """x [1, 3, H, W] -> five MaxPool(2, stride 2) -> Resize x32 -> Concat with x ->
+    Identity: runs only when H and W are multiples of 32 (as an FPN backbone does)."""
+    nodes, prev = [], "x"
+    for i in range(5):
+        nodes.append(helper.make_node("MaxPool", [prev], [f"p{i}"], kernel_shape=[2, 2],
+                                      strides=[2, 2]))
+        prev = f"p{i}"
+    nodes += [helper.make_node("Resize", [prev, "", "scales"], ["up"], mode="nearest"),
+              helper.make_node("Concat", ["up", "x"], ["s"], axis=1),
+              helper.make_node("Identity", ["s"], ["y"])]
+    return make_model(nodes, {"x": [1, 3, "H", "W"]}, ["y"],
+                      {"scales": np.array([1, 1, 32, 32], F32)})
+
+
+def test_numeric_check_finds_sizes_a_stride32_model_runs():
+    """The default 16x16 input cannot run a stride-32 model (the check was skipped and the
+    run exited 0); the manager tries 1, 2, 3, 32 ... and checks at 32x32 and 96x96."""
+    model = _stride32_detector()
+    out, report = _optimize(model, ["cleanup"])
+    entry = report.passes[0]
+    assert entry.status == "changed" and report.ok
+    assert entry.checked_at == ["x:1x3x32x32", "x:1x3x96x96"]
+    _same_outputs(model, out, _images([(1, 3, 64, 32)]))
+
+
+def test_pass_nothing_runs_is_unverified_and_cli_refuses_to_write(tmp_path):
+    """Reshape to a fixed 1x3x7x7 runs only at 7x7, a size no generated input has: cleanup's
+    change cannot be checked. The report says 'unverified' (table and JSON), the CLI exits 1
+    and writes nothing; --allow-unverified writes it (exit 0); --input-shape x:1x3x7x7 lets
+    it be verified."""
+    import json
+
+    from graphopt.cli.commands import main
+
+    model = make_model([helper.make_node("Identity", ["x"], ["i"]),
+                        helper.make_node("Reshape", ["i", "shape"], ["y"])],
+                       {"x": [1, 3, "H", "W"]}, ["y"], {"shape": np.array([1, 3, 7, 7])})
+    _, report = _optimize(model, ["cleanup"])
+    assert report.passes[0].status == "unverified" and not report.ok
+    assert "no input tried runs the model" in report.passes[0].unverified
+    src, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    src.write_bytes(model.SerializeToString())
+    args = ["optimize", str(src), "-o", str(out), "--pass", "cleanup", "--report", str(rep)]
+    assert main(args) == 1
+    assert not out.exists()
+    assert json.loads(rep.read_text())["unverified"] == ["cleanup"]
+    assert main(args + ["--allow-unverified"]) == 0 and out.exists()
+    assert json.loads(rep.read_text())["passes"][0]["status"] == "unverified"
+    out.unlink()
+    assert main(args + ["--input-shape", "x:1x3x7x7"]) == 0 and out.exists()
+    assert json.loads(rep.read_text())["passes"][0]["checked_at"][0] == "x:1x3x7x7"
+
+
+def test_manager_checks_small_sizes_when_a_pass_is_wrong(monkeypatch):
+    """Second line of defence: with fold-pad's window check switched off, the dilated
+    MaxPool fold is caught by the manager's check at the smallest size (1x1) and rolled
+    back; the 16x16 check alone had passed it."""
+    import graphopt.passes.pad as pad
+
+    monkeypatch.setattr(pad, "axis_blocker", lambda *a, **k: None)
+    pads = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
+    model = make_model([helper.make_node("Relu", ["x"], ["r"]),
+                        helper.make_node("Pad", ["r", "pads"], ["p"]),
+                        helper.make_node("MaxPool", ["p"], ["y"], kernel_shape=[2, 2],
+                                         dilations=[2, 2])],
+                       {"x": [1, 2, "H", "W"]}, ["y"], {"pads": pads})
+    out, report = _optimize(model, ["fold-pad"])
+    assert report.passes[0].status == "rolled back"
+    assert "changed the outputs" in report.passes[0].error
+    assert "Pad" in [n.op_type for n in out.graph.node]
