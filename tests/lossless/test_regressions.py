@@ -52,16 +52,21 @@ def _images(shapes, name="x"):
 # --------------------------------------------------------------------------- class 1: fold-pad
 
 
+def _dilated_maxpool():
+    """x [1, 2, H, W] -> Relu -> Pad(1 on H/W) -> MaxPool(kernel 2, dilation 2) -> y."""
+    pads = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
+    return make_model([helper.make_node("Relu", ["x"], ["r"]),
+                       helper.make_node("Pad", ["r", "pads"], ["p"]),
+                       helper.make_node("MaxPool", ["p"], ["y"], kernel_shape=[2, 2],
+                                        dilations=[2, 2])],
+                      {"x": [1, 2, "H", "W"]}, ["y"], {"pads": pads})
+
+
 def test_fold_pad_dilated_maxpool_pad_only_window_at_small_height():
     """Relu -> Pad(1 on H/W) -> MaxPool(kernel 2, dilation 2) on [1, 2, H, W]: at H = 1 a
     dilated window covers only padding, so the fold is skipped (it was folded and gave
     -3.4e38 there; the 16x16 numeric check never saw it)."""
-    pads = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
-    model = make_model([helper.make_node("Relu", ["x"], ["r"]),
-                        helper.make_node("Pad", ["r", "pads"], ["p"]),
-                        helper.make_node("MaxPool", ["p"], ["y"], kernel_shape=[2, 2],
-                                         dilations=[2, 2])],
-                       {"x": [1, 2, "H", "W"]}, ["y"], {"pads": pads})
+    model = _dilated_maxpool()
     out, report = _optimize(model, ["fold-pad"])
     assert _statuses(report) == {"fold-pad": "unchanged"}
     reasons = [s.reason for s in report.passes[0].skipped]
@@ -444,12 +449,7 @@ def test_manager_checks_small_sizes_when_a_pass_is_wrong(monkeypatch):
     import graphopt.passes.pad as pad
 
     monkeypatch.setattr(pad, "axis_blocker", lambda *a, **k: None)
-    pads = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
-    model = make_model([helper.make_node("Relu", ["x"], ["r"]),
-                        helper.make_node("Pad", ["r", "pads"], ["p"]),
-                        helper.make_node("MaxPool", ["p"], ["y"], kernel_shape=[2, 2],
-                                         dilations=[2, 2])],
-                       {"x": [1, 2, "H", "W"]}, ["y"], {"pads": pads})
+    model = _dilated_maxpool()
     out, report = _optimize(model, ["fold-pad"])
     assert report.passes[0].status == "rolled back"
     assert "changed the outputs" in report.passes[0].error

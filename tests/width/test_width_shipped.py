@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 import graphopt
 from graphopt.analysis.coupling import analyze
 from graphopt.passes.width import PruneChannels
+from graphopt.testing import materialize
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
@@ -26,32 +25,7 @@ LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 def _materialize(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
     """Replace ConstantOfShape weights by random initializers shaped the same; expose the
     logits (the Softmax input) as an extra output so the check is not blunted by Softmax."""
-    rng = np.random.default_rng(seed)
-    graph = model.graph
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    uses = {}
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            uses.setdefault(name, (node.op_type, k))
-    keep = []
-    for node in graph.node:
-        if node.op_type != "ConstantOfShape" or node.input[0] not in inits:
-            keep.append(node)
-            continue
-        shape = tuple(int(d) for d in inits[node.input[0]])
-        op, k = uses.get(node.output[0], ("", 0))
-        if len(shape) >= 2:
-            value = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
-        elif op == "BatchNormalization" and k in (1, 4):
-            value = rng.uniform(0.5, 1.5, shape)
-        else:
-            value = rng.normal(0.0, 0.1, shape)
-        tensor = numpy_helper.from_array(value.astype(np.float32), node.output[0])
-        graph.initializer.append(tensor)
-        graph.input.append(onnx.helper.make_tensor_value_info(
-            node.output[0], onnx.TensorProto.FLOAT, list(shape)))
-    del graph.node[:]
-    graph.node.extend(keep)
+    graph = materialize(model, seed).graph
     for node in graph.node:
         if node.op_type == "Softmax":
             graph.output.append(onnx.helper.make_tensor_value_info(
