@@ -191,14 +191,14 @@ class PassManager:
             entry.checked_at = [describe(f) for f in self._feeds]
             return self._feeds, known[2]
         phase = self.observers.phase
-        try:
-            with phase("session", entry.name):
-                session = backup.reference_session()
-        except Exception as exc:  # noqa: BLE001 - the input model itself may not load
-            entry.unverified = f"onnxruntime cannot load the model before the pass: {exc}"
-            logger.warning("pass '%s' not verified: %s", entry.name, entry.unverified)
-            return [], None
         with phase("reference", entry.name):
+            try:
+                with phase("session", entry.name):
+                    session = backup.reference_session()
+            except Exception as exc:  # noqa: BLE001 - the input model itself may not load
+                entry.unverified = f"onnxruntime cannot load the model before the pass: {exc}"
+                logger.warning("pass '%s' not verified: %s", entry.name, entry.unverified)
+                return [], None
             if self._feeds is None:
                 self._feeds, reference, self._not_run = find_check_feeds(
                     backup.outline, lambda feed: run_model(session, feed, quiet=True),
