@@ -161,9 +161,9 @@ class GraphView:
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
         if name in self.constant_nodes:
-            from graphopt.ir.model import _constant_node_value
+            from graphopt.ir.graph import constant_node_value
 
-            return _constant_node_value(self.constant_nodes[name])
+            return constant_node_value(self.constant_nodes[name])
         if name in self.graph_inputs or name not in self.producer:
             return None
         node = self.nodes[self.producer[name]]

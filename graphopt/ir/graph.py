@@ -115,7 +115,7 @@ class GraphIndex:
         if self.is_initializer(name):
             return numpy_helper.to_array(self.initializers[name])
         if name in self.constant_nodes:
-            return _constant_node_value(self.constant_nodes[name])
+            return constant_node_value(self.constant_nodes[name])
         return None
 
     def uses(self, name: str) -> int:
@@ -138,8 +138,10 @@ _CONSTANT_DTYPES = {"value_float": np.float32, "value_floats": np.float32,
                    "value_int": np.int64, "value_ints": np.int64}
 
 
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
-    """A ``Constant`` node's value with the dtype the op gives it (sparse/string: None)."""
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """A ``Constant`` node's value with the dtype the op gives it: ``value_float(s)`` are
+    float32 and ``value_int(s)`` int64, as the ONNX spec types them (sparse/string: None).
+    The one constant-value reader: ``ir.model.constant_value`` and ``analysis.view`` use it."""
     for a in node.attribute:
         if a.name == "value":
             return numpy_helper.to_array(a.t)

@@ -396,18 +396,9 @@ def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
             return numpy_helper.to_array(init)
     for node in graph.node:
         if node.op_type == "Constant" and node.output and node.output[0] == name:
-            return _constant_node_value(node)
-    return None
+            from graphopt.ir.graph import constant_node_value
 
-
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name in ("value_float", "value_int"):
-            return np.array(onnx.helper.get_attribute_value(attr))
-        if attr.name in ("value_floats", "value_ints"):
-            return np.array(onnx.helper.get_attribute_value(attr))
+            return constant_node_value(node)
     return None
 
 
