@@ -157,7 +157,8 @@ class Quantize(Pass):
             if cfg.mode == "fp16":
                 out = self._fp16(model)
             else:
-                src = self._prepared(_opset_13(model, skipped), folder, ctx, skipped)
+                work = _constants_as_initializers(_opset_13(model, skipped), skipped)
+                src = self._prepared(work, folder, ctx, skipped)
                 out = self._int8(src, folder, ctx, skipped)
         _carry_metadata(model, out)
         counters = _count(model, out)
@@ -279,6 +280,33 @@ class Quantize(Pass):
                 continue
             counters[f"cosine_ppm_{name}"] = int(round(1e6 * _cosine(r, g)))
         return counters
+
+
+def _constants_as_initializers(model: onnx.ModelProto, skipped: list[Skip]
+                               ) -> onnx.ModelProto:
+    """A copy whose ``Constant`` tensor nodes of the main graph are initializers:
+    onnxruntime's quantizers only quantize weights that are initializers, and refuse a
+    Conv whose weight a Constant node produces (Paddle exports, PP-OCRv4)."""
+    constants = [n for n in model.graph.node if n.op_type == "Constant" and len(n.attribute) == 1
+                 and n.attribute[0].name == "value" and n.output]
+    if not constants:
+        return model
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    moved = {n.output[0] for n in constants}
+    keep = [n for n in work.graph.node if not (n.op_type == "Constant" and n.output
+                                                and n.output[0] in moved)]
+    for node in work.graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] in moved:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            work.graph.initializer.append(tensor)
+    del work.graph.node[:]
+    work.graph.node.extend(keep)
+    skipped.append(Skip("constants", f"{len(moved)} Constant nodes made initializers, so "
+                        "onnxruntime's quantizer sees their weights"))
+    return work
 
 
 def _opset_13(model: onnx.ModelProto, skipped: list[Skip]) -> onnx.ModelProto:

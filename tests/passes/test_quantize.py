@@ -184,3 +184,16 @@ def test_static_on_an_opset_12_model_converts_to_13():
     axes = [a.i for n in out.graph.node if n.op_type == "DequantizeLinear"
             for a in n.attribute if a.name == "axis"]
     assert axes and set(axes) == {0}
+
+
+def test_weights_from_constant_nodes_are_quantized():
+    """A Conv whose weight comes from a Constant node (Paddle exports) is quantized: the
+    pass hands onnxruntime the constant as an initializer."""
+    model = tiny_cnn((8, 8), size=8)
+    weight = next(t for t in model.graph.initializer if t.name == "W2")
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["W2"], value=weight))
+    model.graph.initializer.remove(weight)
+    out, entry = _quantize(model, mode="dynamic")
+    assert op_types(out).count("ConvInteger") == 2
+    assert any("Constant nodes made initializers" in s.reason for s in entry.skipped)
+    _close(model, out, _feeds(model, 1), 0.99, 0.1)
