@@ -183,9 +183,15 @@ class Quantize(Pass):
         work = onnx.ModelProto()
         work.CopyFrom(model)
         infer_shapes(work)  # symbolic inference here: quant_pre_process's would import torch
+        from graphopt.ir.model import save
+
         path = folder / "pre.onnx"
+        # From a file: given a ModelProto, quant_pre_process moves its weights out of the
+        # proto (external initializers), and when ORT's optimizer then fails its fallback
+        # writes a model pointing at a "foo.bin" that does not exist.
+        source = save(work, folder / "in.onnx")
         try:
-            quant_pre_process(work, path, skip_symbolic_shape=True,
+            quant_pre_process(str(source), path, skip_symbolic_shape=True,
                               save_as_external_data=_large(model))
         except Exception as exc:  # noqa: BLE001 - ORT's optimizer and inference fail variously
             skipped.append(Skip("preprocess", f"onnxruntime's quant_pre_process failed "
@@ -284,11 +290,13 @@ class Quantize(Pass):
 
 def _constants_as_initializers(model: onnx.ModelProto, skipped: list[Skip]
                                ) -> onnx.ModelProto:
-    """A copy whose ``Constant`` tensor nodes of the main graph are initializers:
+    """A copy whose ``Constant`` tensor nodes of the main graph holding more than 16
+    values (weights, not shapes or scales) are initializers:
     onnxruntime's quantizers only quantize weights that are initializers, and refuse a
     Conv whose weight a Constant node produces (Paddle exports, PP-OCRv4)."""
     constants = [n for n in model.graph.node if n.op_type == "Constant" and len(n.attribute) == 1
-                 and n.attribute[0].name == "value" and n.output]
+                 and n.attribute[0].name == "value" and n.output
+                 and int(np.prod(n.attribute[0].t.dims, dtype=np.int64)) > 16]
     if not constants:
         return model
     work = onnx.ModelProto()
