@@ -3,9 +3,10 @@
 ``prune-heads`` (``--pass prune-heads:ratio=0.5``) is a policy over the coupled groups of
 ``graphopt.analysis.coupling``, like the width passes:
 
-1. An attention block is a group whose units are blocks of channels and whose source is a
-   Q (or fused QKV) projection: the Reshape that splits hidden into (heads, head_dim) makes
-   each head a unit of ``head_dim`` channels, coupled across Q, K, V, their biases, rotary
+1. An attention block is a group whose units the analysis proved to be heads
+   (``Group.unit == "head"``: a QKᵀ product feeding a Softmax over the keys, or a fused
+   attention op, carries them; a Reshape splitting an axis into blocks is not enough): each
+   head is a unit of ``head_dim`` channels, coupled across Q, K, V, their biases, rotary
    embeddings and the rows of the output projection. With grouped-query attention (fewer
    K/V heads than Q heads) a unit is one KV head with all the Q heads that read it, so
    whole KV groups go.
@@ -108,27 +109,17 @@ ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 
 
 def is_attention_group(group: Group, fused: set[str] = frozenset()) -> bool:
-    """An attention block: units are blocks of channels (heads, through the Reshape that
-    splits hidden into heads × head_dim, or a fused attention op) sourced by a weight
-    projection, or a group that reaches a fused attention op (``fused``: node names) and
-    was stopped there (reported as a skip)."""
-    return (group.kind == "blocks" and group.source_op in ("Gemm", "MatMul")) or \
-        group.source_op in ATTENTION_OPS or bool(fused.intersection(group.node_names))
+    """An attention block: the analysis proved its units are heads (``group.unit ==
+    "head"``: a QKᵀ product feeding a Softmax over the keys, or a fused attention op, carries
+    them), or the group reaches a fused attention op (``fused``: node names) that stopped it
+    (reported as a skip). A Reshape that splits an axis into blocks is not enough."""
+    return group.unit == "head" or bool(fused.intersection(group.node_names))
 
 
 def head_block(group: Group) -> HeadBlock:
-    """Head size and heads per unit from the widths of the group's members.
-
-    The narrowest weight slice a unit owns is one head's ``head_dim`` (a K or V head, or
-    one head of the output projection); the output projection's rows per unit are
-    ``heads_per_unit × head_dim``.
-    """
-    widths = [int(idx.shape[1]) for m, idx in group.index.items()
-              if group.roles.get(m) in ("out", "in")]
-    head_dim = min(widths) if widths else group.unit_width
-    rows = [int(idx.shape[1]) for m, idx in group.index.items() if group.roles.get(m) == "in"]
-    per_unit = max(rows) // head_dim if rows and head_dim else 1
-    return HeadBlock(group, head_dim, max(per_unit, 1))
+    """Head size and query heads per unit, as the analysis proved them."""
+    return HeadBlock(group, int(group.head_dim or group.unit_width),
+                     max(int(group.heads_per_unit), 1))
 
 
 def _site(group: Group) -> str:
@@ -267,8 +258,12 @@ class PruneHeads(Pass):
                  if n.op_type in ATTENTION_OPS}
         for g in coupling.groups:
             if not is_attention_group(g, fused):
+                if g.unit == "block" and not g.prunable:
+                    plan.skipped.append(Skip(_site(g), f"units are blocks of {g.unit_width} "
+                                             "channels, but no attention over them was "
+                                             f"reached: {g.reason}"))
                 continue
-            if g.kind != "blocks" and g.source_op not in ATTENTION_OPS:
+            if g.unit != "head":
                 if not g.prunable:  # stopped at a fused op it could not see into
                     plan.skipped.append(Skip(_site(g), g.reason or "not prunable",
                                              "not-prunable"))
@@ -286,6 +281,10 @@ class PruneHeads(Pass):
                 plan.skipped.append(Skip(_site(g), why, code))
                 continue
             chosen.append(block)
+        if not plan.blocks and not plan.skipped:
+            plan.skipped.append(Skip("model", "no attention heads found: no MatMul of two "
+                                     "activations feeding a Softmax over the keys, and no "
+                                     "fused attention op"))
         if not chosen or cfg.ratio == 0:
             return plan
         groups = [b.group for b in chosen]

@@ -176,9 +176,13 @@ class PruneNeurons(_WidthPass):
     unit_name = "neurons"
 
     def eligible(self, group: Group) -> str | None:
-        if group.kind == "blocks" and group.source_op in ("Gemm", "MatMul"):
-            return (f"units are blocks of {group.unit_width} channels (attention heads?); "
+        if group.unit == "head":
+            return (f"units are attention heads ({group.unit_width} channels each); "
                     "prune-heads handles them")
+        if group.kind == "blocks" and group.source_op in ("Gemm", "MatMul"):
+            return (f"units are blocks of {group.unit_width} channels (a Reshape splits the "
+                    "axis) that are not proven attention heads (no QKᵀ→Softmax over them), "
+                    "so neither prune-neurons nor prune-heads removes them")
         return super().eligible(group)
 
 

@@ -15,14 +15,22 @@ Vocabulary:
 3. Handlers *link* atoms (removing one forces removing the other), *block* a member (a
    barrier: LayerNorm over it, a graph output, an op without a handler) or declare it *free*
    (the op does not care, e.g. ``Shape``).
-4. Starting from *seeds* (the output-channel axes of Conv/ConvTranspose/Gemm/MatMul with a
-   constant weight), the analysis visits every member linked to a visited member; the
+4. Starting from *seeds* (the output-channel axes of weight-bearing ops: Conv/ConvTranspose/
+   Gemm/MatMul with a constant weight, packed-QKV attention; the ops whose handler is
+   registered with ``seeds=True`` say which), the analysis visits every member linked to a visited member; the
    connected components of the linked atoms are the *units*. A unit is the smallest legal
    removal: one channel, or a block of channels (a conv group, an attention head), with all
    the weights, biases, BN parameters and constants that go with it.
 5. Units touching the same members the same number of times form a *group* (e.g. the
    channels of a residual stage). A group touching a blocked member is not prunable and
    carries the reason (which op, which axis).
+6. Each group says what its unit is (``Group.unit``): ``channel`` (a conv filter),
+   ``conv-group`` (whole groups of a grouped convolution), ``neuron`` (one column of a
+   Gemm/MatMul), ``head`` (an attention head, or a KV head with the query heads that share
+   it: ``head_dim``, ``heads_per_unit``), ``block`` (a block of channels that is not proven
+   to be a head, e.g. an axis split by a Reshape with no attention over it). A unit is a
+   head only when a handler proved it: a QKᵀ product feeding a Softmax over the keys (or the
+   Softmax's product with V) whose batch axes carry the unit, or a fused attention op.
 
 ``coupled_groups(model)`` lists the groups; ``analyze(model)`` returns the full ``Coupling``
 that ``graphopt.prune.apply`` uses to remove units.
@@ -39,13 +47,11 @@ import numpy as np
 import onnx
 
 import graphopt.analysis.ops  # noqa: F401 - registers the per-op handlers
-from graphopt.analysis.registry import couple_node
+from graphopt.analysis.registry import couple_node, handler_for
 from graphopt.analysis.view import GraphView, Member, NodeCoupling
 
 logger = logging.getLogger(__name__)
 
-SEED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv",
-            "Attention"}  # com.microsoft Attention holds a packed QKV weight
 
 
 # ---------------------------------------------------------------------------- groups
@@ -73,6 +79,9 @@ class Group:
     source_nodes: tuple[str, ...] = ()
     node_names: tuple[str, ...] = ()
     position: int = 0  # graph position of the source node, for a stable listing order
+    unit: str = "neuron"  # channel | conv-group | neuron | head | block (module doc, 6.)
+    head_dim: int | None = None  # for unit == "head"
+    heads_per_unit: int = 1  # query heads per unit (> 1: a KV head shared by several)
 
     @property
     def members(self) -> list[str]:
@@ -105,7 +114,10 @@ class Group:
             "source_op": self.source_op,
             "kind": self.kind,
             "size": self.size,
+            "unit": self.unit,
             "unit_width": self.unit_width,
+            **({"head_dim": self.head_dim, "heads_per_unit": self.heads_per_unit}
+               if self.unit == "head" else {}),
             "prunable": self.prunable,
             "reason": self.reason,
             "members": self.members,
@@ -154,7 +166,8 @@ def analyze(model: onnx.ModelProto,
     # seeds: output-channel axes of weight-bearing ops
     seeds: list[Member] = []
     for idx, node in enumerate(view.nodes):
-        if node.op_type in SEED_OPS:
+        handler = handler_for(node)
+        if handler is not None and handler.seeds:
             seeds.extend(coupling_of(idx).seeds)
     seed_set = set(seeds)
 
@@ -333,12 +346,16 @@ def _make_group(view: GraphView, gid: int, index: dict[Member, np.ndarray],
     roles: dict[Member, str] = {}
     labels: dict[Member, str] = {}
     nodes: list[int] = []
+    heads: list[tuple[int, int]] = []  # (head_dim, query heads per unit) from proofs
     for m in index:
         labels[m] = view.describe(m)
         for idx in view.nodes_touching(m.slot):
             nc = cache.get(idx)
             if nc is not None and m in nc.roles:
                 roles[m] = nc.roles[m]
+            if nc is not None and m in nc.heads:
+                head_dim, per_head = nc.heads[m]
+                heads.append((head_dim, max(int(index[m].shape[1]) // per_head, 1)))
             nodes.append(idx)
     seeds = [m for m in index if mid[m] in seed_ids]
     seed_nodes = sorted({view.producer[m.slot.tensor] for m in seeds
@@ -354,14 +371,21 @@ def _make_group(view: GraphView, gid: int, index: dict[Member, np.ndarray],
     reason = None
     if reasons:
         reason = reasons[0] + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "")
+    width = index[anchor].shape[1]
     if source_op in ("Conv", "ConvTranspose", "FusedConv"):
         kind = "channels"
+        unit = "conv-group" if any(m.slot.is_virtual for m in index) else "channel"
     else:
-        width = index[anchor].shape[1]
         kind = "neurons" if width == 1 else "blocks"
+        unit = "neuron" if width == 1 else "block"
+    head_dim, per_unit = None, 1
+    if heads:
+        unit = "head"
+        head_dim = heads[0][0]
+        per_unit = max(p for _, p in heads)
     node_names = tuple(dict.fromkeys(view.nodes[i].name or view.nodes[i].output[0]
                                      for i in sorted(set(nodes))))
     source_nodes = tuple(view.nodes[i].name or view.nodes[i].output[0] for i in seed_nodes)
     return Group(gid, source, source_op, kind, int(index[anchor].shape[0]), index, roles,
                  not reasons, reason, labels, source_nodes, node_names,
-                 seed_nodes[0] if seed_nodes else len(view.nodes))
+                 seed_nodes[0] if seed_nodes else len(view.nodes), unit, head_dim, per_unit)

@@ -139,6 +139,11 @@ class NodeView:
     def seed(self, m: Member) -> None:
         self.nc.seeds.append(m)
 
+    def head(self, m: Member, head_dim: int, atoms_per_head: int) -> None:
+        """``m`` is proven to carry query heads of ``head_dim`` (``atoms_per_head`` atoms of
+        ``m`` per head: ``head_dim`` on a hidden axis, 1 on a heads axis)."""
+        self.nc.heads[m] = (int(head_dim), int(atoms_per_head))
+
 
 class Editor(Protocol):
     """What a rewriter may do to the model while a removal is applied."""
@@ -166,17 +171,24 @@ Rewriter = Callable[[NodeView, Editor], None]
 class Handler:
     couple: Callable[[NodeView], None]
     rewrite: Rewriter | None = None
+    seeds: bool = False  # the op may start groups (it owns weights with output channels)
 
 
 _COUPLERS: dict[tuple[str, str], Callable[[NodeView], None]] = {}
 _REWRITERS: dict[tuple[str, str], Rewriter] = {}
+_SEEDERS: set[tuple[str, str]] = set()
 
 
-def handles(*ops: str, domain: str = ""):
-    """Register a coupling function for op types (``domain`` "" is the ONNX domain)."""
+def handles(*ops: str, domain: str = "", seeds: bool = False):
+    """Register a coupling function for op types (``domain`` "" is the ONNX domain).
+
+    ``seeds=True``: the op may start groups (its handler calls ``NodeView.seed`` on the
+    output-channel axes of its weights); the analysis asks only such ops for seeds."""
     def deco(fn: Callable[[NodeView], None]):
         for op in ops:
             _COUPLERS[(domain, op)] = fn
+            if seeds:
+                _SEEDERS.add((domain, op))
         return fn
     return deco
 
@@ -194,7 +206,7 @@ def handler_for(node: onnx.NodeProto) -> Handler | None:
     """The node's handler (None: no coupling function is registered for its op)."""
     key = ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type)
     couple = _COUPLERS.get(key)
-    return None if couple is None else Handler(couple, _REWRITERS.get(key))
+    return None if couple is None else Handler(couple, _REWRITERS.get(key), key in _SEEDERS)
 
 
 def couple_node(view: GraphView, idx: int) -> NodeCoupling:

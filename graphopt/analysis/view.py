@@ -60,6 +60,9 @@ class NodeCoupling:
     roles: dict[Member, str] = field(default_factory=dict)
     virtual_dims: dict[Slot, int] = field(default_factory=dict)
     seeds: list[Member] = field(default_factory=list)
+    # members proven to carry attention heads (a QKᵀ contraction feeding Softmax, or a
+    # fused attention op): member -> (head_dim, atoms per query head on that member)
+    heads: dict[Member, tuple[int, int]] = field(default_factory=dict)
     failure: str | None = None  # the handler failed: every visited member is blocked
     by_member: dict[Member, list[int]] = field(default_factory=dict)
 

@@ -29,6 +29,72 @@ from graphopt.analysis.registry import NodeView, handles, rewrites
 
 _MS = "com.microsoft"
 
+# ops allowed between the QKᵀ product and its Softmax (scaling, masks, casts) and between
+# the Softmax and the product with V (dropout, casts, masking of fully masked rows)
+_SCORE_OPS = {"Mul", "Div", "Add", "Sub", "Where", "Cast", "Identity", "Dropout", "Tanh",
+              "Max", "Min", "Clip"}
+_HOPS = 8
+
+
+def _reaches_softmax(view, name: str, rank: int) -> bool:
+    """``name`` flows into a Softmax over its last axis through score ops only."""
+    seen: set[str] = set()
+    frontier = [name]
+    for _ in range(_HOPS):
+        nxt = []
+        for t in frontier:
+            for idx, _i in view.consumers.get(t, []):
+                node = view.nodes[idx]
+                if node.domain not in ("", "ai.onnx"):
+                    continue
+                if node.op_type in ("Softmax", "LogSoftmax"):
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+                    if axis in (-1, rank - 1):
+                        return True
+                elif node.op_type in _SCORE_OPS and node.output and node.output[0] not in seen:
+                    seen.add(node.output[0])
+                    nxt.append(node.output[0])
+        frontier = nxt
+    return False
+
+
+def _from_softmax(view, name: str, rank: int) -> bool:
+    """``name`` is a Softmax over its last axis, seen through score ops."""
+    for _ in range(_HOPS):
+        idx = view.producer.get(name)
+        if idx is None:
+            return False
+        node = view.nodes[idx]
+        if node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type == "Softmax":
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+            return axis in (-1, rank - 1)
+        if node.op_type not in _SCORE_OPS:
+            return False
+        name = node.input[2] if node.op_type == "Where" else node.input[0]
+    return False
+
+
+def prove_heads(nv: NodeView, a: tuple[int, ...], b: tuple[int, ...],
+                y: tuple[int, ...]) -> None:
+    """A MatMul of two activations is an attention core when it is QKᵀ feeding a Softmax
+    over the keys, or the product of such a Softmax with V: its batch axes (all but the
+    last two) are then proven to carry heads. Nothing else makes a unit a head."""
+    if len(a) < 3 or len(b) < 3:
+        return
+    if _reaches_softmax(nv.view, nv.node.output[0], len(y)):
+        head_dim = a[-1]
+    elif _from_softmax(nv.view, nv.node.input[0], len(a)):
+        head_dim = b[-1]
+    else:
+        return
+    for i, shape in ((0, a), (1, b)):
+        for k in range(len(shape) - 2):
+            nv.head(nv.inp(i, k), head_dim, 1)
+    for k in range(len(y) - 2):
+        nv.head(nv.out(0, k), head_dim, 1)
+
 
 def _check_no_cache(nv: NodeView, first_cache_input: int | None, outputs: int = 1) -> None:
     view = nv.view
@@ -86,6 +152,8 @@ def _hidden_heads(nv: NodeView, q: int, k: int, v: int, heads: int, kv_heads: in
         raise HandlerError(f"{nv.label}: hidden sizes do not split into {heads} heads")
     _seq_batch(nv, q, k, v)
     hub = nv.inp(k, 2)
+    nv.head(nv.inp(q, 2), dq, dq)
+    nv.head(nv.out(0, 2), dv, dv)
     parts = [(nv.inp(q, 2), dq, True), (hub, dk, False), (nv.inp(v, 2), dv, False),
              (nv.out(0, 2), dv, True)]
     if bias is not None and nv.has_in(bias):
@@ -144,7 +212,7 @@ def _ms_gqa_rewrite(nv: NodeView, ed) -> None:
         ed.set_attr(nv.idx, "num_heads", heads - gone * (heads // kv_heads))
 
 
-@handles("Attention", domain=_MS)
+@handles("Attention", domain=_MS, seeds=True)
 def _ms_attention(nv: NodeView) -> None:
     """input [B, S, D_in] · weight [D_in, Dq+Dk+Dv] (+ bias) -> [B, S, Dv]."""
     _check_no_cache(nv, None)
@@ -175,6 +243,7 @@ def _ms_attention(nv: NodeView) -> None:
             raise HandlerError(f"{nv.label}: a computed bias is not handled")
         nv.link(nv.inp(2, 0), wm, atoms, atoms)
         nv.role(nv.inp(2, 0), "bias")
+    nv.head(nv.out(0, 2), dv, dv)
     nv.role(wm, "out")
     nv.role(nv.inp(1, 0), "in")
     nv.role(nv.inp(0, 2), "act_in")
@@ -222,6 +291,8 @@ def _onnx_attention(nv: NodeView) -> None:
     nv.link(nv.inp(0, 1), hub, q_heads, q_heads // rep)
     nv.link(nv.out(0, 1), hub, q_heads, q_heads // rep)
     nv.link(nv.inp(2, 1), hub, kv_heads)
+    nv.head(nv.inp(0, 1), qs[3], 1)
+    nv.head(nv.out(0, 1), qs[3], 1)
     for i, m in ((0, nv.inp(0, 3)), (1, nv.inp(1, 3)), (2, nv.inp(2, 3))):
         nv.block(m, f"{nv.label} contracts head_dim")
     nv.block(nv.out(0, 3), f"{nv.label} contracts head_dim")

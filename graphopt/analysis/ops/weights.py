@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphopt.analysis.ops.attention import prove_heads
 from graphopt.analysis.registry import NodeView, axis_index, handles, rewrites
 
 
 # =========================================================================== weight ops
 
 
-@handles("Conv")
-@handles("FusedConv", domain="com.microsoft")
+@handles("Conv", seeds=True)
+@handles("FusedConv", domain="com.microsoft", seeds=True)
 def _conv(nv: NodeView) -> None:
     x, w = nv.in_shape(0), nv.in_shape(1)
     group = int(nv.attr("group", 1))
@@ -45,7 +46,7 @@ def _conv(nv: NodeView) -> None:
     nv.link(y, groups, np.arange(filters), np.arange(filters) // cout)
 
 
-@handles("ConvTranspose")
+@handles("ConvTranspose", seeds=True)
 def _conv_transpose(nv: NodeView) -> None:
     x, w = nv.in_shape(0), nv.in_shape(1)
     group = int(nv.attr("group", 1))
@@ -85,7 +86,7 @@ def _conv_rewrite(nv: NodeView, ed) -> None:
             ed.set_attr(nv.idx, "group", group - removed)
 
 
-@handles("Gemm")
+@handles("Gemm", seeds=True)
 def _gemm(nv: NodeView) -> None:
     a, b = nv.in_shape(0), nv.in_shape(1)
     ka = 0 if nv.attr("transA", 0) else 1
@@ -120,7 +121,7 @@ def _gemm(nv: NodeView) -> None:
         nv.role(nv.inp(1, kb), "contract")
 
 
-@handles("MatMul")
+@handles("MatMul", seeds=True)
 def _matmul(nv: NodeView) -> None:
     a, b, y = nv.in_shape(0), nv.in_shape(1), nv.out_shape(0)
     ra, rb, ry = len(a), len(b), len(y)
@@ -155,6 +156,7 @@ def _matmul(nv: NodeView) -> None:
     else:
         nv.role(nv.inp(0, ka), "contract")
         nv.role(nv.inp(1, kb), "contract")
+        prove_heads(nv, a, b, y)
 
 
 @handles("Gather")
