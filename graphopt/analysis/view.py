@@ -109,6 +109,22 @@ class GraphView:
         self.shapes = dict(shapes)
         self._const_cache: dict[str, np.ndarray | None] = {}
         self.virtual_dims: dict[Slot, int] = {}
+        self._input_shapes = input_shapes
+        self._alt_shapes: dict[str, tuple] | None = None
+
+    def varying(self, name: str) -> tuple[bool, ...] | None:
+        """Which axes of ``name`` follow the model's dynamic input dims (batch, sequence):
+        shapes are inferred a second time with every dynamic input dim doubled (once per
+        view, on first use); None where either inference left ``name`` unknown or the
+        model has no dynamic input dims."""
+        if self._alt_shapes is None:
+            self._alt_shapes = _doubled_shapes(self.model, self._input_shapes)
+        a, b = self.shape(name), self._alt_shapes.get(name)
+        if a is None or b is None or len(a) != len(b) or not self._alt_shapes:
+            return None
+        if any(not isinstance(d, int) for d in b):
+            return None
+        return tuple(int(x) != int(y) for x, y in zip(a, b))
 
     # ------------------------------------------------------------------ constants
     def opset(self, domain: str = "") -> int:
@@ -290,6 +306,27 @@ def _all_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple]:
         if all(isinstance(d, int) for d in dims):
             shapes[vi.name] = dims
     return shapes
+
+
+def _doubled_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple]:
+    from ..inputs import input_specs, resolve_shapes
+
+    resolved = resolve_shapes(model, input_shapes)
+    alt, dynamic = {}, False
+    for spec in input_specs(model):
+        dims = resolved.get(spec.name)
+        if dims is None:
+            continue
+        new = tuple(2 * d if not isinstance(sd, int) else d for d, sd in zip(dims, spec.dims))
+        dynamic |= new != tuple(dims)
+        alt[spec.name] = new
+    if not dynamic:
+        return {}
+    try:
+        return _all_shapes(model, alt)
+    except Exception as exc:  # noqa: BLE001 - without it, reshapes fall back to the default
+        logger.debug("second shape inference failed: %s", exc)
+        return {}
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:

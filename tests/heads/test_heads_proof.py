@@ -1,0 +1,126 @@
+"""A unit is a head only when attention over it is proven (torch-free, hand-built graphs).
+
+Decomposed multi-head attention, as exporters write it::
+
+    x ─ MatMul(wq) ─ Reshape[B,S,H,D] ─ Transpose ─┐
+    x ─ MatMul(wk) ─ Reshape ─ Transpose(0,2,3,1) ─ MatMul ─ Mul ─ Softmax ─┐
+    x ─ MatMul(wv) ─ Reshape ─ Transpose ─────────────────────────────── MatMul
+                                   ─ Transpose ─ Reshape[B,S,E] ─ MatMul(wo) ─ Add(x) ─ y
+
+and the same split without attention (a plain MLP that reshapes its hidden layer).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from graphopt.analysis.coupling import analyze
+from graphopt.pass_manager import Context, PassManager, build_pass
+from graphopt.testing import make_model
+
+N = helper.make_node
+B, S, H, D = 2, 5, 4, 4
+E = H * D
+
+
+def _w(rng, *shape):
+    return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+
+
+def decomposed_mha(seed: int = 0, kv_heads: int = H):
+    """Q/K/V projections, QKᵀ → Softmax → ·V, output projection and residual; with
+    ``kv_heads < H`` K/V are repeated to the query heads (repeat_kv:
+    Unsqueeze → Expand → Reshape), as a GQA export does."""
+    rng = np.random.default_rng(seed)
+    rep = H // kv_heads
+    nodes = [N("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+             N("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+             N("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+             N("Reshape", ["q", "split_q"], ["q4"]),
+             N("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
+             N("Reshape", ["k", "split_kv"], ["k4"]),
+             N("Transpose", ["k4"], ["kt0"], perm=[0, 2, 1, 3]),
+             N("Reshape", ["v", "split_kv"], ["v4"]),
+             N("Transpose", ["v4"], ["vt0"], perm=[0, 2, 1, 3])]
+    inits = {"wq": _w(rng, E, E), "wk": _w(rng, E, kv_heads * D),
+             "wv": _w(rng, E, kv_heads * D), "wo": _w(rng, E, E),
+             "split_q": np.array([B, S, H, D], np.int64),
+             "split_kv": np.array([B, S, kv_heads, D], np.int64),
+             "merge": np.array([B, S, E], np.int64), "scale": np.array(D ** -0.5, np.float32)}
+    if rep > 1:
+        inits.update(ax2=np.array([2], np.int64),
+                     rep_shape=np.array([B, kv_heads, rep, S, D], np.int64),
+                     heads_shape=np.array([B, H, S, D], np.int64))
+        for t in ("kt0", "vt0"):
+            nodes += [N("Unsqueeze", [t, "ax2"], [t + "u"]),
+                      N("Expand", [t + "u", "rep_shape"], [t + "e"]),
+                      N("Reshape", [t + "e", "heads_shape"], [t + "r"])]
+        kt, vt = "kt0r", "vt0r"
+    else:
+        kt, vt = "kt0", "vt0"
+    nodes += [N("Transpose", [kt], ["ktt"], perm=[0, 1, 3, 2]),
+              N("MatMul", ["qt", "ktt"], ["scores"], name="qk"),
+              N("Mul", ["scores", "scale"], ["scaled"]),
+              N("Softmax", ["scaled"], ["probs"], axis=-1),
+              N("MatMul", ["probs", vt], ["ctx"], name="pv"),
+              N("Transpose", ["ctx"], ["ctxt"], perm=[0, 2, 1, 3]),
+              N("Reshape", ["ctxt", "merge"], ["ctx3"]),
+              N("MatMul", ["ctx3", "wo"], ["o"], name="o_proj"),
+              N("Add", ["o", "x"], ["y"])]
+    return make_model(nodes, {"x": [B, S, E]}, ["y"], inits)
+
+
+def reshaped_mlp(seed: int = 0):
+    """MatMul → Reshape[2,8,4,16] → Relu → Reshape → MatMul: a block split, no attention."""
+    rng = np.random.default_rng(seed)
+    nodes = [N("MatMul", ["x", "w1"], ["h"], name="up"),
+             N("Reshape", ["h", "split"], ["h4"]), N("Relu", ["h4"], ["r"]),
+             N("Reshape", ["r", "merge"], ["m"]), N("MatMul", ["m", "w2"], ["y"], name="down")]
+    return make_model(nodes, {"x": [2, 8, 32]}, ["y"],
+                      {"w1": _w(rng, 32, 64), "w2": _w(rng, 64, 32),
+                       "split": np.array([2, 8, 4, 16], np.int64),
+                       "merge": np.array([2, 8, 64], np.int64)})
+
+
+def _feeds(seed: int, shape=(B, S, E)):
+    return {"x": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
+def test_reshaped_mlp_is_not_heads(meta):
+    """The MLP's 4 blocks of 16 are a `block` group, not heads: prune-heads removes nothing,
+    writes no graphopt.heads, and says why."""
+    model = reshaped_mlp()
+    group = next(g for g in analyze(model).groups if g.source == "up")
+    assert group.unit == "block" and group.size == 4 and group.head_dim is None
+    p = build_pass("prune-heads", {"ratio": 0.5})
+    out, report = PassManager([p]).run(model, Context(calibration=[_feeds(1, (2, 8, 32))]))
+    entry = report.passes[0]
+    assert entry.status == "unchanged" and entry.counters["heads_removed"] == 0
+    assert "graphopt.heads" not in meta(out)
+    assert any("no attention heads found" in s.reason for s in entry.skipped)
+
+
+def test_decomposed_mha_heads_are_proven():
+    """The QKᵀ→Softmax core proves the Q/K/V/O group's units are heads of head_dim 4."""
+    groups = [g for g in analyze(decomposed_mha()).groups if g.unit == "head"]
+    assert len(groups) == 1
+    g = groups[0]
+    assert (g.size, g.head_dim, g.heads_per_unit, g.prunable) == (H, D, 1, True)
+    assert g.to_dict()["unit"] == "head"
+
+
+@pytest.mark.parametrize("kv_heads", [H, 2])
+def test_decomposed_attention_masked_equivalence(kv_heads, oracle, meta):
+    """Half of the units go (MHA: 2 heads; GQA 4q/2kv via repeat_kv: one KV head with its 2
+    query heads); pruned and masked outputs match through ORT."""
+    model = decomposed_mha(kv_heads=kv_heads)
+    ctx = Context(calibration=[_feeds(1), _feeds(2)])
+    pruned, report, p = oracle(model, {"ratio": 0.5}, feeds=_feeds(3), ctx=ctx)
+    (block,) = p.last_plan.blocks
+    assert block.heads_per_unit == H // kv_heads and block.head_dim == D
+    assert json.loads(meta(pruned)["graphopt.heads"]) == [H // 2]
+    assert json.loads(meta(pruned)["graphopt.kv_heads"]) == [kv_heads // 2]
