@@ -19,8 +19,9 @@ apply engine, ``graphopt.prune.apply``, implements it).
 This module is the mechanism only; the handlers live by family in ``graphopt.analysis.ops``
 (importing that package registers them all): ``ops.elementwise`` (activations, broadcasting
 ops, normalizations and barriers), ``ops.weights`` (Conv, ConvTranspose, Gemm, MatMul,
-Gather), ``ops.layout`` (Concat, Split, Slice, Transpose, Reshape family, pooling,
-reductions, Resize, Pad) and ``ops.attention`` (fused attention ops and their ``num_heads``).
+Gather), ``ops.layout`` (Concat, Split, Slice, Transpose, pooling, reductions, Resize, Pad),
+``ops.reshape`` (Reshape family, Expand, Tile, ConstantOfShape), ``ops.quant`` (Q/DQ) and
+``ops.attention`` (fused attention ops and their ``num_heads``).
 To support a new op, add one function decorated with ``@handles("OpType")`` (and
 ``@rewrites`` if an attribute or shape constant must follow the removal; the two may be
 declared in either order). An op without a handler is a barrier whose reason names it.

@@ -309,7 +309,7 @@ def _all_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple]:
 
 
 def _doubled_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple]:
-    from ..inputs import input_specs, resolve_shapes
+    from graphopt.ir.inputs import input_specs, resolve_shapes
 
     resolved = resolve_shapes(model, input_shapes)
     alt, dynamic = {}, False

@@ -16,8 +16,8 @@ import warnings
 import numpy as np
 import pytest
 
-from graphopt.inputs import generate_inputs
-from graphopt.pass_manager import Context
+from graphopt.ir.inputs import generate_inputs
+from graphopt.core.contract import Context
 
 E, HEADS, SEQ = 32, 4, 7
 

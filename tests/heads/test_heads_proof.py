@@ -19,7 +19,9 @@ import pytest
 from onnx import helper
 
 from graphopt.analysis.coupling import analyze
-from graphopt.pass_manager import Context, PassManager, build_pass
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
+from graphopt.core.registry import build_pass
 from graphopt.testing import make_model
 
 N = helper.make_node
