@@ -131,6 +131,17 @@ class NodeView:
     def free(self, m: Member) -> None:
         self.nc.free.add(m)
 
+    def free_input(self, i: int) -> None:
+        """Every axis of input ``i`` is free (cos/sin caches, shape vectors, masks): only
+        its rank is needed, so a symbolic dim the inference left open does not matter."""
+        name = self.node.input[i]
+        dims = self.view.shapes.get(name) or self.view.shape(name)
+        if dims is None and self.view.is_const(name):
+            value = self.view.const(name)
+            dims = None if value is None else value.shape
+        for k in range(len(dims or ())):
+            self.free(self.inp(i, k))
+
     def role(self, m: Member, role: str) -> None:
         if m.slot.is_const:
             self.nc.roles[m] = role

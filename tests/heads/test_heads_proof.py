@@ -1,4 +1,5 @@
-"""A unit is a head only when attention over it is proven (torch-free, hand-built graphs).
+"""A unit is a head only when attention over it is proven, and importance rankings that fail
+on a wrong ranking (torch-free, hand-built graphs).
 
 Decomposed multi-head attention, as exporters write it::
 
@@ -22,6 +23,7 @@ from graphopt.analysis.coupling import analyze
 from graphopt.core.contract import Context
 from graphopt.core.manager import PassManager
 from graphopt.core.registry import build_pass
+from graphopt.passes.heads import HeadBlock, head_block, select_heads
 from graphopt.testing import make_model
 
 N = helper.make_node
@@ -33,10 +35,11 @@ def _w(rng, *shape):
     return (rng.standard_normal(shape) * 0.5).astype(np.float32)
 
 
-def decomposed_mha(seed: int = 0, kv_heads: int = H):
+def decomposed_mha(seed: int = 0, kv_heads: int = H, weights: dict | None = None):
     """Q/K/V projections, QKᵀ → Softmax → ·V, output projection and residual; with
     ``kv_heads < H`` K/V are repeated to the query heads (repeat_kv:
-    Unsqueeze → Expand → Reshape), as a GQA export does."""
+    Unsqueeze → Expand → Reshape), as a GQA export does. ``weights`` replaces any of
+    wq, wk, wv ([E, E] each) and wo."""
     rng = np.random.default_rng(seed)
     rep = H // kv_heads
     nodes = [N("MatMul", ["x", "wq"], ["q"], name="q_proj"),
@@ -53,6 +56,7 @@ def decomposed_mha(seed: int = 0, kv_heads: int = H):
              "split_q": np.array([B, S, H, D], np.int64),
              "split_kv": np.array([B, S, kv_heads, D], np.int64),
              "merge": np.array([B, S, E], np.int64), "scale": np.array(D ** -0.5, np.float32)}
+    inits.update(weights or {})
     if rep > 1:
         inits.update(ax2=np.array([2], np.int64),
                      rep_shape=np.array([B, kv_heads, rep, S, D], np.int64),
@@ -126,3 +130,81 @@ def test_decomposed_attention_masked_equivalence(kv_heads, oracle, meta):
     assert block.heads_per_unit == H // kv_heads and block.head_dim == D
     assert json.loads(meta(pruned)["graphopt.heads"]) == [H // 2]
     assert json.loads(meta(pruned)["graphopt.kv_heads"]) == [kv_heads // 2]
+
+
+# ---------------------------------------------------------------------------- rankings
+# All heads share the same Q/K/V weights (one [E, D] block tiled), so they differ only by a
+# per-head scale put on V (activation importance: the attention output of head h is scale_h
+# times the common one) or on the output projection's rows (ablation: masking head h
+# changes the output by scale_h times a common delta). The ranking must follow the scales.
+
+SCALES = np.array([4.0, 0.25, 2.0, 1.0], np.float32)  # heads 1 and 3 are the weakest
+
+
+def _identical_heads(v_scale=None, o_scale=None):
+    rng = np.random.default_rng(4)
+    block = (rng.standard_normal((E, D)) * 0.5).astype(np.float32)
+    w = {k: np.tile(block, (1, H)) for k in ("wq", "wk", "wv")}
+    wo = np.tile((rng.standard_normal((D, E)) * 0.5).astype(np.float32), (H, 1))
+    if v_scale is not None:
+        w["wv"] = w["wv"] * np.repeat(v_scale, D)[None, :]
+    if o_scale is not None:
+        wo = wo * np.repeat(o_scale, D)[:, None]
+    w["wo"] = wo
+    return decomposed_mha(weights=w)
+
+
+@pytest.mark.parametrize("importance,where", [("activation", "v"), ("ablation", "o"),
+                                              ("magnitude", "o")])
+def test_ranking_follows_head_scales(importance, where, oracle):
+    """activation (V scaled), ablation and magnitude (output rows scaled): the scores
+    order the heads as the scales do, and ratio 0.5 removes heads 1 and 3."""
+    model = _identical_heads(v_scale=SCALES if where == "v" else None,
+                             o_scale=SCALES if where == "o" else None)
+    ctx = Context(calibration=[_feeds(1), _feeds(2)])
+    _, _, p = oracle(model, {"ratio": 0.5, "importance": importance}, feeds=_feeds(3),
+                     ctx=ctx)
+    plan = p.last_plan
+    (gid,) = plan.removal
+    scores = np.asarray(plan.scores[gid])
+    assert list(np.argsort(scores)) == list(np.argsort(SCALES)), scores
+    assert list(plan.removal[gid]) == [1, 3]
+    if importance != "magnitude":  # magnitude adds the equal Q/K/V norms to the rows'
+        ratios = scores / scores[3]
+        np.testing.assert_allclose(ratios, SCALES / SCALES[3], rtol=1e-3)
+
+
+def _blocks(sizes_per_unit):
+    """HeadBlocks over real groups of one model (ids 0..n-1), heads per unit as given."""
+    group = next(g for g in analyze(decomposed_mha()).groups if g.unit == "head")
+    out = []
+    for gid, per_unit in enumerate(sizes_per_unit):
+        g = type(group)(**{**group.__dict__, "id": gid})
+        out.append(HeadBlock(g, D, per_unit))
+    return out
+
+
+def test_select_heads_layer_and_global():
+    """scope=layer takes floor(ratio × units) lowest per block; scope=global ranks units of
+    all blocks together (a unit of k heads counts k heads, its score per head) and keeps
+    min_heads per block."""
+    blocks = _blocks([1, 1])
+    scores = {0: np.array([5.0, 1.0, 3.0, 0.5]), 1: np.array([0.1, 0.2, 9.0, 8.0])}
+    layer = select_heads(blocks, scores, 0.5, "layer", 1)
+    assert {k: list(v) for k, v in layer.items()} == {0: [1, 3], 1: [0, 1]}
+    glob = select_heads(blocks, scores, 0.5, "global", 1)  # 4 of 8 heads: the 4 lowest
+    assert {k: list(v) for k, v in glob.items()} == {0: [1, 3], 1: [0, 1]}
+    capped = select_heads(blocks, scores, 0.75, "global", 3)  # each block keeps 3 heads
+    assert {k: len(v) for k, v in capped.items()} == {0: 1, 1: 1}
+    assert list(capped[0]) == [3] and list(capped[1]) == [0]
+
+
+def test_select_heads_global_counts_kv_groups():
+    """A GQA unit (2 query heads) spends 2 heads of the budget and is ranked by its score
+    per head: with one budget of 2 heads, the MHA head scored 0.9 loses to the GQA unit
+    scored 1.0 (0.5 per head)."""
+    blocks = _blocks([1, 2])
+    scores = {0: np.array([0.9, 5.0, 5.0, 5.0]), 1: np.array([1.0, 7.0, 7.0, 7.0])}
+    out = select_heads(blocks, scores, 2 / 12, "global", 1)
+    assert {k: list(v) for k, v in out.items()} == {1: [0]}
+    assert head_block(blocks[1].group).heads_per_unit == 1  # the analysis' own value

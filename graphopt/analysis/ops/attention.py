@@ -297,8 +297,9 @@ def _onnx_attention(nv: NodeView) -> None:
         nv.block(m, f"{nv.label} contracts head_dim")
     nv.block(nv.out(0, 3), f"{nv.label} contracts head_dim")
     if nv.has_in(3):
-        mask = nv.in_shape(3)
-        if len(mask) == 4 and mask[1] != 1:
+        mask = nv.view.shapes.get(nv.node.input[3]) or ()
+        nv.free_input(3)
+        if len(mask) == 4 and mask[1] not in (1, None) and isinstance(mask[1], int):
             raise HandlerError(f"{nv.label}: a per-head attention mask is not handled")
 
 
@@ -326,8 +327,7 @@ def _rotary(nv: NodeView) -> None:
     x = nv.in_shape(0)
     for i in range(1, len(nv.node.input)):
         if nv.has_in(i):
-            for k in range(len(nv.in_shape(i))):
-                nv.free(nv.inp(i, k))
+            nv.free_input(i)
     for k, d in enumerate(x):
         if k != len(x) - 1 or len(x) == 4:
             nv.link(nv.inp(0, k), nv.out(0, k), d)

@@ -268,5 +268,4 @@ def _pad(nv: NodeView) -> None:
             nv.block(nv.out(0, k), reason)
     for i in range(1, len(nv.node.input)):
         if nv.has_in(i):
-            for k in range(len(nv.in_shape(i))):
-                nv.free(nv.inp(i, k))
+            nv.free_input(i)

@@ -68,8 +68,7 @@ def _reshape(nv: NodeView) -> None:
     a, b = nv.in_shape(0), nv.out_shape(0)
     for i in range(1, len(nv.node.input)):
         if nv.has_in(i):
-            for k in range(len(nv.in_shape(i))):
-                nv.free(nv.inp(i, k))
+            nv.free_input(i)
     for k, d in enumerate(a):
         if d == 1:
             nv.free(nv.inp(0, k))
@@ -263,8 +262,20 @@ def _selected(view: GraphView, name: str, axis: int, dim: int, depth: int = 6) -
 
 def _shape_input_pieces(view: GraphView, name: str):
     """Where each entry of a runtime shape vector comes from: a list of (node idx, input idx,
-    position in that input) for entries built by a Concat of pieces, else None."""
+    position in that input) for entries built by a Concat of pieces, else None. The
+    TorchScript ``expand`` idiom ``Where(Equal(s, -1), ones, s)`` and 1-D Reshape/Cast of
+    the Concat are looked through (they keep every entry in place)."""
     idx = view.producer.get(name)
+    for _ in range(4):
+        if idx is None:
+            return None
+        node = view.nodes[idx]
+        if node.op_type == "Where" and len(node.input) == 3:
+            idx = view.producer.get(node.input[2])
+        elif node.op_type in ("Reshape", "Cast", "Identity"):
+            idx = view.producer.get(node.input[0])
+        else:
+            break
     if idx is None or view.nodes[idx].op_type != "Concat":
         return None
     pieces = []
