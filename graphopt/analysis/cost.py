@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from graphopt.ir.inputs import resolve_shapes
+from graphopt.ir.inputs import input_specs, resolve_shapes
 
 _MATMUL_LIKE = {"MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul"}
 _PLUMBING = {"Shape", "Size", "CastLike", "Cast", "Identity"}
@@ -35,6 +35,13 @@ class Cost:
     params_by_op: dict[str, int] = field(default_factory=dict)
     macs_by_op: dict[str, int] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
+    # dynamic input dims the counts assumed (input -> {axis: value}): MACs are for these
+    assumed: dict[str, dict[int, int]] = field(default_factory=dict)
+
+    def assumed_text(self) -> str:
+        """``images[0]=1, images[2]=16`` for the dims counted at a default size."""
+        return ", ".join(f"{name}[{axis}]={value}" for name, dims in self.assumed.items()
+                         for axis, value in dims.items())
 
     def to_dict(self) -> dict:
         return {
@@ -44,6 +51,7 @@ class Cost:
             "params_by_op": self.params_by_op,
             "macs_by_op": self.macs_by_op,
             "unknown_shapes": self.unknown,
+            "assumed_dims": {k: dict(v) for k, v in self.assumed.items()},
         }
 
 
@@ -100,7 +108,16 @@ def count_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...
         params_by_op[consumers.get(name, "unused")] += n
     cost.params_by_op = dict(params_by_op.most_common())
 
-    shapes = tensor_shapes(model, resolve_shapes(model, input_shapes))
+    resolved = resolve_shapes(model, input_shapes)
+    given = dict(input_shapes or {})
+    for spec in input_specs(model):
+        if spec.name in given:
+            continue
+        dims = {k: int(v) for k, (d, v) in enumerate(zip(spec.dims, resolved[spec.name]))
+                if not isinstance(d, int)}
+        if dims:
+            cost.assumed[spec.name] = dims
+    shapes = tensor_shapes(model, resolved)
     macs_by_op: Counter[str] = Counter()
     for node in model.graph.node:
         try:

@@ -219,6 +219,43 @@ def analyze(model: onnx.ModelProto,
     return Coupling(model, view, groups, cache, dims)
 
 
+# what would make a barrier prunable, by the kind of barrier its text names (display only)
+_FIXES = (
+    ("is a graph output", "graph outputs keep their shape: exclude this group, or cut units "
+                          "that do not reach an output"),
+    ("is a graph input", "graph inputs keep their shape: exclude this group"),
+    ("has no coupling handler", "add a coupling handler for the op "
+                                "(graphopt.analysis.registry.handles)"),
+    ("is unknown", "give --input-shape with concrete dims"),
+    ("normalizes over", "a normalized axis is never cut: prune units inside the block "
+                        "(heads, FFN neurons) instead"),
+    ("contracts head_dim", "heads are cut whole: the head_dim axis itself is never cut"),
+    ("rotates within", "heads are cut whole: the head_dim axis itself is never cut"),
+    ("computed at runtime", "fold it to a constant first (--pass cleanup, or give "
+                            "--input-shape)"),
+    ("computed indices", "fold the indices to constants first (--pass cleanup)"),
+    ("KV cache", "export the model without past key/values (use_cache=False) to prune "
+                 "its heads"),
+    ("splits axis", "only the carried part of a split axis can be cut"),
+    ("merges axis", "only the carried part of a merged axis can be cut; a batch merged "
+                    "with the heads needs a dynamic batch (export with dynamic shapes)"),
+    ("regroups axes", "the two shapes have no common factoring: export with dynamic "
+                      "shapes, or reshape along whole axes"),
+    ("does not carry axis", "the op reads this axis as a whole; a handler that maps it "
+                            "would make the group prunable"),
+    ("picks fixed indices", "fold or remove the Gather (--pass cleanup)"),
+)
+
+
+def barrier_reason(text: str, m: Member) -> str:
+    """A group's reason: the barrier (naming the op), the tensor it stops on, and what would
+    make the group prunable."""
+    if f"'{m.slot.tensor}'" not in text and not m.slot.is_virtual:
+        text += f" (at '{m.slot.tensor}' axis {m.axis})"
+    fix = next((f for key, f in _FIXES if key in text), None)
+    return f"{text}; to prune: {fix}" if fix else text
+
+
 def _short(view: GraphView, m: Member) -> str:
     if m.slot.use is None:
         return f"'{m.slot.tensor}'"
@@ -367,10 +404,12 @@ def _make_group(view: GraphView, gid: int, index: dict[Member, np.ndarray],
     src = view.nodes[seed_nodes[0]] if seed_nodes else None
     source = (src.name or src.output[0]) if src is not None else anchor.slot.tensor
     source_op = src.op_type if src is not None else ""
-    reasons = [block_ids[mid[m]] for m in index if mid[m] in block_ids]
+    blocked = [m for m in index if mid[m] in block_ids]
     reason = None
-    if reasons:
-        reason = reasons[0] + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "")
+    if blocked:
+        reason = barrier_reason(block_ids[mid[blocked[0]]], blocked[0])
+        if len(blocked) > 1:
+            reason += f" (and {len(blocked) - 1} more)"
     width = index[anchor].shape[1]
     if source_op in ("Conv", "ConvTranspose", "FusedConv"):
         kind = "channels"
@@ -387,5 +426,5 @@ def _make_group(view: GraphView, gid: int, index: dict[Member, np.ndarray],
                                      for i in sorted(set(nodes))))
     source_nodes = tuple(view.nodes[i].name or view.nodes[i].output[0] for i in seed_nodes)
     return Group(gid, source, source_op, kind, int(index[anchor].shape[0]), index, roles,
-                 not reasons, reason, labels, source_nodes, node_names,
+                 not blocked, reason, labels, source_nodes, node_names,
                  seed_nodes[0] if seed_nodes else len(view.nodes), unit, head_dim, per_unit)

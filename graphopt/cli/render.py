@@ -37,9 +37,16 @@ def render_inspect(console: Console, info: dict[str, Any]) -> None:
     cost = info["cost"]
     console.print(f"[bold]{info.get('path') or 'model'}[/]  IR {info['ir_version']}  opsets: "
                   f"{opsets}  producer: {info['producer'] or '-'}")
-    console.print(f"params {_n(cost['params'])}  MACs {_n(cost['macs'])}  weights "
+    assumed = ", ".join(f"{name}[{axis}]={value}"
+                        for name, dims in cost.get("assumed_dims", {}).items()
+                        for axis, value in dims.items())
+    macs = _n(cost["macs"]) + (f" (at {assumed})" if assumed else "")
+    console.print(f"params {_n(cost['params'])}  MACs {macs}  weights "
                   f"{_bytes(info['weight_bytes'])}  file {_bytes(info.get('file_bytes'))}  "
                   f"nodes {info['nodes']}  subgraphs {info['subgraphs']}")
+    if assumed:
+        console.print(f"[yellow]MACs assume dynamic input dims {assumed}; they scale with "
+                      "those dims: give --input-shape for the sizes you run[/]")
     io = Table("", "name", "dtype", "shape", title="inputs and outputs", title_justify="left")
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
@@ -59,14 +66,20 @@ def render_inspect(console: Console, info: dict[str, Any]) -> None:
 
 
 def render_groups(console: Console, groups: list[dict[str, Any]]) -> None:
-    table = Table("group", "source", "units", "members", "prunable", title="coupled groups",
-                  title_justify="left")
+    table = Table("group", "source", "unit", "units", "members", "prunable",
+                  title="coupled groups", title_justify="left")
     for g in groups:
         members = g.get("members", [])
         shown = ", ".join(str(m) for m in members[:4]) + (
             f" (+{len(members) - 4})" if len(members) > 4 else "")
         verdict = "yes" if g.get("prunable") else f"no: {g.get('reason')}"
-        table.add_row(str(g.get("id")), str(g.get("source")), str(g.get("size")), shown, verdict)
+        unit = str(g.get("unit", "-"))
+        if g.get("unit") == "head":
+            unit += f" (dim {g.get('head_dim')}" + (
+                f", {g.get('heads_per_unit')} q heads per kv)" if g.get("heads_per_unit", 1) > 1
+                else ")")
+        table.add_row(str(g.get("id")), str(g.get("source")), unit, str(g.get("size")), shown,
+                      escape(verdict))
     console.print(table)
     ok = sum(1 for g in groups if g.get("prunable"))
     console.print(f"{ok} of {len(groups)} groups prunable")
