@@ -275,6 +275,13 @@ class PruneHeads(Pass):
                 continue
             if why is None and not g.prunable:
                 why, code = g.reason or "not prunable", "not-prunable"
+                out = g.barrier.slot.tensor if g.barrier is not None else None
+                if out in coupling.view.graph_outputs:
+                    # a heads axis as a graph output: present keys/values or attentions
+                    why = (f"the heads reach graph output '{out}' (a KV cache or attention "
+                           "weights): its head count is the model's interface; export "
+                           "without them (use_cache=False, output_attentions=False) to "
+                           f"prune heads. {why}")
             if why is None and block.heads <= cfg.min_heads:
                 why, code = f"only {block.heads} head(s)", "too-small"
             if why is not None:

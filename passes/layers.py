@@ -84,9 +84,16 @@ class PruneLayers(Pass):
         cfg: LayersConfig = self.config
         blocks = list(find_structure(model).blocks(cfg.kind))
         if not blocks:
-            return PassResult(model, False, skipped=[Skip(
-                "model", f"no {cfg.kind} blocks found: no residual Add(x, f(x)) whose branch "
-                "holds weights lies on a stream")])
+            why = (f"no {cfg.kind} blocks found: no residual Add(x, f(x)) whose branch "
+                   "holds weights lies on a stream")
+            fused = sorted({n.name or n.output[0] for n in model.graph.node
+                            if n.op_type.startswith("Skip") and "Normalization" in n.op_type})
+            if fused:
+                why += (f"; the residual Adds are fused into {len(fused)} "
+                        f"SkipLayerNormalization nodes (e.g. '{fused[0]}'), which are not "
+                        "read as residuals: run prune-layers before onnxruntime's "
+                        "transformer fusion")
+            return PassResult(model, False, skipped=[Skip("model", why, "unsupported")])
         skipped = [Skip(b.site, b.reason, "not-prunable") for b in blocks if not b.removable]
         wanted = _how_many(cfg, len(blocks))
         if wanted == 0:

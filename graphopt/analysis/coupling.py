@@ -82,6 +82,7 @@ class Group:
     unit: str = "neuron"  # channel | conv-group | neuron | head | block (module doc, 6.)
     head_dim: int | None = None  # for unit == "head"
     heads_per_unit: int = 1  # query heads per unit (> 1: a KV head shared by several)
+    barrier: Member | None = field(default=None, repr=False)  # where ``reason`` stops it
 
     @property
     def members(self) -> list[str]:
@@ -427,4 +428,5 @@ def _make_group(view: GraphView, gid: int, index: dict[Member, np.ndarray],
     source_nodes = tuple(view.nodes[i].name or view.nodes[i].output[0] for i in seed_nodes)
     return Group(gid, source, source_op, kind, int(index[anchor].shape[0]), index, roles,
                  not blocked, reason, labels, source_nodes, node_names,
-                 seed_nodes[0] if seed_nodes else len(view.nodes), unit, head_dim, per_unit)
+                 seed_nodes[0] if seed_nodes else len(view.nodes), unit, head_dim, per_unit,
+                 blocked[0] if blocked else None)

@@ -63,3 +63,23 @@ def test_costs_say_which_dynamic_dims_they_assumed(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "x[0]=1" in out and "x[1]=16" in out and "--input-shape" in out
+
+
+def test_prune_layers_names_fused_skip_layernorm():
+    """Residual Adds fused into com.microsoft SkipLayerNormalization (ORT's transformer
+    optimizer): prune-layers finds no residual and says which fused nodes hid them."""
+    rng = np.random.default_rng(1)
+    nodes, prev, inits = [], "x", {"g": np.ones(8, np.float32), "b": np.zeros(8, np.float32)}
+    for k in range(2):
+        inits[f"w{k}"] = rng.standard_normal((8, 8)).astype(np.float32)
+        nodes += [N("MatMul", [prev, f"w{k}"], [f"h{k}"]),
+                  N("SkipLayerNormalization", [f"h{k}", prev, "g", "b"], [f"n{k}"],
+                    domain="com.microsoft", name=f"sln{k}", epsilon=1e-5)]
+        prev = f"n{k}"
+    nodes.append(N("Identity", [prev], ["y"]))
+    model = make_model(nodes, {"x": [2, 4, 8]}, {"y": [2, 4, 8]}, inits,
+                       extra_opsets={"com.microsoft": 1})
+    p = build_pass("prune-layers", {"count": 1})
+    _, report = PassManager([p]).run(model, Context())
+    (skip,) = report.passes[0].skipped
+    assert "2 SkipLayerNormalization nodes" in skip.reason and "'sln0'" in skip.reason

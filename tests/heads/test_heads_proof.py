@@ -35,11 +35,13 @@ def _w(rng, *shape):
     return (rng.standard_normal(shape) * 0.5).astype(np.float32)
 
 
-def decomposed_mha(seed: int = 0, kv_heads: int = H, weights: dict | None = None):
+def decomposed_mha(seed: int = 0, kv_heads: int = H, weights: dict | None = None,
+                   present: bool = False):
     """Q/K/V projections, QKᵀ → Softmax → ·V, output projection and residual; with
     ``kv_heads < H`` K/V are repeated to the query heads (repeat_kv:
     Unsqueeze → Expand → Reshape), as a GQA export does. ``weights`` replaces any of
-    wq, wk, wv ([E, E] each) and wo."""
+    wq, wk, wv ([E, E] each) and wo. ``present``: K ``[B, kv_heads, S, D]`` is also a graph
+    output (a decoder's KV cache)."""
     rng = np.random.default_rng(seed)
     rep = H // kv_heads
     nodes = [N("MatMul", ["x", "wq"], ["q"], name="q_proj"),
@@ -77,7 +79,7 @@ def decomposed_mha(seed: int = 0, kv_heads: int = H, weights: dict | None = None
               N("Reshape", ["ctxt", "merge"], ["ctx3"]),
               N("MatMul", ["ctx3", "wo"], ["o"], name="o_proj"),
               N("Add", ["o", "x"], ["y"])]
-    return make_model(nodes, {"x": [B, S, E]}, ["y"], inits)
+    return make_model(nodes, {"x": [B, S, E]}, ["y", "kt0"] if present else ["y"], inits)
 
 
 def reshaped_mlp(seed: int = 0):
@@ -130,6 +132,17 @@ def test_decomposed_attention_masked_equivalence(kv_heads, oracle, meta):
     assert block.heads_per_unit == H // kv_heads and block.head_dim == D
     assert json.loads(meta(pruned)["graphopt.heads"]) == [H // 2]
     assert json.loads(meta(pruned)["graphopt.kv_heads"]) == [kv_heads // 2]
+
+
+def test_kv_cache_output_is_reported():
+    """A decoder exposing its keys (present key) as a graph output: the block is skipped,
+    and the reason names the output, the KV cache and the fix (export without it)."""
+    p = build_pass("prune-heads", {"ratio": 0.5, "importance": "magnitude"})
+    out, report = PassManager([p]).run(decomposed_mha(present=True), Context())
+    (skip,) = report.passes[0].skipped
+    assert "graph output 'kt0'" in skip.reason and "KV cache" in skip.reason
+    assert "use_cache=False" in skip.reason
+    assert report.passes[0].counters["heads_removed"] == 0
 
 
 # ---------------------------------------------------------------------------- rankings
