@@ -114,6 +114,7 @@ class _WidthPass(Pass):
         cfg = self.config
         coupling = analyze(model, ctx.input_shapes)
         plan = WidthPlan(coupling)
+        plan.skipped.extend(Skip(site, why) for site, why in coupling.opaque)
         chosen = []
         for g in coupling.groups:
             why, code = self.eligible(g), "not-prunable"

@@ -134,6 +134,8 @@ class Coupling:
     groups: list[Group]
     node_couplings: dict[int, NodeCoupling]
     dims: dict[Member, int]
+    # weight ops no handler can see into (integer-quantized kernels): (node label, reason)
+    opaque: list[tuple[str, str]] = field(default_factory=list)
 
     def group(self, gid: int) -> Group:
         for g in self.groups:
@@ -217,7 +219,20 @@ def analyze(model: onnx.ModelProto,
         dims[m] = d
     groups = _build_groups(view, visited, dims, blocks, cache, link_ids, seed_set)
     logger.debug("coupling: %d members, %d groups", len(visited), len(groups))
-    return Coupling(model, view, groups, cache, dims)
+    opaque = [(view.node_label(i), f"{view.node_label(i)} is an integer-quantized kernel "
+               f"(weight '{n.input[_QUANT_WEIGHT[n.op_type]]}') that no handler can slice; "
+               "to prune: prune the float model, then quantize it (or quantize to QDQ, "
+               "whose DequantizeLinear weights are pruned)")
+              for i, n in enumerate(view.nodes)
+              if n.op_type in _QUANT_WEIGHT and handler_for(n) is None and
+              len(n.input) > _QUANT_WEIGHT[n.op_type]]
+    return Coupling(model, view, groups, cache, dims, opaque)
+
+
+# integer-quantized weight ops (onnxruntime's dynamic/QOperator quantizers): input of the weight
+_QUANT_WEIGHT = {"ConvInteger": 1, "MatMulInteger": 1, "QLinearConv": 3, "QLinearMatMul": 3,
+                 "DynamicQuantizeLSTM": 1, "DynamicQuantizeMatMul": 1, "MatMulNBits": 1,
+                 "QGemm": 3, "MatMulIntegerToFloat": 1}
 
 
 # what would make a barrier prunable, by the kind of barrier its text names (display only)

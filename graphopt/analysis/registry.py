@@ -75,6 +75,21 @@ class NodeView:
     def is_const_in(self, i: int) -> bool:
         return self.has_in(i) and self.view.is_const(self.node.input[i])
 
+    def is_weight_in(self, i: int) -> bool:
+        """Input ``i`` is a weight: a constant, or a DequantizeLinear of a constant (a QDQ
+        model's quantized weight, with its scales and zero points)."""
+        if self.is_const_in(i):
+            return True
+        if not self.has_in(i):
+            return False
+        idx = self.view.producer.get(self.node.input[i])
+        if idx is None:
+            return False
+        dq = self.view.nodes[idx]
+        return dq.op_type == "DequantizeLinear" and dq.domain in ("", "ai.onnx",
+                                                                   "com.microsoft") and \
+            all(self.view.is_const(n) for n in dq.input if n)
+
     def const_in(self, i: int) -> np.ndarray | None:
         return self.view.const(self.node.input[i]) if self.has_in(i) else None
 

@@ -78,23 +78,6 @@ def _shape_of(nv: NodeView) -> None:
         nv.free(nv.inp(0, k))
 
 
-@handles("QuantizeLinear", "DequantizeLinear")
-def _quant(nv: NodeView) -> None:
-    shape = nv.in_shape(0)
-    axis = axis_index(nv.attr("axis", 1), len(shape))
-    for k, d in enumerate(shape):
-        nv.link(nv.inp(0, k), nv.out(0, k), d)
-    for i in (1, 2):
-        if nv.has_in(i):
-            s = nv.in_shape(i)
-            if len(s) == 1 and s[0] == shape[axis] and s[0] > 1:
-                nv.link(nv.inp(i, 0), nv.inp(0, axis), s[0])
-                nv.role(nv.inp(i, 0), "param")
-            else:
-                for k in range(len(s)):
-                    nv.free(nv.inp(i, k))
-
-
 # =========================================================================== normalization
 
 

@@ -22,7 +22,7 @@ def _conv(nv: NodeView) -> None:
     group = int(nv.attr("group", 1))
     channels, filters = x[1], w[0]
     y = nv.out(0, 1)
-    const_w = nv.is_const_in(1)
+    const_w = nv.is_weight_in(1)
     nv.link(y, nv.inp(1, 0), filters)
     nv.link(nv.out(0, 0), nv.inp(0, 0), x[0])
     if nv.has_in(2):
@@ -53,7 +53,7 @@ def _conv_transpose(nv: NodeView) -> None:
     channels, per_group_out = x[1], w[1]
     filters = per_group_out * group
     y = nv.out(0, 1)
-    const_w = nv.is_const_in(1)
+    const_w = nv.is_weight_in(1)
     nv.link(nv.inp(0, 1), nv.inp(1, 0), channels)
     nv.link(nv.out(0, 0), nv.inp(0, 0), x[0])
     if nv.has_in(2):
@@ -106,12 +106,12 @@ def _gemm(nv: NodeView) -> None:
                 nv.role(m, "bias" if ok == 1 else "param")
             else:
                 nv.free(m)
-    if nv.is_const_in(1) and not nv.is_const_in(0):
+    if nv.is_weight_in(1) and not nv.is_weight_in(0):
         nv.seed(nv.out(0, 1))
         nv.role(nv.inp(1, nb), "out")
         nv.role(nv.inp(1, kb), "in")
         nv.role(nv.inp(0, ka), "act_in")
-    elif nv.is_const_in(0) and not nv.is_const_in(1):
+    elif nv.is_weight_in(0) and not nv.is_weight_in(1):
         nv.seed(nv.out(0, 0))
         nv.role(nv.inp(0, ma), "out")
         nv.role(nv.inp(0, ka), "in")
@@ -143,12 +143,12 @@ def _matmul(nv: NodeView) -> None:
                 nv.link(nv.inp(i, k), nv.out(0, ok), shape[k])
             else:
                 nv.free(nv.inp(i, k))
-    if nv.is_const_in(1) and not nv.is_const_in(0) and n_axis is not None:
+    if nv.is_weight_in(1) and not nv.is_weight_in(0) and n_axis is not None:
         nv.seed(nv.out(0, n_axis))
         nv.role(nv.inp(1, rb - 1), "out")
         nv.role(nv.inp(1, kb), "in")
         nv.role(nv.inp(0, ka), "act_in")
-    elif nv.is_const_in(0) and not nv.is_const_in(1) and m_axis is not None:
+    elif nv.is_weight_in(0) and not nv.is_weight_in(1) and m_axis is not None:
         nv.seed(nv.out(0, m_axis))
         nv.role(nv.inp(0, ra - 2), "out")
         nv.role(nv.inp(0, ka), "in")
