@@ -28,9 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -47,6 +44,8 @@ from graphopt.ir.inputs import generate_inputs
 from graphopt.prune.apply import mask_units
 from graphopt.runtime.benchmark import benchmark
 from graphopt.runtime.session import ort_session, run_model
+from graphopt.testing import llama_gqa
+from models import emit, timing_args  # benchmarks/models.py, beside this script
 
 MODELS = ("vit", "llama")
 
@@ -70,28 +69,6 @@ def _vit():
     return ViTEncoder()
 
 
-def _llama():
-    import transformers
-
-    cfg = transformers.LlamaConfig(hidden_size=512, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=2,
-                                   intermediate_size=1408, vocab_size=1000,
-                                   max_position_embeddings=256, attn_implementation="sdpa")
-    model = transformers.LlamaModel(cfg)
-
-    import torch
-
-    class LastHidden(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            return self.model(input_ids=input_ids, use_cache=False).last_hidden_state
-
-    return LastHidden()
-
-
 def build(name: str, cache: Path):
     """The model file (exported once, then cached) and its input shapes."""
     import torch
@@ -100,7 +77,9 @@ def build(name: str, cache: Path):
     path = cache / f"{name}.onnx"
     if not path.is_file():
         torch.manual_seed(0)
-        module = (_vit() if name == "vit" else _llama()).eval()
+        module = (_vit() if name == "vit" else llama_gqa(
+            hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1408, vocab=1000,
+            positions=256)).eval()
         with torch.no_grad():
             for pname, param in module.named_parameters():
                 if pname.endswith("bias") or "norm" in pname:
@@ -197,20 +176,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--min-time", type=float, default=2.0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="ORT intra-op threads (default 1; 0: ORT's default)")
-    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(),
-                                                        "graphopt-bench-heads"))
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    timing_args(parser, "graphopt-bench-heads")
     args = parser.parse_args(argv)
-    rows = [measure(name, ratio, args) for name in args.models for ratio in args.ratios]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        render(rows)
+    emit([measure(name, ratio, args) for name in args.models for ratio in args.ratios],
+         args, render)
     return 0
 
 

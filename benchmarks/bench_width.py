@@ -25,9 +25,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +34,7 @@ from graphopt.runtime.benchmark import benchmark
 from graphopt.core.contract import Context
 from graphopt.core.manager import PassManager
 from graphopt.core.registry import build_pass
-from models import resnet50  # benchmarks/models.py, beside this script
+from models import resnet50, emit, timing_args  # benchmarks/models.py, beside this script
 
 MODELS = ("resnet50", "ffn")
 TARGET_ETA = 0.8
@@ -149,20 +146,10 @@ def main(argv=None) -> int:
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--importance", default="l1")
     parser.add_argument("--scope", choices=("group", "global"), default="group")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--min-time", type=float, default=2.0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="ORT intra-op threads (default 1; 0: ORT's default)")
-    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(),
-                                                        "graphopt-bench-width"))
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    timing_args(parser, "graphopt-bench-width")
     args = parser.parse_args(argv)
-    rows = [measure(name, ratio, args) for name in args.models for ratio in args.ratios]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        render(rows)
+    emit([measure(name, ratio, args) for name in args.models for ratio in args.ratios],
+         args, render)
     return 0
 
 

@@ -2,6 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+
+def emit(rows: list[dict], args, render) -> None:
+    """Print the rows as JSON (``--json``) or through the script's table renderer."""
+    import json
+
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        render(rows)
+
+
+def timing_args(parser, cache_name: str) -> None:
+    """The A/B timing options the benchmark scripts share (and --cache, --json)."""
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--min-time", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ORT intra-op threads (default 1; 0: ORT's default)")
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), cache_name))
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
 
 def resnet50(*, trained_bn_stats: bool = False):
     """ResNet-50: bottlenecks [3, 4, 6, 3], widths 64-2048, projection shortcuts, BatchNorm,

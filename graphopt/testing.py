@@ -188,3 +188,30 @@ def materialize(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(keep)
     return model
+
+
+def llama_gqa(*, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
+              vocab: int = 100, positions: int = 64):
+    """A ``transformers.LlamaModel`` (RoPE, SwiGLU, grouped-query attention,
+    ``attn_implementation="sdpa"``, random weights) wrapped as a torch module taking
+    ``input_ids`` and returning ``last_hidden_state`` (no KV cache). Needs torch and
+    transformers."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers,
+                                   num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   intermediate_size=intermediate, vocab_size=vocab,
+                                   max_position_embeddings=positions,
+                                   attn_implementation="sdpa")
+    model = transformers.LlamaModel(cfg)
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    return LastHidden()

@@ -23,6 +23,7 @@ import pytest
 
 from graphopt.core.contract import Context
 from graphopt.ir.inputs import generate_inputs
+from graphopt.testing import llama_gqa
 
 H, KV, D, E = 8, 2, 8, 64
 
@@ -55,27 +56,6 @@ def _block(mode: str):
     return Block()
 
 
-def _llama():
-    import torch
-    import transformers
-
-    cfg = transformers.LlamaConfig(hidden_size=H * D, num_hidden_layers=2,
-                                   num_attention_heads=H, num_key_value_heads=KV,
-                                   intermediate_size=96, vocab_size=100,
-                                   max_position_embeddings=64, attn_implementation="sdpa")
-    model = transformers.LlamaModel(cfg)
-
-    class LastHidden(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            return self.model(input_ids=input_ids, use_cache=False).last_hidden_state
-
-    return LastHidden()
-
-
 @pytest.fixture(scope="session")
 def gqa_model(tmp_path_factory):
     torch = pytest.importorskip("torch")
@@ -92,7 +72,8 @@ def gqa_model(tmp_path_factory):
         llama = kind == "llama-opset23"
         if llama:
             pytest.importorskip("transformers")
-        module = (_llama() if llama else _block(kind)).eval()
+        module = (llama_gqa(hidden=H * D, layers=2, heads=H, kv_heads=KV, intermediate=96)
+                  if llama else _block(kind)).eval()
         name = "input_ids" if llama else "x"
         arg = torch.randint(1, 100, (1, 8)) if llama else torch.randn(2, 7, E)
         options = {"input_names": [name], "output_names": ["y"]}
