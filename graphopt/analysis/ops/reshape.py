@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import onnx
 
-from graphopt.analysis.registry import NodeView, _ax, handles, rewrites
+from graphopt.analysis.registry import NodeView, axis_index, handles, rewrites
 from graphopt.analysis.view import GraphView, HandlerError, Member, Slot
 
 logger = logging.getLogger(__name__)
@@ -222,11 +222,11 @@ def _selected(view: GraphView, name: str, axis: int, dim: int, depth: int = 6) -
         op = node.op_type
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if op == "Gather":
-            if _ax(attrs.get("axis", 0), rank) != axis or not view.is_static(node.input[1]):
+            if axis_index(attrs.get("axis", 0), rank) != axis or not view.is_static(node.input[1]):
                 return False
             continue
         if op == "Split":
-            if _ax(attrs.get("axis", 0), rank) != axis or len(node.output) != dim:
+            if axis_index(attrs.get("axis", 0), rank) != axis or len(node.output) != dim:
                 return False
             continue
         if op not in _SELECT_FOLLOW:
@@ -247,11 +247,11 @@ def _selected(view: GraphView, name: str, axis: int, dim: int, depth: int = 6) -
             if axes is None:
                 return False
             if op == "Unsqueeze":
-                axes = sorted(_ax(int(v), len(out)) for v in axes)
+                axes = sorted(axis_index(int(v), len(out)) for v in axes)
                 keep = [k for k in range(len(out)) if k not in axes]
                 new = keep[axis]
             else:
-                axes = {_ax(int(v), rank) for v in axes}
+                axes = {axis_index(int(v), rank) for v in axes}
                 if axis in axes:
                     return False
                 new = axis - sum(1 for v in axes if v < axis)
@@ -384,7 +384,7 @@ def _shape_source(view: GraphView, name: str) -> tuple[str, int] | None:
             shape = view.shape(node.input[0])
             if shape is None:
                 return None
-            start = _ax(int(attrs.get("start", 0)), len(shape))
+            start = axis_index(int(attrs.get("start", 0)), len(shape))
             return node.input[0], start + pick
         else:
             return None
