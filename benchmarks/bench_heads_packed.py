@@ -131,18 +131,18 @@ def measure(name: str, ratio: float, args) -> dict:
     entry = report.passes[0]
     if not report.ok or entry.skipped:
         raise SystemExit(f"{name}: refused: {entry.error or entry.skipped}")
-    if not p.last_plan.removal:  # e.g. 25% of 2 KV groups is no whole group
+    if not report.passes[0].plan.removal:  # e.g. 25% of 2 KV groups is no whole group
         print(f"{name}: ratio {ratio} removes no whole unit; skipped", file=sys.stderr)
         return None
     feeds = generate_inputs(original, shapes, seed=3)
     if name == "llama":
         feeds["input_ids"] = np.clip(feeds["input_ids"], 1, 999)
-    error, change = _masked_error(original, pruned, p.last_plan, feeds)
+    error, change = _masked_error(original, pruned, report.passes[0].plan, feeds)
     before, after = count_cost(original, shapes), count_cost(pruned, shapes)
     result = benchmark(pruned, vs=original, feeds=feeds, warmup=args.warmup,
                        rounds=args.rounds, min_time=args.min_time,
                        threads=args.threads or None)
-    blocks = p.last_plan.blocks
+    blocks = report.passes[0].plan.blocks
     heads_before = sum(b.heads for b in blocks)
     return {
         "model": name, "ratio": ratio, "attention_blocks": len(blocks),

@@ -109,7 +109,7 @@ def test_gqa_sdpa_masked_equivalence(kind, gqa_model, oracle, meta):
     pruned, report, p = oracle(model, {"ratio": 0.5}, feeds=_feeds(model, 3), ctx=ctx)
     entry = report.passes[0]
     assert not entry.skipped, entry.skipped
-    blocks = p.last_plan.blocks
+    blocks = report.passes[0].plan.blocks
     assert [(b.heads_per_unit, b.head_dim, b.kv_heads) for b in blocks] == \
         [(H // KV, D, KV)] * len(blocks)
     assert json.loads(meta(pruned)["graphopt.heads"]) == [H // 2] * len(blocks)

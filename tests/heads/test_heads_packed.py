@@ -103,5 +103,5 @@ def test_packed_qkv_masked_equivalence(name, packed_models, oracle, meta):
     packed = [w for w in weights.values() if half in w.dims and int(np.prod(w.dims)) in
               (half, half * E)]
     assert len(packed) == 2 * layers  # in_proj weight and bias sliced to 3·E/2
-    got = np.asarray(p.last_plan.scores[p.last_plan.blocks[0].group.id])
+    got = np.asarray(report.passes[0].plan.scores[report.passes[0].plan.blocks[0].group.id])
     assert got.shape == (HEADS,)

@@ -128,7 +128,7 @@ def test_decomposed_attention_masked_equivalence(kv_heads, oracle, meta):
     model = decomposed_mha(kv_heads=kv_heads)
     ctx = Context(calibration=[_feeds(1), _feeds(2)])
     pruned, report, p = oracle(model, {"ratio": 0.5}, feeds=_feeds(3), ctx=ctx)
-    (block,) = p.last_plan.blocks
+    (block,) = report.passes[0].plan.blocks
     assert block.heads_per_unit == H // kv_heads and block.head_dim == D
     assert json.loads(meta(pruned)["graphopt.heads"]) == [H // 2]
     assert json.loads(meta(pruned)["graphopt.kv_heads"]) == [kv_heads // 2]
@@ -175,9 +175,9 @@ def test_ranking_follows_head_scales(importance, where, oracle):
     model = _identical_heads(v_scale=SCALES if where == "v" else None,
                              o_scale=SCALES if where == "o" else None)
     ctx = Context(calibration=[_feeds(1), _feeds(2)])
-    _, _, p = oracle(model, {"ratio": 0.5, "importance": importance}, feeds=_feeds(3),
+    _, report, p = oracle(model, {"ratio": 0.5, "importance": importance}, feeds=_feeds(3),
                      ctx=ctx)
-    plan = p.last_plan
+    plan = report.passes[0].plan
     (gid,) = plan.removal
     scores = np.asarray(plan.scores[gid])
     assert list(np.argsort(scores)) == list(np.argsort(SCALES)), scores
