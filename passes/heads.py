@@ -10,7 +10,10 @@
    embeddings and the rows of the output projection. With grouped-query attention (fewer
    K/V heads than Q heads) a unit is one KV head with all the Q heads that read it, so
    whole KV groups go.
-2. ``importance``: ``activation`` (default) scores a unit by the L2 norm of its slice of the
+2. ``importance``: ``auto`` (default) is ``obs`` with calibration data and ``magnitude``
+   without (and the report says that weight-only ranking is a guess); ``obs`` scores a unit
+   by the output-projection error its removal leaves after the optimal refit
+   (``graphopt.prune.scores``); ``activation`` scores a unit by the L2 norm of its slice of the
    attention output (the input of the output projection) on calibration data
    (``Context.calibration_feeds``, generated from the input specs when none are given);
    ``ablation`` masks one unit at a time (zeroes its output-projection rows) and measures
@@ -22,7 +25,10 @@
    ``min_heads`` heads or more.
 4. An attention block that cannot be pruned (a barrier, a fused op without a handler, an
    unknown shape) is a ``Skip`` with the analysis' reason.
-5. The per-layer head counts after the pass go to ``metadata_props`` as JSON lists
+5. ``reconstruct`` (``auto``: ``lstsq`` with calibration data) refits the output
+   projections toward the original outputs (``graphopt.prune.reconstruct``); the report
+   lists each one's relative error before and after.
+6. The per-layer head counts after the pass go to ``metadata_props`` as JSON lists
    (``graphopt.heads``: query heads, ``graphopt.kv_heads``: key/value heads, one entry per
    attention block in graph order), so a later onnxruntime transformer fusion can be told
    the right ``num_heads``.
@@ -45,12 +51,16 @@ from graphopt.errors import ConfigError
 from graphopt.prune.importance import check_selection, group_selected, unit_scores
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
+from graphopt.prune.reconstruct import consumer_sites
+from graphopt.prune.scores import data_scores
+
+from ._refit import GUESS_NOTE, check_reconstruct, keep_original, refit_step, resolve_mode
 
 logger = logging.getLogger(__name__)
 
 METADATA_HEADS = "graphopt.heads"
 METADATA_KV_HEADS = "graphopt.kv_heads"
-IMPORTANCE = ("activation", "ablation", "magnitude")
+IMPORTANCE = ("auto", "obs", "activation", "ablation", "magnitude")
 
 
 @dataclass(frozen=True)
@@ -58,17 +68,20 @@ class HeadsConfig:
     """Options of ``prune-heads`` (see the module doc)."""
 
     ratio: float = 0.25
-    importance: Literal["activation", "ablation", "magnitude"] = "activation"
+    importance: Literal["auto", "obs", "activation", "ablation", "magnitude"] = "auto"
     scope: Literal["layer", "global"] = "layer"
     min_heads: int = 1
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    reconstruct: str = "auto"
+    damping: float = 0.1
 
     def __post_init__(self):
         check_selection(self.ratio, self.importance, IMPORTANCE, self.scope, ("layer", "global"),
                         self.include, self.exclude)
         if self.min_heads < 1:
             raise ConfigError(f"min_heads must be 1 or more, got {self.min_heads}")
+        check_reconstruct(self.reconstruct, self.damping)
 
 
 @dataclass
@@ -95,6 +108,7 @@ class HeadsPlan:
     removal: dict[int, np.ndarray] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
     scores: dict[int, np.ndarray] = field(default_factory=dict)
+    importance: str = ""
 
     def head_counts(self) -> tuple[list[int], list[int]]:
         heads, kv = [], []
@@ -295,9 +309,19 @@ class PruneHeads(Pass):
         if not chosen or cfg.ratio == 0:
             return plan
         groups = [b.group for b in chosen]
-        if cfg.importance == "magnitude":
+        importance = cfg.importance
+        if importance == "auto":
+            importance = "obs" if ctx.calibration else "magnitude"
+        plan.importance = importance
+        if importance == "obs":
+            scores, fallback = data_scores(model, coupling, groups, "obs",
+                                           ctx.calibration_feeds(model), damping=cfg.damping)
+            if fallback:
+                scores.update(activation_scores(coupling, fallback,
+                                                ctx.calibration_feeds(model)))
+        elif importance == "magnitude":
             scores = unit_scores(coupling, groups, "l2")
-        elif cfg.importance == "activation":
+        elif importance == "activation":
             scores = activation_scores(coupling, groups, ctx.calibration_feeds(model))
         else:
             scores = ablation_scores(model, coupling, groups, ctx.calibration_feeds(model))
@@ -307,8 +331,18 @@ class PruneHeads(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         plan = self.plan(model, ctx)
+        self.last_plan = plan
+        refit_counters, refit_skips, details = {}, [], {"importance": plan.importance}
         if plan.removal:
+            mode = resolve_mode(self.config.reconstruct, ctx)
+            original = keep_original(model, mode)
+            outputs, columns = consumer_sites(plan.coupling, plan.removal)
             apply_removal(model, plan.coupling, plan.removal)
+            refit_counters, refit_skips, refit = refit_step(
+                original, model, outputs, ctx, mode, self.config.damping, columns)
+            details.update(refit)
+        if not ctx.calibration:
+            details["notes"] = [GUESS_NOTE] + details.get("notes", [])
         if plan.blocks:
             heads, kv = plan.head_counts()
             set_metadata(model, METADATA_HEADS, json.dumps(heads))
@@ -318,8 +352,9 @@ class PruneHeads(Pass):
         counters = {"attention_blocks": len(plan.blocks),
                     "blocks_pruned": sum(1 for u in plan.removal.values() if len(u)),
                     "heads_removed": int(removed),
-                    "blocks_skipped": len(plan.skipped)}
-        return PassResult(model, bool(plan.removal), counters, plan.skipped, plan)
+                    "blocks_skipped": len(plan.skipped), **refit_counters}
+        return PassResult(model, bool(plan.removal), counters, plan.skipped + refit_skips,
+                          plan, details=details)
 
 
 def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:

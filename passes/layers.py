@@ -19,7 +19,10 @@
 4. At least one block of the kind always stays: asking for all of them, or an index out of
    range, is a ``ConfigError``. A block that cannot be proven single-entry/single-exit is a
    skip with its reason and is never chosen.
-5. The kept blocks' original numbers go to ``metadata_props`` (``graphopt.layers``, or
+5. ``reconstruct`` (``auto``: ``lstsq`` with calibration data) refits the first weight
+   layers that read a removed block's exit (now its entry: the next layer's projections)
+   toward their outputs in the original model (``graphopt.prune.reconstruct``).
+6. The kept blocks' original numbers go to ``metadata_props`` (``graphopt.layers``, or
    ``graphopt.layers.attention`` / ``graphopt.layers.mlp``) as a JSON list; a second run
    maps through the first run's list, so numbers stay those of the original model.
 """
@@ -41,6 +44,10 @@ from graphopt.prune.blocks import remove_blocks
 from graphopt.errors import ConfigError
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
+from graphopt.data.gram import token_mask
+from graphopt.prune.reconstruct import frontier_sites
+
+from ._refit import check_reconstruct, keep_original, refit_step, resolve_mode
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +63,11 @@ class LayersConfig:
     indices: tuple[int, ...] = ()
     importance: Literal["block_influence", "last"] = "block_influence"
     kind: Literal["layer", "attention", "mlp"] = "layer"
+    reconstruct: str = "auto"
+    damping: float = 0.1
 
     def __post_init__(self) -> None:
+        check_reconstruct(self.reconstruct, self.damping)
         given = [n for n, v in (("count", self.count), ("ratio", self.ratio),
                                 ("indices", self.indices or None)) if v is not None]
         if len(given) > 1:
@@ -108,12 +118,21 @@ class PruneLayers(Pass):
             return PassResult(model, False, skipped=skipped)
         positions = {id(b): i for i, b in enumerate(blocks)}
         removed = sorted(positions[id(b)] for b in chosen)
+        mode = resolve_mode(cfg.reconstruct, ctx)
+        original = keep_original(model, mode)
         nodes = remove_blocks(model, chosen)
         kept = _record_kept(model, cfg.kind, len(blocks), removed)
         logger.info("removed %s %s; kept %s", cfg.kind, removed, kept)
         counters = {"blocks_removed": len(chosen), "blocks_before": len(blocks),
                     "blocks_after": len(blocks) - len(chosen), "nodes_removed": nodes}
-        return PassResult(model, True, counters, skipped)
+        # the first weight layers reading what a removed block's exit fed (now its entry)
+        sites = frontier_sites(model, [b.entry for b in chosen])
+        more, refit_skips, details = refit_step(original, model, sites, ctx, mode, cfg.damping)
+        counters.update(more)
+        if not ctx.calibration and cfg.importance != "last" and not cfg.indices:
+            details["notes"] = ["no calibration data given: block influence was measured on "
+                                "generated inputs, which is a guess (give --calibration)"]
+        return PassResult(model, True, counters, skipped + refit_skips, details=details)
 
     def _choose(self, model: onnx.ModelProto, ctx: Context, blocks: list[Block], wanted: int,
                 skipped: list[Skip]) -> list[Block]:
@@ -233,7 +252,7 @@ class _CosineReducer:
         self.current[name] = value
         if len(self.current) < len(self.names):
             return
-        mask = _token_mask(self.feeds[self.feed]) if self.feed < len(self.feeds) else None
+        mask = token_mask(self.feeds[self.feed]) if self.feed < len(self.feeds) else None
         for pair in self.pairs:
             cos = _cosine(self.current[pair[0]], self.current[pair[1]])
             w = _weights_for(cos.shape, mask)
@@ -255,13 +274,6 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     norm = np.sqrt((a * a).sum(axis) * (b * b).sum(axis))
     # Two zero vectors are the same vector: cosine 1, not 0/0.
     return np.where(norm > 0, dot / np.maximum(norm, 1e-30), np.where(dot == 0, 1.0, 0.0))
-
-
-def _token_mask(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
-    for name, value in feed.items():
-        if "mask" in name.lower() and np.ndim(value) == 2:
-            return np.asarray(value) != 0
-    return None
 
 
 def _weights_for(shape: tuple[int, ...], mask: np.ndarray | None) -> np.ndarray:

@@ -38,8 +38,21 @@ from graphopt.prune.importance import (
 )
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
+from graphopt.prune.reconstruct import consumer_sites
+from graphopt.prune.scores import DATA_METHODS, data_scores
+
+from ._refit import (
+    GUESS_NOTE,
+    check_reconstruct,
+    keep_original,
+    refit_step,
+    resolve_mode,
+)
 
 logger = logging.getLogger(__name__)
+
+
+WIDTH_IMPORTANCE = ("auto",) + DATA_METHODS + IMPORTANCE
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,11 @@ class WidthConfig:
     """Options of ``prune-channels`` and ``prune-neurons``.
 
     ``ratio``: share of each group's units removed (scope=group) or of all units (global).
-    ``importance``: l1, l2, bn_scale, activation, apoz or random.
+    ``importance``: ``auto`` (``obs`` with calibration data, else ``l1``), ``obs`` (damage
+    after the optimal refit, ``graphopt.prune.scores``), ``std`` (‖W slice‖·std(x)), l1,
+    l2, bn_scale, activation, apoz or random.
+    ``reconstruct``: auto (lstsq with calibration data, else none), none, bias or lstsq
+    (``graphopt.prune.reconstruct``); ``damping``: its λ (and the OBS score's).
     ``scope``: group (a ratio per group) or global (one ranking over all groups).
     ``round_to``: kept widths are multiples of this many channels (rounded up).
     ``include``/``exclude``: node-name patterns (glob, or ``re:REGEX``) matched against a
@@ -56,17 +73,20 @@ class WidthConfig:
     """
 
     ratio: float = 0.25
-    importance: str = "l1"
+    importance: str = "auto"
     scope: Literal["group", "global"] = "group"
     round_to: int = 1
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     min_keep: int = 1
     max_ratio: float = 0.9
+    reconstruct: str = "auto"
+    damping: float = 0.1
 
     def __post_init__(self):
-        check_selection(self.ratio, self.importance, IMPORTANCE, self.scope, ("group", "global"),
-                        self.include, self.exclude)
+        check_selection(self.ratio, self.importance, WIDTH_IMPORTANCE, self.scope,
+                        ("group", "global"), self.include, self.exclude)
+        check_reconstruct(self.reconstruct, self.damping)
         if self.round_to < 1:
             raise ConfigError(f"round_to must be 1 or more, got {self.round_to}")
         if self.min_keep < 1:
@@ -82,6 +102,7 @@ class WidthPlan:
     coupling: Coupling
     removal: dict[int, np.ndarray] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
+    importance: str = ""
 
     def counters(self, unit_name: str) -> dict[str, int]:
         units = sum(len(u) for u in self.removal.values())
@@ -132,9 +153,7 @@ class _WidthPass(Pass):
             chosen.append(g)
         if not chosen or cfg.ratio == 0:
             return plan
-        feeds = ctx.calibration_feeds(model) if cfg.importance in ("activation", "apoz") \
-            else None
-        scores = unit_scores(coupling, chosen, cfg.importance, feeds=feeds, seed=ctx.seed)
+        scores = score_units(model, coupling, chosen, cfg.importance, ctx, cfg.damping, plan)
         plan.removal = select_units(chosen, scores, cfg.ratio, scope=cfg.scope,
                                     round_to=cfg.round_to, min_keep=cfg.min_keep,
                                     max_ratio=cfg.max_ratio)
@@ -142,10 +161,42 @@ class _WidthPass(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         plan = self.plan(model, ctx)
+        self.last_plan = plan
+        counters = plan.counters(self.unit_name)
+        skipped, details = list(plan.skipped), {"importance": plan.importance}
         if plan.removal:
+            mode = resolve_mode(self.config.reconstruct, ctx)
+            original = keep_original(model, mode)
+            outputs, columns = consumer_sites(plan.coupling, plan.removal)
             apply_removal(model, plan.coupling, plan.removal)
-        return PassResult(model, bool(plan.removal), plan.counters(self.unit_name),
-                          plan.skipped, plan)
+            more, refit_skips, refit = refit_step(original, model, outputs, ctx, mode,
+                                                  self.config.damping, columns)
+            counters.update(more)
+            skipped += refit_skips
+            details.update(refit)
+        if not ctx.calibration:
+            details["notes"] = [GUESS_NOTE] + details.get("notes", [])
+        return PassResult(model, bool(plan.removal), counters, skipped, plan, details=details)
+
+
+def score_units(model: onnx.ModelProto, coupling: Coupling, groups: list[Group],
+                importance: str, ctx: Context, damping: float, plan=None
+                ) -> dict[int, np.ndarray]:
+    """Scores of ``groups``' units by ``importance`` (``auto``: ``obs`` with calibration
+    data, else ``l1``); groups a data method cannot read are scored by ``activation``."""
+    if importance == "auto":
+        importance = "obs" if ctx.calibration else "l1"
+    if plan is not None:
+        plan.importance = importance
+    if importance in DATA_METHODS:
+        feeds = ctx.calibration_feeds(model)
+        scores, fallback = data_scores(model, coupling, groups, importance, feeds,
+                                       damping=damping)
+        if fallback:
+            scores.update(unit_scores(coupling, fallback, "activation", feeds=feeds))
+        return scores
+    feeds = ctx.calibration_feeds(model) if importance in ("activation", "apoz") else None
+    return unit_scores(coupling, groups, importance, feeds=feeds, seed=ctx.seed)
 
 
 @register

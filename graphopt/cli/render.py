@@ -107,6 +107,7 @@ def render_report(console: Console, report: Any) -> None:
             console.print(f"  [dim]{p.name} skipped[/] {escape(s.site)}: {escape(s.reason)}")
         if len(p.skipped) > 20:
             console.print(f"  [dim]... {len(p.skipped) - 20} more skips in the JSON report[/]")
+        _render_details(console, p.name, p.details)
     before = report.metadata.get("cost_before")
     after = report.metadata.get("cost_after")
     if before and after:
@@ -117,6 +118,22 @@ def render_report(console: Console, report: Any) -> None:
             f"{_bytes(before['weight_bytes'])} → {_bytes(after['weight_bytes'])}")
     if report.validation is not None:
         render_validation(console, report.validation)
+
+
+def _render_details(console: Console, name: str, details: dict[str, Any]) -> None:
+    for note in details.get("notes", []):
+        console.print(f"  [yellow]{escape(name)}:[/] {escape(note)}")
+    fits = details.get("reconstruction") or []
+    if fits:
+        table = Table("site", "op", "rows", "error before", "error after",
+                      title=f"{name}: per-layer relative output error, refit "
+                            f"({details.get('reconstruct', '')})", title_justify="left")
+        for f in fits[:40]:
+            table.add_row(escape(str(f["site"])), f["op"], str(f["rows"]),
+                          f"{f['error_before']:.4g}", f"{f['error_after']:.4g}")
+        console.print(table)
+        if len(fits) > 40:
+            console.print(f"  [dim]... {len(fits) - 40} more sites in the JSON report[/]")
 
 
 def _ratio(a: float, b: float) -> str:

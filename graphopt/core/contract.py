@@ -47,6 +47,8 @@ class PassResult:
     counters: dict[str, int] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
     plan: Any = None
+    # Structured extras for the report (JSON-able): per-layer refit errors, notes.
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -242,6 +242,7 @@ class PassManager:
         entry.counters = dict(result.counters)
         entry.skipped = list(result.skipped)
         entry.plan = result.plan
+        entry.details = dict(result.details)
         if not result.modified:
             return backup.unchanged(model), False, None
         self._known = None  # the model (perhaps the same object) has changed

@@ -29,6 +29,7 @@ class PassReport:
     plan: Any = field(default=None, repr=False)  # the pass's PassResult.plan (not serialized)
     checked_at: list[str] = field(default_factory=list)  # input sizes the check ran at
     unverified: str | None = None  # why the outputs were not checked
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "plan"}

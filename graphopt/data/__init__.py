@@ -1,0 +1,1 @@
+"""Data layer: calibration capture and running statistics (Gram matrices per layer)."""

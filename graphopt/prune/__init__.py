@@ -1,0 +1,1 @@
+"""Pruning machinery under the passes: reconstruction, data-aware importance, budgets."""

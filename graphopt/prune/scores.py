@@ -1,0 +1,119 @@
+"""Data-aware importance of the units of coupled groups, from calibration activations.
+
+1. ``obs``: the damage of removing one unit *after the optimal refit* of the layers that
+   read it (Optimal Brain Surgeon, structured: SlimGPT, ZipLM, OBC). For a consumer with
+   input Gram H = X̃ᵀX̃ (X̃ = [X, 1], damped by λ·mean diag on the X part, the bias free) and
+   weight V = [W; b], removing the rows Q of a unit and refitting the rest costs
+   tr(V_Qᵀ ((H⁻¹)_QQ)⁻¹ V_Q) of squared output error. It is divided by the consumer's
+   output energy tr(VᵀHV), so the score is a relative error, comparable across layers
+   (the refit ``graphopt.prune.reconstruct`` does is this same optimum, damped); a unit
+   read by several consumers sums them. A conv consumer's unit is its ``kh·kw`` im2col
+   columns per channel.
+2. ``std``: ‖consumer weight slice‖ · std(activation) per unit, summed over consumers: the
+   output energy a unit feeds forward beyond its mean (the mean is what the bias absorbs).
+   Raw (not normalized per group), so a global ranking compares layers as they are.
+
+Groups whose consumers are not readable as sites (grouped convs, weights that are not
+initializers) are returned in ``fallback`` for the caller's weight- or activation-based
+score. Gram sums come from ``graphopt.data.gram.accumulate``; nothing stores activations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from ..data.gram import (
+    LinearSite,
+    accumulate,
+    chunked,
+    constants,
+    site_dims,
+    site_for,
+)
+
+logger = logging.getLogger(__name__)
+
+DATA_METHODS = ("obs", "std")
+
+
+def _consumers(model: onnx.ModelProto, coupling, group, inits
+               ) -> list[tuple[LinearSite, np.ndarray]] | None:
+    """(site, [units, q] K-row indices) per consumer of ``group``; None if one is not a site."""
+    out = []
+    for m in group.members_with_role("in"):
+        idx = m.slot.use[0]
+        site, _why = site_for(model, idx, inits)
+        if site is None:
+            return None
+        atoms = group.index[m]  # [units, width] indices on the weight's input axis
+        if site.op == "Conv":
+            k2 = site.kernel[0] * site.kernel[1]
+            rows = (atoms[:, :, None] * k2 + np.arange(k2)).reshape(atoms.shape[0], -1)
+        else:
+            rows = atoms
+        out.append((site, rows))
+    return out or None
+
+
+def _obs_damage(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float) -> np.ndarray:
+    k = h.shape[0] - 1
+    scale = float(np.mean(np.diag(h)[:k])) or 1.0
+    d = np.full(k + 1, damping * scale + 1e-10 * scale)
+    d[-1] = 1e-10 * scale
+    hinv = np.linalg.inv(h + np.diag(d))
+    energy = float(np.einsum("ij,ij->", v, h @ v)) or 1.0
+    blocks = hinv[rows[:, :, None], rows[:, None, :]]  # [U, q, q]
+    vq = v[rows]  # [U, q, N]
+    sol = np.linalg.solve(blocks, vq)
+    return np.einsum("uqn,uqn->u", vq, sol) / energy
+
+
+def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
+                feeds: Sequence[Mapping[str, np.ndarray]], *, damping: float = 0.1
+                ) -> tuple[dict[int, np.ndarray], list]:
+    """Scores per group id by ``method`` (module doc), and the groups it cannot score."""
+    inits = constants(model)
+    plan: dict[int, list[tuple[LinearSite, np.ndarray]]] = {}
+    fallback = []
+    for g in groups:
+        consumers = _consumers(model, coupling, g, inits)
+        if consumers is None:
+            fallback.append(g)
+        else:
+            plan[g.id] = consumers
+    sites = {s.output: s for cs in plan.values() for s, _ in cs}
+    if not sites:
+        return {}, fallback
+    feeds = list(feeds)
+    totals = {gid: np.zeros(coupling.group(gid).size) for gid in plan}
+    readers: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for gid, consumers in plan.items():
+        for site, rows in consumers:
+            readers.setdefault(site.output, []).append((gid, rows))
+    dims = {name: site_dims(model, s, inits) for name, s in sites.items()}
+    for chunk in chunked(list(sites.values()), dims):  # one chunk of Gram sums at a time
+        stats = accumulate(model, chunk, feeds)
+        for site in chunk:
+            st = stats[site.output]
+            v = site.matrix(onnx.numpy_helper.to_array(inits[site.weight])).astype(np.float64)
+            node = model.graph.node[site.node]
+            bias = np.zeros(v.shape[1])
+            if site.op in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
+                bias = onnx.numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+                bias = bias.reshape(-1) if bias.size == v.shape[1] else np.zeros(v.shape[1])
+            va = np.concatenate([v, bias[None, :]], axis=0)
+            for gid, rows in readers[site.output]:
+                if method == "obs":
+                    totals[gid] += _obs_damage(st.xtx, va, rows, damping)
+                else:
+                    n = max(st.n, 1)
+                    mean = st.xtx[-1, :-1] / n
+                    var = np.maximum(np.diag(st.xtx)[:-1] / n - mean * mean, 0.0)
+                    per_row = np.sqrt((v * v).sum(1) * var)
+                    totals[gid] += per_row[rows].sum(1)
+        del stats
+    return totals, fallback

@@ -1,0 +1,69 @@
+"""What the lossy structural passes share: the ``reconstruct`` option and the refit step.
+
+1. ``reconstruct=auto`` (the default) is ``lstsq`` when the user gave calibration data and
+   ``none`` otherwise: a refit on generated inputs would fit noise. ``none``, ``bias`` and
+   ``lstsq`` are ``graphopt.prune.reconstruct``'s modes.
+2. ``refit_step`` runs the refit after the cut and returns what the report shows: counters,
+   skipped sites, and ``details`` with the per-layer relative errors before/after.
+3. ``importance_note``: a pass that ranked units without real calibration data says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from graphopt.errors import ConfigError
+from graphopt.core.contract import Context, Skip
+from graphopt.prune.reconstruct import MODES, reconstruct
+
+RECONSTRUCT = ("auto",) + MODES
+GUESS_NOTE = ("no calibration data given: units were ranked by weights only, which is a "
+              "guess, and fidelity was not measured (give --calibration)")
+
+
+def check_reconstruct(mode: str, damping: float) -> None:
+    if mode not in RECONSTRUCT:
+        raise ConfigError(f"reconstruct must be one of {', '.join(RECONSTRUCT)}, got '{mode}'")
+    if not damping >= 0:
+        raise ConfigError(f"damping must be 0 or more, got {damping}")
+
+
+def resolve_mode(mode: str, ctx: Context) -> str:
+    if mode == "auto":
+        return "lstsq" if ctx.calibration else "none"
+    return mode
+
+
+def keep_original(model: onnx.ModelProto, mode: str) -> onnx.ModelProto | None:
+    """A copy of the model before the cut, when the refit will need its outputs."""
+    if mode == "none":
+        return None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def refit_step(original: onnx.ModelProto | None, model: onnx.ModelProto,
+               outputs: Sequence[str], ctx: Context, mode: str, damping: float,
+               columns: Mapping[str, np.ndarray] | None = None,
+               max_levels: int | None = None) -> tuple[dict, list[Skip], dict]:
+    """Refit ``outputs`` (site output tensors) of ``model`` toward ``original``."""
+    details: dict = {"reconstruct": mode}
+    if mode == "none" or original is None or not outputs:
+        return {}, [], details
+    feeds = ctx.calibration_feeds(original)
+    if not ctx.calibration:
+        details.setdefault("notes", []).append(
+            f"reconstruct={mode} on generated inputs (no calibration data): the refit fits "
+            "synthetic activations")
+    fits, skipped = reconstruct(original, model, outputs, feeds, mode=mode, damping=damping,
+                                target_columns=columns, max_levels=max_levels)
+    details["reconstruction"] = [f.to_dict() for f in fits]
+    counters = {"sites_refit": len(fits)}
+    if fits:
+        details["error_before_mean"] = float(np.mean([f.before for f in fits]))
+        details["error_after_mean"] = float(np.mean([f.after for f in fits]))
+    return counters, [Skip(f"refit {s}", r) for s, r in skipped], details
