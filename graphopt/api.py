@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 
 from .errors import ConfigError
+from .fidelity import check_feeds_match, not_measured, split_holdout
+from .fidelity import measure as measure_fidelity
 from graphopt.ir.inputs import Shape, check_input_shapes, load_inputs
 from graphopt.ir.model import load
 from graphopt.core.contract import Context
@@ -66,6 +68,10 @@ def optimize(
     allow_unverified: bool = False,
     progress: Callable[[str], None] | None = None,
     observers: Sequence[Observer] = (),
+    validation: Calibration | None = None,
+    holdout: float = 0.25,
+    latency: bool = False,
+    provider: str = "cpu",
 ) -> tuple[onnx.ModelProto, Report]:
     """Optimize ``model`` with passes (names, ``"name:key=value"`` strings, Pass objects) or a
     recipe (a ``Recipe`` or a ``.yaml``/``.json`` path); return the new model and a report.
@@ -84,6 +90,12 @@ def optimize(
        result with the input on the calibration data (else generated inputs) and stores the
        ``ValidationResult`` in ``report.validation``.
     5. ``observers`` watch the manager's phases (``graphopt.core.observe``).
+    6. Fidelity of a lossy run (``report.metadata["fidelity"]``, ``graphopt.fidelity``):
+       measured on ``validation`` (same forms as ``calibration``), else on the last
+       ``holdout`` share of the calibration feeds, which the passes then do not see; per
+       output cosine and top-1 agreement, and with ``latency=True`` the latency ratio on
+       ``provider``. Without data it says that fidelity was not measured.
+    7. Feeds that do not match the model's inputs are refused before any pass runs.
     """
     recipe = _recipe(passes_or_recipe)
     original = load(model)
@@ -92,6 +104,17 @@ def optimize(
     shapes.update(input_shapes or {})
     check_input_shapes(original, shapes)
     feeds = _calibration_feeds(calibration, original)
+    val_feeds = _calibration_feeds(validation, original)
+    for what, given in (("calibration", feeds), ("validation", val_feeds)):
+        if given is not None:
+            check_feeds_match(original, given, what)
+    lossy = any(not getattr(p, "lossless", True) for p in recipe.passes)
+    source = "validation data" if val_feeds else None
+    if lossy and feeds and not val_feeds:
+        feeds, held = split_holdout(feeds, holdout)
+        if held:
+            val_feeds = held
+            source = f"held-out calibration ({len(held)} of {len(feeds) + len(held)} feeds)"
     ctx = Context(input_shapes=shapes or None, calibration=feeds, seed=seed)
     manager = PassManager(recipe.passes, on_error=on_error or recipe.on_error, verify=verify,
                           progress=progress, observers=observers)
@@ -103,6 +126,15 @@ def optimize(
         report.metadata["normalized"] = normalized
     report.metadata["cost_before"] = report.cost_before.to_dict()
     report.metadata["cost_after"] = report.cost_after.to_dict()
+    changed_lossy = any(not p.lossless and p.status == "changed" for p in report.passes)
+    if changed_lossy:
+        if val_feeds:
+            report.metadata["fidelity"] = measure_fidelity(
+                original, optimized, val_feeds, source, latency=latency, provider=provider,
+                input_shapes=ctx.input_shapes)
+        else:
+            report.metadata["fidelity"] = not_measured(
+                "no calibration data to hold out and no validation data given")
     if validate:
         from graphopt.runtime.validate import validate as run_validation
 

@@ -81,6 +81,15 @@ def inspect(model: Path, input_shapes: tuple[str, ...], groups: bool, as_json: b
 @input_shape_option
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Calibration inputs: an .npz file or a folder of .npz files.")
+@click.option("--validation", type=click.Path(path_type=Path),
+              help="Inputs to measure a lossy run's fidelity on (.npz file or folder); "
+                   "default: the last --holdout share of the calibration inputs.")
+@click.option("--holdout", type=click.FloatRange(0, 0.9), default=0.25, show_default=True,
+              help="Share of calibration inputs kept apart for fidelity (without --validation).")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="Measure the latency ratio of a lossy run's result (A/B interleaved).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
+              show_default=True, help="Where latency (and latency budgets) are measured.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report here: JSON, or an HTML page with plots for .html.")
 @click.option("--validate", "do_validate", is_flag=True,
@@ -96,7 +105,8 @@ def inspect(model: Path, input_shapes: tuple[str, ...], groups: bool, as_json: b
                    "size tried runs the model); it is still reported as unverified.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def optimize(source: Path, output: Path, recipe: Path | None, pass_specs: tuple[str, ...],
-             input_shapes: tuple[str, ...], calibration: Path | None, report_path: Path | None,
+             input_shapes: tuple[str, ...], calibration: Path | None, validation: Path | None,
+             holdout: float, latency: bool, provider: str, report_path: Path | None,
              do_validate: bool, atol: float | None, rtol: float | None, on_error: str | None,
              external_data: bool | None, allow_unverified: bool, as_json: bool) -> None:
     """Run passes on SOURCE and write the result to -o OUTPUT.
@@ -121,6 +131,7 @@ def optimize(source: Path, output: Path, recipe: Path | None, pass_specs: tuple[
         model, report = run_optimize(
             source, plan, input_shapes=_shapes(input_shapes), calibration=calibration,
             validate=validate_opts, on_error=on_error, allow_unverified=allow_unverified,
+            validation=validation, holdout=holdout, latency=latency, provider=provider,
             progress=lambda name: status.update(f"running pass [bold]{name}[/]"),
         )
         held = bool(report.unverified) and not allow_unverified

@@ -116,8 +116,26 @@ def render_report(console: Console, report: Any) -> None:
             f"({_ratio(after['params'], before['params'])}), MACs {_n(before['macs'])} → "
             f"{_n(after['macs'])} ({_ratio(after['macs'], before['macs'])}), weights "
             f"{_bytes(before['weight_bytes'])} → {_bytes(after['weight_bytes'])}")
+    _render_fidelity(console, report.metadata.get("fidelity"))
     if report.validation is not None:
         render_validation(console, report.validation)
+
+
+def _render_fidelity(console: Console, fidelity: dict[str, Any] | None) -> None:
+    if not fidelity:
+        return
+    if not fidelity.get("measured"):
+        console.print(f"[yellow]fidelity not measured:[/] {escape(fidelity.get('reason', ''))}")
+        return
+    parts = []
+    for o in fidelity["outputs"]:
+        text = f"{o['name']}: cosine {_g(o.get('cosine'), 4)}"
+        if o.get("top1_agreement") is not None:
+            text += f", top-1 agreement {o['top1_agreement']:.1%}"
+        parts.append(text)
+    latency = fidelity.get("latency_ratio")
+    tail = f"; latency ratio {latency:.3f}×" if latency is not None else ""
+    console.print(f"fidelity on {escape(fidelity['data'])}: {escape('; '.join(parts))}{tail}")
 
 
 def _render_details(console: Console, name: str, details: dict[str, Any]) -> None:

@@ -59,23 +59,69 @@ def _consumers(model: onnx.ModelProto, coupling, group, inits
     return out or None
 
 
-def _obs_damage(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float) -> np.ndarray:
+def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,
+                limit: int, steps: int = 48) -> np.ndarray:
+    """Greedy structured OBS on one consumer (module doc, 1): units are removed lowest
+    damage first, a few at a time (about ``steps`` rounds), each round updating the inverse
+    Hessian and the weights as the refit would, so a unit's score is its damage given the
+    units removed before it. Scores are made non-decreasing in removal order (a ranking by
+    score then removes units in that order); units past ``limit`` score above all others."""
     k = h.shape[0] - 1
     scale = float(np.mean(np.diag(h)[:k])) or 1.0
     d = np.full(k + 1, damping * scale + 1e-10 * scale)
     d[-1] = 1e-10 * scale
     hinv = np.linalg.inv(h + np.diag(d))
-    energy = float(np.einsum("ij,ij->", v, h @ v)) or 1.0
-    blocks = hinv[rows[:, :, None], rows[:, None, :]]  # [U, q, q]
-    vq = v[rows]  # [U, q, N]
-    sol = np.linalg.solve(blocks, vq)
-    return np.einsum("uqn,uqn->u", vq, sol) / energy
+    v = v.copy()
+    units, q = rows.shape
+    alive = np.ones(units, bool)
+    score = np.zeros(units)
+    running = 0.0
+    removed = 0
+    limit = min(limit, units - 1)
+    while removed < limit:
+        idx = np.flatnonzero(alive)
+        r = rows[idx]
+        if q == 1:
+            dmg = (v[r[:, 0]] ** 2).sum(1) / np.maximum(hinv[r[:, 0], r[:, 0]], 1e-300)
+        else:
+            blocks = hinv[r[:, :, None], r[:, None, :]]
+            vq = v[r]
+            dmg = np.einsum("uqn,uqn->u", vq, np.linalg.solve(blocks, vq))
+        take = min(max(1, -(-len(idx) // steps)), limit - removed)
+        order = np.argsort(dmg, kind="stable")[:take]
+        for j, dj in zip(idx[order], dmg[order]):
+            running = max(running, float(dj))
+            score[j] = running
+        chosen = rows[idx[order]].ravel()
+        block_inv = np.linalg.inv(hinv[np.ix_(chosen, chosen)])
+        hq = hinv[:, chosen]
+        v -= hq @ (block_inv @ v[chosen])
+        hinv -= hq @ block_inv @ hq.T
+        alive[idx[order]] = False
+        removed += take
+    rest = np.flatnonzero(alive)
+    if len(rest):
+        r = rows[rest]
+        blocks = hinv[r[:, :, None], r[:, None, :]]
+        vq = v[r]
+        tail = np.einsum("uqn,uqn->u", vq, np.linalg.solve(blocks, vq))
+        score[rest] = running + 1e-9 + np.maximum(tail, 0)
+    return score
+
+
+def _energy(h: np.ndarray, v: np.ndarray) -> float:
+    return float(np.einsum("ij,ij->", v, h @ v))
 
 
 def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
-                feeds: Sequence[Mapping[str, np.ndarray]], *, damping: float = 0.1
+                feeds: Sequence[Mapping[str, np.ndarray]], *, damping: float = 0.1,
+                max_ratio: float = 0.9, norms: Mapping[str, float] | None = None
                 ) -> tuple[dict[int, np.ndarray], list]:
-    """Scores per group id by ``method`` (module doc), and the groups it cannot score."""
+    """Scores per group id by ``method`` (module doc), and the groups it cannot score.
+
+    ``obs`` damage is squared error per row (token, pixel) of the consumer's output, divided
+    by ``norms[site]`` when given (the mean row energy of the stream that output joins), else
+    by the consumer's own output energy for a conv (relative) and by 1 otherwise."""
     inits = constants(model)
     plan: dict[int, list[tuple[LinearSite, np.ndarray]]] = {}
     fallback = []
@@ -108,12 +154,21 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
             va = np.concatenate([v, bias[None, :]], axis=0)
             for gid, rows in readers[site.output]:
                 if method == "obs":
-                    totals[gid] += _obs_damage(st.xtx, va, rows, damping)
+                    limit = int(np.ceil(max_ratio * len(rows)))
+                    dmg = _obs_greedy(st.xtx, va, rows, damping, limit)
+                    if norms and site.output in norms:
+                        norm = st.n * norms[site.output]
+                    else:
+                        norm = _energy(st.xtx, va) if site.op == "Conv" else st.n
+                    totals[gid] += dmg / max(norm, 1e-30)
                 else:
                     n = max(st.n, 1)
                     mean = st.xtx[-1, :-1] / n
                     var = np.maximum(np.diag(st.xtx)[:-1] / n - mean * mean, 0.0)
-                    per_row = np.sqrt((v * v).sum(1) * var)
+                    if norms and site.output in norms:  # squared, on the stream's scale
+                        per_row = (v * v).sum(1) * var / norms[site.output]
+                    else:
+                        per_row = np.sqrt((v * v).sum(1) * var)
                     totals[gid] += per_row[rows].sum(1)
         del stats
     return totals, fallback

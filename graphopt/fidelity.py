@@ -1,0 +1,97 @@
+"""Fidelity of a lossy run, measured on data the passes did not see.
+
+1. ``split_holdout(feeds, fraction)``: the last ``ceil(fraction × n)`` calibration feeds
+   are kept apart for validation (at least one feed stays for calibration); a single feed
+   is split along its batch axis when every input has the same batch of 2 or more.
+2. ``measure(original, optimized, feeds, source)``: per output, the cosine of the
+   flattened outputs and the top-1 agreement where an output has classes
+   (``graphopt.runtime.validate``); per-token outputs of a model with an attention mask are
+   compared on real tokens only. With ``latency=True`` also the latency ratio of the
+   optimized model to the original, A/B interleaved (``graphopt.runtime.benchmark``).
+3. ``not_measured(reason)``: what the report says when there was no data to measure on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+Feed = Mapping[str, np.ndarray]
+
+
+def split_holdout(feeds: Sequence[Feed], fraction: float
+                  ) -> tuple[list[dict], list[dict]]:
+    """(calibration, held-out) feeds; held-out is empty when nothing can be spared."""
+    feeds = [dict(f) for f in feeds]
+    if fraction <= 0 or not feeds:
+        return feeds, []
+    if len(feeds) >= 2:
+        held = min(max(1, math.ceil(fraction * len(feeds))), len(feeds) - 1)
+        return feeds[:-held], feeds[-held:]
+    feed = feeds[0]
+    batches = {np.shape(v)[0] if np.ndim(v) else 0 for v in feed.values()}
+    if len(batches) != 1 or (batch := batches.pop()) < 2:
+        return feeds, []
+    held = min(max(1, math.ceil(fraction * batch)), batch - 1)
+    return ([{k: v[:-held] for k, v in feed.items()}],
+            [{k: v[-held:] for k, v in feed.items()}])
+
+
+def check_feeds_match(model: onnx.ModelProto, feeds: Sequence[Feed], what: str) -> None:
+    """Every feed has every model input, with the input's rank: else one ``InputSpecError``
+    naming the first mismatch (raised before any pass runs)."""
+    from .errors import InputSpecError
+    from .ir.inputs import input_specs
+
+    specs = input_specs(model)
+    if not feeds:
+        raise InputSpecError(f"{what} data holds no input sets")
+    for i, feed in enumerate(feeds):
+        missing = [s.name for s in specs if s.name not in feed]
+        if missing:
+            raise InputSpecError(
+                f"{what} input set {i} lacks {', '.join(missing)} (model inputs: "
+                f"{', '.join(s.name for s in specs)}; it has {', '.join(sorted(feed)) or 'none'})")
+        for s in specs:
+            if np.ndim(feed[s.name]) != len(s.dims):
+                raise InputSpecError(
+                    f"{what} input set {i}: '{s.name}' has rank {np.ndim(feed[s.name])}, the "
+                    f"model takes rank {len(s.dims)}")
+
+
+def _mask_input(model: onnx.ModelProto, feed: Feed) -> str | None:
+    for vi in model.graph.input:
+        value = feed.get(vi.name)
+        if value is not None and "mask" in vi.name.lower() and np.ndim(value) == 2 and \
+                np.issubdtype(np.asarray(value).dtype, np.integer):
+            return vi.name
+    return None
+
+
+def measure(original: onnx.ModelProto, optimized: onnx.ModelProto, feeds: Sequence[Feed],
+            source: str, *, latency: bool = False, provider: str = "cpu",
+            input_shapes=None) -> dict[str, Any]:
+    from .runtime.validate import validate
+
+    feeds = list(feeds)
+    mask = _mask_input(original, feeds[0])
+    result = validate(original, optimized, feeds, input_shapes=input_shapes, mask=mask)
+    outputs = [{"name": o["name"], "cosine": o["cosine"], "top1_agreement": o["top1_agreement"],
+                "max_abs": o["max_abs"]} for o in result.to_dict()["outputs"]]
+    out: dict[str, Any] = {"measured": True, "data": source, "feeds": len(feeds),
+                           "outputs": outputs, "mask": mask}
+    if latency:
+        from .runtime.benchmark import benchmark
+
+        bench = benchmark(optimized, vs=original, provider=provider, feeds=feeds[0],
+                          warmup=3, rounds=10, min_time=0.5)
+        out["latency_ratio"] = bench.ratio
+    return out
+
+
+def not_measured(reason: str) -> dict[str, Any]:
+    return {"measured": False, "reason": reason}

@@ -1,0 +1,221 @@
+"""Allocation under a budget: which units of every kind to remove so a cost target is met
+with the least damage.
+
+1. Costs (``node_costs``): per node, its MACs (``graphopt.analysis.cost``), or its measured
+   time on an execution provider (``latency_table``: onnxruntime's profiler, kernels timed
+   over a few runs with basic graph optimizations so each ONNX node keeps its own kernel);
+   params are counted per weight slice. A unit's cost is what removing it saves: each node a
+   group touches loses the unit's share of the axis it slices (``unit_costs``); a layer's is
+   the sum over its nodes (``block_cost``).
+2. Candidates (``Candidate``) carry a damage (from ``graphopt.prune.scores``, on one scale:
+   relative squared error of the residual stream per token, see ``passes/prune.py``) and a
+   cost. Width units come in *chunks* of ``step`` units in their group's removal order, so
+   kept widths stay multiples of ``round_to`` channels.
+3. ``allocate`` takes candidates by damage per unit of cost, lowest first, until the
+   removed cost reaches ``need``: a group loses at most its ``cap`` units, in its own order
+   (chunks of a group are taken in sequence); taking a layer removes its whole cost,
+   minus what was already taken inside it, and its groups take nothing more. The result
+   overshoots the need by less than one candidate's cost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("macs", "params", "latency")
+
+
+@dataclass
+class Candidate:
+    kind: str  # "heads", "neurons", "channels" or "layers"
+    key: int  # group id, or block position for layers
+    units: tuple[int, ...]  # unit indices of the group (empty for a layer)
+    damage: float
+    cost: float
+    order: int = 0  # position among the group's chunks
+    layer: int | None = None  # the block position holding this group, if any
+
+
+@dataclass
+class Allocation:
+    removal: dict[int, list[int]] = field(default_factory=dict)
+    layers: list[int] = field(default_factory=list)
+    removed_cost: float = 0.0
+
+
+def node_macs(model: onnx.ModelProto, shapes: Mapping[str, tuple]) -> np.ndarray:
+    from ..analysis.cost import _node_macs
+
+    out = np.zeros(len(model.graph.node))
+    for i, node in enumerate(model.graph.node):
+        try:
+            out[i] = float(_node_macs(node, shapes) or 0)
+        except Exception:  # noqa: BLE001 - an op whose shapes are unknown counts 0
+            out[i] = 0.0
+    return out
+
+
+def latency_table(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], provider: str,
+                  runs: int = 5) -> np.ndarray:
+    """Microseconds per node (mean over ``runs``) on ``provider``, from ORT's profiler."""
+    import onnxruntime as ort
+
+    from ..ir.model import max_ir_version
+    from ..runtime.providers import ort_providers
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    work.ir_version = min(work.ir_version, max_ir_version())
+    for i, node in enumerate(work.graph.node):
+        node.name = f"graphopt_node_{i}"
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="graphopt-profile-") as tmp:
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        session = ort.InferenceSession(work.SerializeToString(), options,
+                                       providers=ort_providers(provider))
+        names = {i.name for i in session.get_inputs()}
+        inputs = {k: v for k, v in feed.items() if k in names}
+        for _ in range(2):
+            session.run(None, inputs)
+        session.end_profiling()
+        session = ort.InferenceSession(work.SerializeToString(), options,
+                                       providers=ort_providers(provider))
+        for _ in range(runs):
+            session.run(None, inputs)
+        path = session.end_profiling()
+        with open(path, encoding="utf-8") as fh:
+            events = json.load(fh)
+    out = np.zeros(len(model.graph.node))
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        if name.startswith("graphopt_node_"):
+            try:
+                out[int(name[len("graphopt_node_"):])] += float(e.get("dur", 0)) / runs
+            except ValueError:
+                continue
+    return out
+
+
+def unit_costs(coupling, group, cost: np.ndarray | None, metric: str) -> float:
+    """What removing one unit of ``group`` saves (module doc, 1)."""
+    view = coupling.view
+    if metric == "params":
+        total = 0.0
+        for m, idx in group.index.items():
+            if not m.slot.is_const:
+                continue
+            value = view.const(m.slot.tensor)
+            if value is None or not np.issubdtype(value.dtype, np.floating) or value.size < 2:
+                continue
+            dim = coupling.dims.get(m) or value.shape[m.axis]
+            total += value.size / dim * idx.shape[1]
+        return total
+    share: dict[int, float] = {}
+    for m, idx in group.index.items():
+        dim = coupling.dims.get(m)
+        if not dim:
+            continue
+        for n in view.nodes_touching(m.slot):
+            share[n] = max(share.get(n, 0.0), idx.shape[1] / dim)
+    return float(sum(cost[n] * s for n, s in share.items() if n < len(cost)))
+
+
+def block_cost(model: onnx.ModelProto, nodes: Sequence[int], cost: np.ndarray | None,
+               metric: str) -> float:
+    if metric != "params":
+        return float(sum(cost[n] for n in nodes if n < len(cost)))
+    inside = set(nodes)
+    readers: dict[str, set[int]] = {}
+    for i, node in enumerate(model.graph.node):
+        for name in node.input:
+            readers.setdefault(name, set()).add(i)
+    total = 0
+    for init in model.graph.initializer:
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                              onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE):
+            users = readers.get(init.name, set())
+            size = math.prod(init.dims)
+            if users and users <= inside and size > 1:
+                total += size
+    return float(total)
+
+
+def allocate(candidates: Sequence[Candidate], need: float) -> Allocation:
+    """The cheapest-damage set whose cost reaches ``need`` (module doc, 3)."""
+    out = Allocation()
+    next_chunk: dict[int, int] = {}
+    pending = sorted(candidates, key=lambda c: (c.damage / max(c.cost, 1e-30), c.order))
+    dead_layers: set[int] = set()
+    taken_in_layer: dict[int, float] = {}
+    progress = True
+    while out.removed_cost < need and progress:
+        progress = False
+        for c in pending:
+            if out.removed_cost >= need:
+                break
+            if c.kind == "layers":
+                if c.key in dead_layers:
+                    continue
+                dead_layers.add(c.key)
+                out.layers.append(c.key)
+                out.removed_cost += c.cost - taken_in_layer.get(c.key, 0.0)
+                progress = True
+                continue
+            if c.layer is not None and c.layer in dead_layers:
+                continue
+            if next_chunk.get(c.key, 0) != c.order:
+                continue  # an earlier chunk of this group is still waiting
+            next_chunk[c.key] = c.order + 1
+            out.removal.setdefault(c.key, []).extend(c.units)
+            out.removed_cost += c.cost
+            if c.layer is not None:
+                taken_in_layer[c.layer] = taken_in_layer.get(c.layer, 0.0) + c.cost
+            progress = True
+        pending = [c for c in pending if not _used(c, out, next_chunk, dead_layers)]
+    for layer in out.layers:  # units of removed layers go with their layer
+        for c in candidates:
+            if c.layer == layer:
+                out.removal.pop(c.key, None)
+    return out
+
+
+def _used(c: Candidate, out: Allocation, next_chunk, dead_layers) -> bool:
+    if c.kind == "layers":
+        return c.key in dead_layers
+    return next_chunk.get(c.key, 0) > c.order or (c.layer is not None and c.layer in dead_layers)
+
+
+def chunks(order: np.ndarray, scores: np.ndarray, unit_cost: float, cap: int, step: int,
+           size: int) -> list[tuple[tuple[int, ...], float, float]]:
+    """(units, damage, cost) chunks of a group in its removal order: the first chunk makes
+    the kept count a multiple of ``step``, the rest are ``step`` units; at most ``cap``
+    units in all. Damage of a chunk is its units' largest score (scores rise along the
+    order)."""
+    out = []
+    first = size % step
+    pos = 0
+    sizes = ([first] if first else []) + [step] * (size // step)
+    for n in sizes:
+        if pos + n > cap:
+            break
+        units = order[pos:pos + n]
+        out.append((tuple(int(u) for u in units), float(np.sum(scores[units])),
+                    unit_cost * n))
+        pos += n
+    return out

@@ -1,0 +1,426 @@
+"""``prune``: one ranking of every prunable unit of every kind, cut to a budget, then refit.
+
+``--pass prune:macs=0.6`` keeps 60 % of the MACs (``params=``, or ``latency=`` measured per
+node on ``provider``), removing attention heads, FFN/MLP neurons, conv channels and whole
+layers, non-uniformly:
+
+1. Units are those of ``prune-heads`` (attention blocks), ``prune-neurons`` and
+   ``prune-channels`` (coupled groups) and ``prune-layers`` (residual blocks); ``kinds``
+   limits them.
+2. Damage, with calibration data: a unit's OBS damage after the optimal refit of its
+   consumers (``graphopt.prune.scores``, greedy within each consumer), divided by the mean
+   energy of the residual stream the consumer's output is added to (its own output when it
+   joins none): a relative error of the stream per token. A layer's damage is
+   E‖exit − entry‖² / E‖exit‖², the same quantity for bypassing it. Without calibration,
+   units are ranked by weight magnitude (normalized per group), layers are not removed, and
+   the report says that this is a guess and that fidelity was not measured.
+3. Cost: what a unit or a layer saves of the budget's metric (``graphopt.prune.budget``).
+   Candidates are taken by damage per cost until the budget is met (to within one
+   candidate's cost); every group keeps ``min_keep`` units and loses at most ``max_ratio``
+   of them; kept widths are multiples of ``round_to`` channels; one layer always stays.
+4. Then the cut is applied (units, then layers) and reconstructed (``reconstruct``, as in
+   the other structural passes): the consumers of cut units and the first layers after a
+   removed block are refit toward the original model, sequentially.
+5. Refused before any pass runs, in one line: no budget or two, a fraction outside (0, 1],
+   a budget below what ``min_keep``/``max_ratio`` allow, ``latency=`` on a provider that
+   does not start on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from graphopt.analysis.coupling import Coupling, analyze
+from graphopt.analysis.structure import find_structure
+from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.registry import register
+from graphopt.data.calibration import capture
+from graphopt.data.gram import constants, site_for, token_mask
+from graphopt.errors import ConfigError
+from graphopt.prune.apply import apply_removal
+from graphopt.prune.blocks import remove_blocks
+from graphopt.prune.budget import (
+    Candidate,
+    allocate,
+    block_cost,
+    chunks,
+    latency_table,
+    node_macs,
+    unit_costs,
+)
+from graphopt.prune.importance import _step, unit_scores
+from graphopt.prune.reconstruct import consumer_sites, frontier_sites
+from graphopt.prune.scores import data_scores
+
+from ._refit import GUESS_NOTE, check_reconstruct, keep_original, refit_step, resolve_mode
+from .heads import METADATA_HEADS, METADATA_KV_HEADS, head_block, is_attention_group, set_metadata
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("heads", "neurons", "channels", "layers")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Options of ``prune`` (module doc): one of ``macs``, ``params``, ``latency`` (the
+    fraction kept), the ``kinds`` of units, ``min_keep`` units per group, ``max_ratio`` of a
+    group at most, ``round_to`` channels, ``reconstruct``/``damping`` as in the other
+    structural passes, and the ``provider`` a latency budget is measured on."""
+
+    macs: float | None = None
+    params: float | None = None
+    latency: float | None = None
+    kinds: tuple[str, ...] = KINDS
+    min_keep: int = 1
+    max_ratio: float = 0.9
+    round_to: int = 1
+    reconstruct: str = "auto"
+    damping: float = 0.1
+    provider: str = "cpu"
+    score: str = "obs"
+
+    def __post_init__(self):
+        given = [(k, v) for k, v in (("macs", self.macs), ("params", self.params),
+                                     ("latency", self.latency)) if v is not None]
+        if len(given) != 1:
+            raise ConfigError("give one budget: macs=F, params=F or latency=F (the fraction "
+                              f"to keep), not {len(given)}")
+        name, value = given[0]
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"{name}={value} is not a fraction to keep in (0, 1]")
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise ConfigError(f"kinds must be some of {', '.join(KINDS)}, got {bad or 'none'}")
+        if self.min_keep < 1:
+            raise ConfigError(f"min_keep must be 1 or more, got {self.min_keep}")
+        if not 0.0 < self.max_ratio < 1.0:
+            raise ConfigError(f"max_ratio must be in (0, 1), got {self.max_ratio}")
+        if self.round_to < 1:
+            raise ConfigError(f"round_to must be 1 or more, got {self.round_to}")
+        check_reconstruct(self.reconstruct, self.damping)
+        if self.latency is not None:
+            from graphopt.runtime.providers import working_providers
+
+            if self.provider not in working_providers():
+                raise ConfigError(f"latency={self.latency} is measured on provider "
+                                  f"'{self.provider}', which does not start on this machine "
+                                  f"(working: {', '.join(working_providers())})")
+
+    @property
+    def metric(self) -> tuple[str, float]:
+        for k in ("macs", "params", "latency"):
+            if getattr(self, k) is not None:
+                return k, float(getattr(self, k))
+        raise AssertionError
+
+
+@dataclass
+class PrunePlan:
+    coupling: Coupling
+    removal: dict[int, np.ndarray] = field(default_factory=dict)
+    blocks: list = field(default_factory=list)  # structure blocks (layers) to remove
+    kinds: dict[int, str] = field(default_factory=dict)
+    heads: dict[int, object] = field(default_factory=dict)  # group id -> HeadBlock
+    total: float = 0.0
+    removed: float = 0.0
+    skipped: list[Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    key: tuple = ()
+
+
+def _model_key(model: onnx.ModelProto) -> tuple:
+    """Identifies the model ``check`` planned on, so ``run`` reuses the plan only for it."""
+    return (id(model), tuple(n.op_type for n in model.graph.node),
+            tuple((i.name, tuple(i.dims)) for i in model.graph.initializer))
+
+
+@register
+class Prune(Pass):
+    """Remove the cheapest-damage units of every kind until a MACs/params/latency budget is
+    met, then refit (module doc)."""
+
+    name = "prune"
+    Config = PruneConfig
+    lossless = False
+
+    def check(self, model: onnx.ModelProto, ctx: Context) -> None:
+        self._plan = self.plan(model, ctx)
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        cached = getattr(self, "_plan", None)
+        plan = cached if cached is not None and cached.key == _model_key(model) else \
+            self.plan(model, ctx)
+        self._plan = None
+        self.last_plan = plan
+        cfg = self.config
+        mode = resolve_mode(cfg.reconstruct, ctx)
+        original = keep_original(model, mode) if (plan.removal or plan.blocks) else None
+        outputs, columns = consumer_sites(plan.coupling, plan.removal) if plan.removal else \
+            ([], {})
+        if plan.removal:
+            apply_removal(model, plan.coupling, plan.removal)
+        if plan.heads:
+            heads, kv = [], []
+            dead = {n for b in plan.blocks for n in b.nodes}
+            for gid, hb in plan.heads.items():
+                if hb.group.position in dead:
+                    continue
+                gone = len(plan.removal.get(gid, ()))
+                heads.append((hb.group.size - gone) * hb.heads_per_unit)
+                kv.append(hb.group.size - gone)
+            set_metadata(model, METADATA_HEADS, json.dumps(heads))
+            set_metadata(model, METADATA_KV_HEADS, json.dumps(kv))
+        if plan.blocks:
+            remove_blocks(model, plan.blocks)
+            outputs = outputs + frontier_sites(model, [b.entry for b in plan.blocks])
+        counters = {f"{k}_removed": 0 for k in ("heads", "neurons", "channels")}
+        for gid, units in plan.removal.items():
+            kind = plan.kinds[gid]
+            per = plan.heads[gid].heads_per_unit if kind == "heads" else 1
+            counters[f"{kind}_removed"] += len(units) * per
+        counters["layers_removed"] = len(plan.blocks)
+        metric, fraction = cfg.metric
+        details = {"budget": {"metric": metric, "keep": fraction, "total": plan.total,
+                              "removed": plan.removed,
+                              "kept_fraction": 1 - plan.removed / plan.total if plan.total
+                              else 1.0}, "notes": list(plan.notes)}
+        skipped = list(plan.skipped)
+        if original is not None:
+            more, refit_skips, refit = refit_step(original, model, list(dict.fromkeys(outputs)),
+                                                  ctx, mode, cfg.damping, columns)
+            counters.update(more)
+            details.update({k: v for k, v in refit.items() if k != "notes"})
+            details["notes"] += refit.get("notes", [])
+            skipped += [s for s in refit_skips if "no node produces it" not in s.reason]
+        changed = bool(plan.removal or plan.blocks)
+        return PassResult(model, changed, counters, skipped, details)
+
+    # ------------------------------------------------------------------------- planning
+
+    def plan(self, model: onnx.ModelProto, ctx: Context) -> PrunePlan:
+        cfg = self.config
+        metric, fraction = cfg.metric
+        coupling = analyze(model, ctx.input_shapes)
+        plan = PrunePlan(coupling, key=_model_key(model))
+        data = bool(ctx.calibration)
+        feeds = ctx.calibration_feeds(model)
+        if not data:
+            plan.notes.append(GUESS_NOTE)
+        if metric == "latency":
+            cost = latency_table(model, feeds[0], cfg.provider)
+        elif metric == "macs":
+            cost = node_macs(model, coupling.view.shapes)
+        else:
+            cost = None
+        if metric == "params":
+            from graphopt.analysis.cost import count_cost
+
+            plan.total = float(count_cost(model, ctx.input_shapes).params)
+        else:
+            plan.total = float(cost.sum())
+        if plan.total <= 0:
+            raise ConfigError(f"the model's {metric} count as 0 here (unknown shapes? give "
+                              "--input-shape), so a budget cannot be met")
+        groups = self._groups(coupling, plan)
+        blocks = self._blocks(model, plan) if "layers" in cfg.kinds and data else []
+        if "layers" in cfg.kinds and not data:
+            plan.skipped.append(Skip("layers", "layers are removed only with calibration "
+                                     "data (their damage is measured)"))
+        candidates = self._candidates(model, coupling, groups, blocks, feeds, data, cost,
+                                      metric, plan)
+        need = plan.total * (1.0 - fraction)
+        best = self._removable(candidates)
+        if need > best * (1 + 1e-9) + 1e-9:
+            raise ConfigError(
+                f"{metric}={fraction:g} cannot be met: at most {best / plan.total:.1%} of the "
+                f"{metric} can go with min_keep={cfg.min_keep}, max_ratio={cfg.max_ratio:g} "
+                f"and kinds={','.join(cfg.kinds)} (keep at least "
+                f"{1 - best / plan.total:.3f})")
+        alloc = allocate(candidates, need)
+        plan.removed = alloc.removed_cost
+        plan.removal = {g: np.sort(np.asarray(u, dtype=np.int64))
+                        for g, u in alloc.removal.items() if u}
+        plan.blocks = [blocks[i][0] for i in sorted(alloc.layers)]
+        return plan
+
+    def _groups(self, coupling: Coupling, plan: PrunePlan) -> list:
+        from .width import PruneNeurons
+
+        kinds = self.config.kinds
+        out = []
+        neurons = PruneNeurons()
+        for g in coupling.groups:
+            if not g.prunable:
+                continue
+            if is_attention_group(g) and g.kind == "blocks":
+                if "heads" in kinds:
+                    plan.kinds[g.id] = "heads"
+                    plan.heads[g.id] = head_block(g)
+                    out.append(g)
+            elif g.kind == "channels" and "channels" in kinds:
+                plan.kinds[g.id] = "channels"
+                out.append(g)
+            elif g.kind == "neurons" and neurons.eligible(g) is None and "neurons" in kinds:
+                plan.kinds[g.id] = "neurons"
+                out.append(g)
+        return out
+
+    def _blocks(self, model: onnx.ModelProto, plan: PrunePlan) -> list:
+        layers = list(find_structure(model).blocks("layer"))
+        for b in layers:
+            if not b.removable:
+                plan.skipped.append(Skip(b.site, b.reason))
+        return [(b, i) for i, b in enumerate(layers) if b.removable][: max(len(layers) - 1, 0)] \
+            if len(layers) > 1 else []
+
+    def _removable(self, candidates: list[Candidate]) -> float:
+        layers = sorted((c for c in candidates if c.kind == "layers"), key=lambda c: -c.cost)
+        gone = {c.key for c in layers}
+        total = sum(c.cost for c in layers)
+        total += sum(c.cost for c in candidates if c.kind != "layers" and c.layer not in gone)
+        return total
+
+    def _candidates(self, model, coupling, groups, blocks, feeds, data, cost, metric,
+                    plan) -> list[Candidate]:
+        cfg = self.config
+        layer_of: dict[int, int] = {}
+        for b, i in blocks:
+            nodes = set(b.nodes)
+            for g in groups:
+                if g.position in nodes:
+                    layer_of[g.id] = i
+        if data:
+            norms = _stream_norms(model, coupling, groups, feeds)
+            scores, fallback = data_scores(model, coupling, groups, cfg.score, feeds,
+                                           damping=cfg.damping, max_ratio=cfg.max_ratio,
+                                           norms=norms)
+            if fallback:
+                scores.update(unit_scores(coupling, fallback, "activation", feeds=feeds))
+        else:
+            scores = unit_scores(coupling, groups, "l1")
+        out: list[Candidate] = []
+        for g in groups:
+            hb = plan.heads.get(g.id)
+            keep = max(math.ceil(cfg.min_keep / hb.heads_per_unit), 1) if hb else cfg.min_keep
+            cap = min(int(math.floor(cfg.max_ratio * g.size + 1e-9)), g.size - keep)
+            if cap <= 0:
+                continue
+            s = np.asarray(scores[g.id], dtype=np.float64)
+            order = np.argsort(s, kind="stable")
+            step = 1 if hb else _step(g, cfg.round_to)
+            per_unit = unit_costs(coupling, g, cost, metric)
+            for k, (units, dmg, c) in enumerate(chunks(order, s, per_unit, cap, step, g.size)):
+                out.append(Candidate(plan.kinds[g.id], g.id, units, dmg, c, k,
+                                     layer_of.get(g.id)))
+        if blocks:
+            damage = _layer_damage(model, [b for b, _ in blocks], feeds)
+            for b, i in blocks:
+                out.append(Candidate("layers", i, (), damage[b.exit],
+                                     block_cost(model, b.nodes, cost, metric)))
+        return out
+
+
+def _stream_tensor(model: onnx.ModelProto, name: str, consts: set[str]) -> str:
+    """The residual sum a site's output joins: along single-reader elementwise/layout ops
+    (a bias Add) to the first op adding two activations; where the walk ends otherwise (a
+    branch, a norm, an activation), the tensor reached so far."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for x in node.input:
+            readers.setdefault(x, []).append(node)
+    current = name
+    for _ in range(8):
+        nodes = readers.get(current, [])
+        if len(nodes) != 1:
+            return current
+        node = nodes[0]
+        acts = [x for x in node.input if x and x not in consts]
+        if node.op_type in ("Add", "Sum") and len(acts) >= 2:
+            return node.output[0]
+        if node.op_type not in ("Add", "Sub", "Mul", "Div", "Reshape", "Transpose",
+                                "Identity", "Cast"):
+            return current
+        current = node.output[0]
+    return current
+
+
+def _stream_norms(model, coupling, groups, feeds) -> dict[str, float]:
+    """Mean row energy of the stream each consumer of ``groups`` joins."""
+    consts = set(constants(model))
+    inits = constants(model)
+    streams: dict[str, str] = {}
+    for g in groups:
+        for m in g.members_with_role("in"):
+            site, _ = site_for(model, m.slot.use[0], inits)
+            if site is not None:
+                streams[site.output] = _stream_tensor(model, site.output, consts)
+    names = sorted(set(streams.values()))
+    reducer = _RowEnergy(names, feeds)
+    capture(model, feeds, names, reducer, batch_outputs=max(len(names), 1))
+    return {s: reducer.mean(t) for s, t in streams.items()}
+
+
+class _RowEnergy:
+    """Mean over rows (tokens, pixels; padding left out) of the squared norm along the
+    channel axis, for tensors captured in one session (feed by feed, ``names`` order)."""
+
+    def __init__(self, names, feeds):
+        self.names = list(names)
+        self.feeds = list(feeds)
+        self.calls = 0
+        self.sums: dict[str, float] = {}
+        self.rows: dict[str, float] = {}
+
+    def __call__(self, name, value):
+        feed = self.feeds[min(self.calls // max(len(self.names), 1), len(self.feeds) - 1)]
+        self.calls += 1
+        v = np.asarray(value, dtype=np.float64)
+        energy = (v * v).sum(1 if v.ndim == 4 else -1)
+        mask = token_mask(feed)
+        w = np.ones_like(energy)
+        if mask is not None and energy.ndim >= 2 and energy.shape[:2] == mask.shape:
+            w = np.broadcast_to(mask.reshape(mask.shape + (1,) * (energy.ndim - 2)),
+                                energy.shape).astype(np.float64)
+        self.sums[name] = self.sums.get(name, 0.0) + float((energy * w).sum())
+        self.rows[name] = self.rows.get(name, 0.0) + float(w.sum())
+
+    def mean(self, name) -> float:
+        return self.sums.get(name, 0.0) / max(self.rows.get(name, 0.0), 1.0) or 1.0
+
+
+def _layer_damage(model, blocks, feeds) -> dict[str, float]:
+    """E‖exit − entry‖² / E‖exit‖² per block (keyed by exit), over real tokens."""
+    pairs = [(b.entry, b.exit) for b in blocks]
+    names = list(dict.fromkeys(n for p in pairs for n in p))
+    feeds = list(feeds)
+    diff = {p: 0.0 for p in pairs}
+    energy = {p: 0.0 for p in pairs}
+    current: dict[str, np.ndarray] = {}
+    state = {"feed": 0}
+
+    def reduce(name, value):
+        current[name] = np.asarray(value, dtype=np.float64)
+        if len(current) < len(names):
+            return
+        mask = token_mask(feeds[state["feed"]])
+        for a, b in pairs:
+            x, y = current[a], current[b]
+            axis = 1 if y.ndim == 4 else -1
+            d = ((y - x) ** 2).sum(axis)
+            e = (y * y).sum(axis)
+            if mask is not None and d.ndim >= 2 and d.shape[:2] == mask.shape:
+                w = mask.reshape(mask.shape + (1,) * (d.ndim - 2))
+                d, e = d * w, e * w
+            diff[(a, b)] += float(d.sum())
+            energy[(a, b)] += float(e.sum())
+        current.clear()
+        state["feed"] += 1
+
+    capture(model, feeds, names, reduce, batch_outputs=len(names))
+    return {b: diff[(a, b)] / max(energy[(a, b)], 1e-30) for a, b in pairs}
