@@ -199,7 +199,7 @@ class Prune(Pass):
             details["notes"] += refit.get("notes", [])
             skipped += [s for s in refit_skips if "no node produces it" not in s.reason]
         changed = bool(plan.removal or plan.blocks)
-        return PassResult(model, changed, counters, skipped, details)
+        return PassResult(model, changed, counters, skipped, plan, details=details)
 
     # ------------------------------------------------------------------------- planning
 

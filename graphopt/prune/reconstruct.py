@@ -267,6 +267,9 @@ def reconstruct(
             sites.append(site)
         if not sites:
             continue
+        sites = _matching_targets(original, pruned, sites, target_columns, skipped)
+        if not sites:
+            continue
         stats = accumulate(pruned, sites, feeds, targets=True, reference=original,
                            target_columns=target_columns)
         for site in sites:
@@ -285,6 +288,32 @@ def reconstruct(
             logger.info("refit %s: relative error %.4g -> %.4g (%d rows)", site.output,
                         before, after, st.n)
     return fits, skipped
+
+
+def _matching_targets(original, pruned, sites, target_columns, skipped):
+    """Sites whose output width in the original (after ``target_columns``) is their width
+    now; the others are skipped with the reason (a cut the caller did not map)."""
+    from ..data.gram import constants, site_dims
+
+    consts = constants(pruned)
+    ref = {n.output[0]: i for i, n in enumerate(original.graph.node) if n.output}
+    ref_consts = constants(original)
+    out = []
+    for s in sites:
+        n_now = site_dims(pruned, s, consts)[1]
+        if target_columns and s.output in target_columns:
+            n_ref = len(target_columns[s.output])
+        else:
+            node = original.graph.node[ref[s.output]] if s.output in ref else None
+            site, _ = site_for(original, ref[s.output], ref_consts) if node is not None else \
+                (None, None)
+            n_ref = site_dims(original, site, ref_consts)[1] if site is not None else n_now
+        if n_ref != n_now:
+            skipped.append((s.output, f"its output has {n_now} channels, the original's "
+                                      f"{n_ref}: the cut is not mapped"))
+            continue
+        out.append(s)
+    return out
 
 
 # --------------------------------------------------------------------------- which sites
@@ -309,12 +338,22 @@ def consumer_sites(coupling, removal: Mapping[int, np.ndarray]
                 nodes.add(idx)
     outputs = [view.nodes[i].output[0] for i in sorted(nodes)]
     columns: dict[str, np.ndarray] = {}
+    out_of = {view.nodes[i].output[0]: i for i in nodes}
     for m, cut in atoms.items():
+        if m.slot.use is None and m.slot.tensor in out_of:
+            # the site's own output channels were cut (read off its output activation)
+            node = view.nodes[out_of[m.slot.tensor]]
+            shape = view.shapes.get(m.slot.tensor)
+            rank = len(shape) if shape is not None else None
+            channel = 1 if node.op_type == "Conv" else (rank - 1 if rank else None)
+            if channel is not None and m.axis == channel and coupling.dims.get(m):
+                columns[m.slot.tensor] = np.delete(np.arange(coupling.dims[m]), cut)
+            continue
         if m.slot.use is None or m.slot.use[1] != 1 or m.slot.use[0] not in nodes:
             continue
         node = view.nodes[m.slot.use[0]]
         w = view.const(m.slot.tensor)
-        if w is None:
+        if w is None or node.output[0] in columns:
             continue
         out_axis = _out_axis(node, w.ndim)
         if m.axis == out_axis:
