@@ -9,7 +9,8 @@ written to a file, and ``graphopt optimize`` runs on it in process
 pass, sometimes with ``--input-shape``. The outcome:
 
 - ``ok``: exit 0, the output passes the checker, loads in onnxruntime and matches the input
-  (atol 1e-4 + 1e-4 relative) at every *probe* size: the sizes the input runs at among
+  (within 1e-4 + 1e-5 of each output's largest magnitude: float rounding of a folded
+  BatchNorm scales with the values it multiplies) at every *probe* size: the sizes the input runs at among
   1, 2, 3, 5, 8, 16, 32 and 64 (the fuzzer's own choice, not the manager's), feeding every
   overridable initializer a new value too;
 - ``refused``: exit 2 with one ``error:`` line, nothing written: right for a broken input,
@@ -190,9 +191,20 @@ def _compare(src: onnx.ModelProto, out: onnx.ModelProto, probes, rng) -> str | N
                 a, b = np.asarray(a), np.asarray(b)
                 if a.shape != b.shape:
                     return f"size {size}: shape {b.shape} instead of {a.shape}"
-                if not np.allclose(a, b, atol=1e-4, rtol=1e-4, equal_nan=True):
-                    worst = float(np.nanmax(np.abs(a.astype(np.float64) - b)))
-                    return f"size {size}: max abs difference {worst:.3g}"
+                if a.dtype.kind != "f":
+                    if not np.array_equal(a, b):
+                        return f"size {size}: integer/bool outputs differ"
+                    continue
+                # Float rounding scales with the output's magnitude (a folded BatchNorm
+                # reassociates products of values in the hundreds), not with each element.
+                finite = np.abs(a[np.isfinite(a)])
+                scale = float(finite.max()) if finite.size else 0.0
+                with np.errstate(invalid="ignore"):
+                    diff = np.abs(a.astype(np.float64) - b)
+                diff[(a == b) | (np.isnan(a) & np.isnan(b))] = 0.0  # equal infinities too
+                worst = float(diff.max()) if a.size else 0.0
+                if not worst <= 1e-4 + 1e-5 * scale:  # NaN on one side only fails too
+                    return f"size {size}: max abs difference {worst:.3g} (output scale {scale:.3g})"
     return None
 
 
