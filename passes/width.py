@@ -244,19 +244,28 @@ class RemoveZeroChannels(Pass):
 
     1. Every consumer-side weight slice of the unit is exactly 0 (e.g. after magnitude
        pruning), or the unit feeds no consumer at all.
-    2. A group keeps at least one unit; unprunable groups are left alone.
+    2. Or its producer side is zero: every producer weight slice (a MatMul column, a conv
+       filter) and bias is 0 and the channel reaches every consumer as exact zeros
+       (``graphopt.sparsity.zeros``), e.g. after unstructured sparsity.
+    3. A group keeps at least one unit; unprunable groups are left alone.
     """
 
     name = "remove-zero-channels"
     lossless = True
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        from graphopt.sparsity.zeros import zero_producer_units
+
         coupling = analyze(model, ctx.input_shapes)
         removal: dict[int, np.ndarray] = {}
-        for g in coupling.groups:
-            if not g.prunable:
-                continue
+        prunable = [g for g in coupling.groups if g.prunable]
+        producer_zero = zero_producer_units(coupling, prunable, ctx.sample_feeds(model, 2))
+        by_producer = 0
+        for g in prunable:
             zero = zero_units(coupling, g)
+            extra = np.setdiff1d(producer_zero.get(g.id, zero[:0]), zero)
+            by_producer += len(extra)
+            zero = np.union1d(zero, extra).astype(np.int64)
             owns_an_axis = any(idx.size == coupling.dims[m] for m, idx in g.index.items())
             if len(zero) >= g.size and owns_an_axis:
                 zero = zero[: g.size - 1]  # an axis must keep one index
@@ -266,4 +275,5 @@ class RemoveZeroChannels(Pass):
             apply_removal(model, coupling, removal)
         units = sum(len(u) for u in removal.values())
         return PassResult(model, bool(removal),
-                          {"groups_pruned": len(removal), "units_pruned": int(units)})
+                          {"groups_pruned": len(removal), "units_pruned": int(units),
+                           "units_zero_producer": int(by_producer)})

@@ -1,0 +1,153 @@
+"""Which weights to zero, and SparseGPT, on the matrix view ``Wt`` [outputs, reduction].
+
+1. ``scores(method, wt, norms)``: ``magnitude`` is |W|; ``wanda`` is |W|·‖X_j‖, with the
+   activation norm of input column j over every calibration row (all tokens of 3-D
+   activations, all pixels of conv inputs).
+2. ``keep_mask(scores, ratio=..)`` zeroes the lowest ``ratio`` of the scores, over the whole
+   matrix (magnitude) or per output row (``per_row``, Wanda's comparison group);
+   ``keep_mask(scores, n=.., m=..)`` keeps the ``n`` best of every ``m`` consecutive columns
+   of each row: the N:M groups lie along the reduction axis.
+3. ``sparsegpt(wt, hessian, ...)``: SparseGPT (Frantar & Alistarh, 2023). The OBS update
+   with the damped Hessian ``H = XᵀX + λ·mean(diag H)·I`` (``damp`` = λ): columns are
+   pruned left to right, each pruned weight's error ``(w − q)/[H⁻¹]_jj`` is spread over the
+   columns not yet processed through the upper Cholesky factor of ``H⁻¹``, and the mask is
+   chosen adaptively (per block of ``block`` columns for unstructured ratios, per group of M
+   for N:M) by ``w² / [H⁻¹]_jj²``. Updates inside a block are immediate; the rest of the
+   matrix gets the block's accumulated error in one product (lazy batched updates).
+4. ``output_error(wt, new, hessian)``: ``‖X(W − W')ᵀ‖² / ‖XWᵀ‖²`` from the Gram alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def scores(method: str, wt: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
+    s = np.abs(wt.astype(np.float64))
+    if method == "magnitude":
+        return s
+    if norms is None:
+        raise ValueError(f"{method} needs activation norms")
+    return s * norms[None, :]
+
+
+def keep_mask(score: np.ndarray, *, ratio: float = 0.0, n: int = 0, m: int = 0,
+              per_row: bool = False) -> np.ndarray:
+    """True where a weight is kept (see the module doc)."""
+    rows, cols = score.shape
+    keep = np.ones(score.shape, dtype=bool)
+    if m:
+        groups = score.reshape(rows, cols // m, m)
+        drop = np.argsort(groups, axis=-1, kind="stable")[..., : m - n]
+        g = keep.reshape(rows, cols // m, m)
+        np.put_along_axis(g, drop, False, axis=-1)
+        return keep
+    if ratio <= 0:
+        return keep
+    if per_row:
+        k = int(cols * ratio)
+        if k:
+            drop = np.argsort(score, axis=1, kind="stable")[:, :k]
+            np.put_along_axis(keep, drop, False, axis=1)
+        return keep
+    k = int(score.size * ratio)
+    if k:
+        flat = keep.reshape(-1)
+        flat[np.argsort(score.reshape(-1), kind="stable")[:k]] = False
+    return keep
+
+
+def _upper_inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper triangular U with ``UᵀU = (H + damp·mean(diag)·I)⁻¹``, with more damping if H
+    is not positive definite in float64.
+
+    With J the reversal permutation, ``chol(J H J) = L`` gives ``H = R Rᵀ`` for the upper
+    triangular ``R = J L J``, so ``U = R⁻¹``: one factorization and one inverse.
+    """
+    mean = float(np.mean(np.diag(h))) or 1.0
+    eye = np.eye(h.shape[0])
+    with _one_blas_thread():
+        for factor in (1, 10, 100, 1000):
+            try:
+                lower = np.linalg.cholesky((h + damp * factor * mean * eye)[::-1, ::-1])
+            except np.linalg.LinAlgError:
+                continue
+            return np.linalg.inv(lower[::-1, ::-1])
+    raise np.linalg.LinAlgError("the layer Hessian is not positive definite even damped")
+
+
+def _one_blas_thread():
+    """Factorizations of a few thousand columns are fastest single-threaded on a busy
+    machine (OpenBLAS' threaded Cholesky was 10x slower with other processes running)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def sparsegpt(wt: np.ndarray, hessian: np.ndarray, *, ratio: float = 0.0, n: int = 0,
+              m: int = 0, damp: float = 0.01, block: int = 128) -> np.ndarray:
+    """The pruned and updated ``Wt`` (float64); see the module doc."""
+    w = wt.astype(np.float64).copy()
+    rows, cols = w.shape
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    u = _upper_inverse_cholesky(h, damp)
+    if m:
+        block = max(m, block - block % m)
+    row_ids = np.arange(rows)[:, None]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = w[:, i1:i2].copy()
+        q1 = np.zeros_like(w1)
+        err1 = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        d1 = np.diag(u1)
+        prune = np.zeros(w1.shape, dtype=bool)
+        if not m and ratio > 0:
+            prune = ~keep_mask(w1 ** 2 / d1[None, :] ** 2, ratio=ratio)
+        for i in range(i2 - i1):
+            if m and i % m == 0:
+                tmp = w1[:, i:i + m] ** 2 / d1[None, i:i + m] ** 2
+                drop = np.argsort(tmp, axis=1, kind="stable")[:, : m - n]
+                prune[row_ids, i + drop] = True
+            col = w1[:, i]
+            q = np.where(prune[:, i], 0.0, col)
+            q1[:, i] = q
+            e = (col - q) / u1[i, i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err1[:, i] = e
+        w[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return w
+
+
+def output_error(wt: np.ndarray, new: np.ndarray, hessian: np.ndarray) -> float:
+    """Relative squared output error of the layer on its calibration inputs."""
+    wt = wt.astype(np.float64)
+    delta = wt - new
+    num = float(np.einsum("ij,ij->", delta @ hessian, delta))
+    den = float(np.einsum("ij,ij->", wt @ hessian, wt))
+    return num / den if den > 0 else 0.0
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """``"unstructured"`` -> (0, 0); ``"2:4"`` -> (2, 4). ValueError otherwise."""
+    if pattern == "unstructured":
+        return 0, 0
+    try:
+        n_text, m_text = pattern.split(":")
+        n, m = int(n_text), int(m_text)
+    except ValueError:
+        raise ValueError(f"pattern must be 'unstructured' or N:M such as 2:4 or 4:8, "
+                         f"got '{pattern}'") from None
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern}: N:M needs 0 < N < M")
+    return n, m
