@@ -15,7 +15,7 @@ file sizes.
    sentences), i.e. how well the similarity ranking is kept.
 4. ``2:4 layers`` counts the weight MatMuls whose weight is in the 2:4 pattern along the
    reduction axis (checked on the saved weights, not taken from the report).
-5. Latency: ``graphopt.benchmark`` on ORT CPU, sparse (A) vs original (B) interleaved ABBA in
+5. Latency: ``graphopt.runtime.benchmark`` on ORT CPU, sparse (A) vs original (B) interleaved ABBA in
    one process, batch 8 x seq 128; zeros do not make MLAS faster, so ~1.0 is expected: a
    ratio above 1 + noise would be a regression. The machine may be shared: the fastest-run
    ratio is disturbed least.
@@ -80,9 +80,12 @@ def nm_layers(model, n: int = 2, m: int = 4) -> tuple[int, int]:
 
 def run_row(name, specs, path, calibration, held_feeds, reference, timing_feed, args):
     import graphopt
-    from graphopt.benchmark import benchmark
-    from graphopt.pass_manager import Context, PassManager, build_pass, parse_pass_spec
-    from graphopt.text import mean_pooled_embeddings, row_cosines
+    from graphopt.runtime.benchmark import benchmark
+    from graphopt.core.contract import Context
+    from graphopt.core.manager import PassManager
+    from graphopt.core.registry import build_pass
+    from graphopt.core.config import parse_pass_spec
+    from graphopt.data.text import mean_pooled_embeddings, row_cosines
 
     passes = [build_pass(*parse_pass_spec(spec)) for spec in specs]
     start = time.perf_counter()
@@ -127,8 +130,8 @@ def main(argv=None) -> int:
 
     import graphopt
     from graphopt.testing import export_minilm
-    from graphopt.text import encode, load_tokenizer, mean_pooled_embeddings, minilm_folder
-    from graphopt.text import read_sentences
+    from graphopt.data.text import encode, load_tokenizer, mean_pooled_embeddings, minilm_folder
+    from graphopt.data.text import read_sentences
 
     args.cache.mkdir(parents=True, exist_ok=True)
     path = args.cache / "all-MiniLM-L6-v2-ts17.onnx"

@@ -33,7 +33,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphopt.errors import ConfigError
-from graphopt.pass_manager import Context, Pass, PassResult, Skip, register
+from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.registry import register
 from graphopt.sparsity import kernels
 from graphopt.sparsity.kernels import Choice, Timing
 from graphopt.sparsity.layers import initializers, read_weight, sparsity, weight_layers
@@ -65,7 +66,7 @@ class SparseOpsConfig:
 
 
 def _first_inputs(model, layers, ctx: Context) -> dict[str, np.ndarray]:
-    from graphopt.calibration import capture
+    from graphopt.data.calibration import capture
 
     graph_inputs = {i.name for i in model.graph.input}
     feed = ctx.sample_feeds(model, 1)[0]
@@ -128,10 +129,8 @@ class SparseOps(Pass):
         self.last_choices = choices
         counters = {"layers": len(layers), "measured": len(measured),
                     "rewritten": len(rewrite), "dense": len(choices) - len(rewrite)}
-        result = PassResult(model, bool(rewrite), counters, skipped)
-        if hasattr(result, "details"):
-            result.details["layers"] = [c.to_dict() for c in choices]
-        return result
+        return PassResult(model, bool(rewrite), counters, skipped,
+                          {"layers": [c.to_dict() for c in choices]})
 
     def _choose(self, name: str, s: float, timings: list[Timing], w, x) -> Choice:
         cfg = self.config

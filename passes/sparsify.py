@@ -30,8 +30,9 @@ import numpy as np
 import onnx
 
 from graphopt.errors import ConfigError
-from graphopt.importance import check_patterns, matches
-from graphopt.pass_manager import Context, Pass, PassResult, Skip, register
+from graphopt.prune.importance import check_patterns, matches
+from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.registry import register
 from graphopt.sparsity import allocation
 from graphopt.sparsity.calib import capture_grams, capture_pair_grams
 from graphopt.sparsity.gram import gram_key
@@ -238,7 +239,8 @@ class Sparsify(Pass):
         counters = {"layers": len(layers), "layers_sparsified": len(active),
                     "layers_dense": len(dense), "weights_zeroed": int(round(zeros)),
                     "weights_considered": int(total)}
-        return PassResult(model, bool(active), counters, skipped)
+        return PassResult(model, bool(active), counters, skipped,
+                          {"layers": [r.to_dict() for r in ordered]})
 
     def _refusal(self, layer: WeightLayer, m: int) -> str | None:
         cfg = self.config

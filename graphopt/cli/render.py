@@ -108,6 +108,8 @@ def render_report(console: Console, report: Any) -> None:
         if len(p.skipped) > 20:
             console.print(f"  [dim]... {len(p.skipped) - 20} more skips in the JSON report[/]")
         _render_details(console, p.name, p.details)
+        if p.details.get("layers"):
+            render_layers(console, p.name, p.details["layers"])
     before = report.metadata.get("cost_before")
     after = report.metadata.get("cost_after")
     if before and after:
@@ -152,6 +154,27 @@ def _render_details(console: Console, name: str, details: dict[str, Any]) -> Non
         console.print(table)
         if len(fits) > 40:
             console.print(f"  [dim]... {len(fits) - 40} more sites in the JSON report[/]")
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return escape("[" + ", ".join(str(x) for x in v) + "]")
+    return escape(str(v))
+
+
+def render_layers(console: Console, pass_name: str, rows: list[dict[str, Any]]) -> None:
+    """A pass's per-layer report (``details["layers"]``): one row per layer, the scalar
+    fields as columns."""
+    columns = [k for k, v in rows[0].items() if not isinstance(v, (dict,)) and
+               not (isinstance(v, list) and v and isinstance(v[0], dict))]
+    table = Table(*columns, title=f"{pass_name}: per layer", title_justify="left")
+    for row in rows:
+        table.add_row(*(_cell(row.get(k)) for k in columns))
+    console.print(table)
 
 
 def _ratio(a: float, b: float) -> str:

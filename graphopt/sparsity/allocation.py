@@ -31,7 +31,7 @@ MAX_RATIO = 0.95
 
 
 def _session(model: onnx.ModelProto):
-    from ..runtime import _weight_bytes, ort_session
+    from graphopt.runtime.session import _weight_bytes, ort_session
 
     # Large models go through a temporary external-data file (one copy of the weights).
     return ort_session(model, lean=_weight_bytes(model) >= 256 * 2**20)

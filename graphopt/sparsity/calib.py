@@ -1,4 +1,4 @@
-"""Calibration capture of weight layers' input Grams (``graphopt.calibration.capture`` with
+"""Calibration capture of weight layers' input Grams (``graphopt.data.calibration.capture`` with
 a ``GramAccumulator``).
 
 1. Inputs that are graph inputs are read from the feeds directly.
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..calibration import capture
+from graphopt.data.calibration import capture
 from ..errors import InputSpecError
 from .gram import GramAccumulator
 from .layers import WeightLayer
@@ -72,7 +72,7 @@ def capture_pair_grams(model: onnx.ModelProto, reference: onnx.ModelProto,
     """``PairGram`` per distinct layer input: each feed runs through ``model`` and
     ``reference`` (same graph, other weights) and the layer inputs of both are paired row by
     row (real tokens only, as above)."""
-    from ..calibration import _session_with_outputs
+    from graphopt.data.calibration import _session_with_outputs
     from .gram import PairGram, gram_key, input_rows
 
     by_key: dict[tuple, WeightLayer] = {}

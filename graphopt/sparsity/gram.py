@@ -1,6 +1,6 @@
 """Gram matrices ``XᵀX`` of weight layers' inputs, accumulated over calibration batches.
 
-``GramAccumulator`` is a reducer for ``graphopt.calibration.capture``: each captured input
+``GramAccumulator`` is a reducer for ``graphopt.data.calibration.capture``: each captured input
 tensor is turned into the layer's input matrix ``X`` [rows, reduction] (the column order of
 ``graphopt.sparsity.layers``) and added to a running float64 ``XᵀX`` and row count, so
 memory holds one batch of activations and one [K, K] matrix per distinct input, never the

@@ -16,7 +16,7 @@ For a ``MatMul(X, W)`` with a constant 2-D ``W`` [K, N] and input X [..., K]:
    inspector's layer information. TensorRT picks a sparse tactic only where it is faster.
 
 ``micro_model(kind, w, x_shape)`` is the one-node model of a candidate; ``time_candidates``
-times them interleaved (``graphopt.benchmark.interleaved_times``) and checks their outputs
+times them interleaved (``graphopt.runtime.benchmark.interleaved_times``) and checks their outputs
 against dense.
 """
 
@@ -117,7 +117,7 @@ def time_cpu_candidates(w: np.ndarray, x: np.ndarray, *, warmup: int = 3, rounds
     sparse kernel's largest difference from dense."""
     import onnxruntime as ort
 
-    from ..benchmark import interleaved_times
+    from graphopt.runtime.benchmark import interleaved_times
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -144,7 +144,7 @@ def time_cpu_candidates(w: np.ndarray, x: np.ndarray, *, warmup: int = 3, rounds
 
 def tensorrt_unavailable() -> str | None:
     """None when TensorRT can build engines here, else the one-line reason."""
-    from ..trt import import_tensorrt
+    from graphopt.runtime.trt import import_tensorrt
 
     _, reason = import_tensorrt()
     if reason:
@@ -192,7 +192,7 @@ def time_tensorrt_candidates(w: np.ndarray, x: np.ndarray, *, rounds: int = 20
     weights, plus which layers ran a sparse tactic (in ``note``)."""
     from polygraphy.backend.trt import TrtRunner
 
-    from ..benchmark import interleaved_times
+    from graphopt.runtime.benchmark import interleaved_times
 
     out = []
     runners = []

@@ -1,6 +1,6 @@
 """Units of coupled groups whose *producer* side is exactly zero, for lossless removal.
 
-``graphopt.importance.zero_units`` finds units whose consumer weights are all zero. After
+``graphopt.prune.importance.zero_units`` finds units whose consumer weights are all zero. After
 sparsification the other side matters as much: an output column of a MatMul weight (a conv
 filter) that is entirely zero, with a zero bias, makes that channel zero whatever the input,
 and every consumer then reads zeros there, so removing the unit (the producer's column, the
@@ -57,8 +57,8 @@ def producer_zero_candidates(coupling: Coupling, group: Group) -> np.ndarray:
 def zero_producer_units(coupling: Coupling, groups: Sequence[Group],
                         feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[int, np.ndarray]:
     """Units (per group id) whose channel is exactly zero at every consumer input."""
-    from ..calibration import capture
-    from ..importance import activation_members
+    from graphopt.data.calibration import capture
+    from graphopt.prune.importance import activation_members
 
     candidates = {g.id: producer_zero_candidates(coupling, g) for g in groups}
     candidates = {gid: u for gid, u in candidates.items() if len(u)}

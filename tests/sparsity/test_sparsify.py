@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from graphopt.cli import main
+from graphopt.cli.commands import main
 from graphopt.errors import ConfigError
-from graphopt.pass_manager import Context, PassManager, build_pass
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
+from graphopt.core.registry import build_pass
 from graphopt.passes.sparsify import Sparsify
 from graphopt.sparsity.layers import nm_violations
 from graphopt.sparsity.masks import keep_mask, output_error

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from graphopt.pass_manager import Context, PassManager
+from graphopt.core.contract import Context
+from graphopt.core.manager import PassManager
 from graphopt.passes.width import RemoveZeroChannels
 from graphopt.testing import assert_equivalent, make_model
 
