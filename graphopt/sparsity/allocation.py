@@ -45,14 +45,23 @@ def run_outputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]
     return [session.run(names, {k: v for k, v in f.items() if k in wanted}) for f in feeds]
 
 
-def output_damage(reference: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
+def output_damage(reference: list[list[np.ndarray]], got: list[list[np.ndarray]],
+                  feeds: Sequence[Mapping[str, np.ndarray]] | None = None) -> float:
+    """``Σ‖y − y₀‖² / Σ‖y₀‖²`` over the float outputs; outputs that start with a feed's
+    [batch, seq] attention mask count only at real tokens (padding outputs are not used)."""
+    from .calib import token_mask
+
     num = den = 0.0
-    for ref_feed, got_feed in zip(reference, got):
+    for i, (ref_feed, got_feed) in enumerate(zip(reference, got)):
+        mask = token_mask(feeds[i]) if feeds is not None else None
         for r, g in zip(ref_feed, got_feed):
             if not np.issubdtype(np.asarray(r).dtype, np.floating):
                 continue
             r = np.asarray(r, dtype=np.float64)
-            num += float(((np.asarray(g, dtype=np.float64) - r) ** 2).sum())
+            g = np.asarray(g, dtype=np.float64)
+            if mask is not None and r.ndim >= 2 and r.shape[:2] == mask.shape:
+                r, g = r[mask], g[mask]
+            num += float(((g - r) ** 2).sum())
             den += float((r ** 2).sum())
     return num / den if den > 0 else num
 
@@ -74,7 +83,7 @@ def measure_sensitivity(model: onnx.ModelProto, layers: Sequence[WeightLayer],
         w = numpy_helper.to_array(original)
         try:
             write_weight(inits, layer.weight, prune(layer, w))
-            out[layer.name] = output_damage(reference, run_outputs(model, feeds))
+            out[layer.name] = output_damage(reference, run_outputs(model, feeds), feeds)
         finally:
             inits[layer.weight].CopyFrom(original)
         logger.debug("sensitivity of %s: %.3g", layer.name, out[layer.name])

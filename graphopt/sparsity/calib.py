@@ -46,6 +46,41 @@ class _RealTokens:
         self.acc(name, value)
 
 
+def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A model computing only ``names`` (as its outputs): the nodes they need and those
+    nodes' initializers. onnxruntime runs every node whatever is fetched, so capturing early
+    tensors on the whole model would pay for all of it."""
+    from ..ir.graph import subgraph_refs
+
+    graph = model.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    need: set[int] = set()
+    stack = [producer[n] for n in names if n in producer]
+    while stack:
+        i = stack.pop()
+        if i in need:
+            continue
+        need.add(i)
+        node = graph.node[i]
+        for name in list(node.input) + sorted(subgraph_refs(node)):
+            if name in producer and producer[name] not in need:
+                stack.append(producer[name])
+    used = {x for i in need for x in list(graph.node[i].input) +
+            sorted(subgraph_refs(graph.node[i]))}
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    out.graph.name = graph.name
+    inits = {t.name for t in graph.initializer}
+    out.graph.input.extend(v for v in graph.input if v.name not in inits or v.name in used)
+    out.graph.initializer.extend(t for t in graph.initializer if t.name in used)
+    out.graph.node.extend(graph.node[i] for i in sorted(need))
+    for name in names:
+        out.graph.output.add().name = name
+    return out
+
+
 def capture_grams(model: onnx.ModelProto, layers: Sequence[WeightLayer],
                   feeds: Sequence[Mapping[str, np.ndarray]], *,
                   diagonal_only: bool = False) -> GramAccumulator:
@@ -62,8 +97,30 @@ def capture_grams(model: onnx.ModelProto, layers: Sequence[WeightLayer],
                 raise InputSpecError(f"calibration inputs lack '{t}'")
             reducer(t, feed[t])
     if inner:
-        capture(model, feeds, inner, reducer)
+        capture(prefix_model(model, inner), feeds, inner, reducer)
     return acc
+
+
+def chunks_by_gram_bytes(layers: Sequence[WeightLayer], max_bytes: int = 256 * 2**20
+                         ) -> list[list[WeightLayer]]:
+    """``layers`` (in order) in chunks whose float64 Grams fit ``max_bytes`` together (at
+    least one layer a chunk): capturing a chunk at a time bounds memory."""
+    from .gram import gram_key
+
+    out: list[list[WeightLayer]] = [[]]
+    seen: set[tuple] = set()
+    used = 0
+    for layer in layers:
+        key = gram_key(layer)
+        size = 0 if key in seen else 8 * layer.columns ** 2
+        if out[-1] and used + size > max_bytes:
+            out.append([])
+            seen, used = set(), 0
+            size = 8 * layer.columns ** 2
+        out[-1].append(layer)
+        seen.add(key)
+        used += size
+    return [c for c in out if c]
 
 
 def capture_pair_grams(model: onnx.ModelProto, reference: onnx.ModelProto,
@@ -81,7 +138,7 @@ def capture_pair_grams(model: onnx.ModelProto, reference: onnx.ModelProto,
     names = list(dict.fromkeys(layer.activation for layer in by_key.values()))
     graph_inputs = {i.name for i in model.graph.input}
     inner = [t for t in names if t not in graph_inputs]
-    sessions = [_session_with_outputs(m, inner, ("CPUExecutionProvider",))
+    sessions = [_session_with_outputs(prefix_model(m, inner), inner, ("CPUExecutionProvider",))
                 for m in (model, reference)] if inner else []
     out: dict[tuple, PairGram] = {key: PairGram() for key in by_key}
     for feed in feeds:

@@ -118,15 +118,10 @@ def time_cpu_candidates(w: np.ndarray, x: np.ndarray, *, warmup: int = 3, rounds
     import onnxruntime as ort
 
     from graphopt.runtime.benchmark import interleaved_times
+    from graphopt.runtime.session import ort_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    dense = ort.InferenceSession(micro_model("dense", w, x.shape).SerializeToString(), options,
-                                 providers=["CPUExecutionProvider"])
-    sparse = ort.InferenceSession(micro_model("sparse_to_dense", w, x.shape).SerializeToString(),
-                                  options, providers=["CPUExecutionProvider"])
+    dense = ort_session(micro_model("dense", w, x.shape), threads=threads)
+    sparse = ort_session(micro_model("sparse_to_dense", w, x.shape), threads=threads)
     x_value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x.astype(np.float32)))
     feeds = {"x": x_value, "wt": sparse_feed(w)}
     ref = dense.run(["y"], {"x": x.astype(np.float32)})[0]
