@@ -130,7 +130,7 @@ class SparseOps(Pass):
         counters = {"layers": len(layers), "measured": len(measured),
                     "rewritten": len(rewrite), "dense": len(choices) - len(rewrite)}
         return PassResult(model, bool(rewrite), counters, skipped,
-                          {"layers": [c.to_dict() for c in choices]})
+                          details={"layers": [c.to_dict() for c in choices]})
 
     def _choose(self, name: str, s: float, timings: list[Timing], w, x) -> Choice:
         cfg = self.config

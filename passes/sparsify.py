@@ -242,7 +242,7 @@ class Sparsify(Pass):
                     "layers_dense": len(dense), "weights_zeroed": int(round(zeros)),
                     "weights_considered": int(total)}
         return PassResult(model, bool(active), counters, skipped,
-                          {"layers": [r.to_dict() for r in ordered]})
+                          details={"layers": [r.to_dict() for r in ordered]})
 
     def _refusal(self, layer: WeightLayer, m: int) -> str | None:
         cfg = self.config

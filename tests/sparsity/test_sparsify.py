@@ -72,6 +72,7 @@ def test_nm_groups_along_matmul_reduction_axis(pattern, n, m, method):
         assert ((groups != 0).sum(-1) == n).all()
         assert nm_violations(w, 0, n, m) == 0
     assert [r.target for r in p.last_layers] == [pattern, pattern]
+    assert [row["target"] for row in entry.details["layers"]] == [pattern, pattern]
     assert all(abs(r.sparsity - (1 - n / m)) < 1e-9 for r in p.last_layers)
 
 
