@@ -9,7 +9,9 @@ rewrites what has one meaning, and refuses the rest with one line (``InvalidMode
    and an ``ai.onnx`` opset import merges into the default one (model and functions);
 2. nodes out of topological order, in the graph and in every subgraph: sorted, stably;
    a cycle is refused, naming a node on it;
-3. a main-graph output declared without a shape: it takes the inferred one; one whose rank
+3. under IR < 4, an initializer not listed among the graph inputs (that IR requires it):
+   listed;
+4. a main-graph output declared without a shape: it takes the inferred one; one whose rank
    cannot be inferred is refused (the checker requires a shape there, and none can be
    written for an unknown rank); a main-graph input without a shape is refused likewise.
 
@@ -141,6 +143,18 @@ _ORT_TYPES = {"tensor(float)": onnx.TensorProto.FLOAT, "tensor(float16)": onnx.T
               "tensor(string)": onnx.TensorProto.STRING}
 
 
+def _ir3_initializer_inputs(model: onnx.ModelProto) -> list[str]:
+    """Under IR < 4 every initializer must also be a graph input (onnxruntime runs the model
+    without; the checker refuses it): list the missing ones, typed from the tensor."""
+    if model.ir_version >= 4:
+        return []
+    inputs = {i.name for i in model.graph.input}
+    missing = [t for t in model.graph.initializer if t.name not in inputs]
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type,
+                                                                list(t.dims)) for t in missing)
+    return [t.name for t in missing]
+
+
 def _sort(graph: onnx.GraphProto) -> int:
     """Toposort ``graph``, then its subgraphs (taken after the sort, which rebuilds nodes)."""
     count = int(toposort(graph))
@@ -162,6 +176,10 @@ def normalize(model: onnx.ModelProto) -> list[str]:
         raise InvalidModelError(str(exc)) from None
     if sorted_graphs:
         done.append(f"nodes put in topological order ({sorted_graphs} graph(s))")
+    listed = _ir3_initializer_inputs(model)
+    if listed:
+        done.append(f"IR {model.ir_version}: initializers listed as graph inputs, as that IR "
+                    f"requires: {', '.join(listed[:5])}{' ...' if len(listed) > 5 else ''}")
     filled = _missing_shapes(model)
     if filled:
         done.append(f"shapes inferred for graph outputs declared without one: "

@@ -454,3 +454,18 @@ def test_manager_checks_small_sizes_when_a_pass_is_wrong(monkeypatch):
     assert report.passes[0].status == "rolled back"
     assert "changed the outputs" in report.passes[0].error
     assert "Pad" in [n.op_type for n in out.graph.node]
+
+
+def test_ir3_initializer_missing_from_inputs_is_listed():
+    """Fuzz seed 419: an IR-3 model (the onnx wheel's light squeezenet) with an added
+    initializer not listed as a graph input runs in onnxruntime but fails the checker; it was
+    written unchanged (exit 0, an output the checker refuses). Normalization lists it."""
+    model = make_model([helper.make_node("Add", ["x", "b"], ["y"])], {"x": [1, 3]}, ["y"],
+                       {"b": np.ones(3, F32)}, opset=9)
+    model.ir_version = 3
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    out, report = _optimize(model, ["fold-pad"])
+    assert report.ok and "IR 3" in report.metadata["normalized"][0]
+    onnx.checker.check_model(out)
+    _same_outputs(model, out, [{"x": RNG.standard_normal((1, 3)).astype(F32)}])
