@@ -270,6 +270,9 @@ class PassManager:
         except Exception as exc:  # noqa: BLE001
             raise PassError(p.name, f"onnxruntime cannot load the result: {exc}", before) from exc
         diff = None
+        if reference is None:
+            with phase("run-result", p.name):
+                self._check_runs(p, session, backup, ctx, before)
         if reference is not None:
             diff = 0.0
             outputs = []
@@ -289,3 +292,25 @@ class PassManager:
                     outputs.append(got)
             self._known = (out, feeds, outputs)
         return out, True, diff
+
+    @staticmethod
+    def _check_runs(p: Pass, session, backup: Kept, ctx: Context, before: tuple[str, ...]
+                    ) -> None:
+        """A result whose outputs are not compared (a lossy pass, an unverified one) must
+        still run: loading is not enough (a pruned Expand or Reshape target fails only at
+        run time). The pass is blamed only when the model before it runs the same feed."""
+        try:
+            feed = ctx.sample_feeds(backup.outline, 1)[0]
+        except Exception:  # noqa: BLE001 - no feed can be made: nothing to run
+            return
+        try:
+            run_model(session, feed)
+            return
+        except Exception as exc:  # noqa: BLE001
+            failure = exc
+        try:
+            run_model(backup.reference_session(), feed)
+        except Exception:  # noqa: BLE001 - the model before the pass fails the same way
+            return
+        raise PassError(p.name, f"onnxruntime cannot run the result: {failure}", before)
+

@@ -239,3 +239,38 @@ def test_registry_has_lossless_passes():
     names = registered_passes()
     for name in ("cleanup", "fold-batchnorm", "fold-pad"):
         assert name in names and names[name].lossless
+
+
+
+def _reshape_model() -> onnx.ModelProto:
+    """x[batch, 4] -> Reshape(shape=[-1, 4]) -> Relu -> y"""
+    shape = np.array([-1, 4], np.int64)
+    return make_model([helper.make_node("Reshape", ["x", "shape"], ["r"]),
+                       helper.make_node("Relu", ["r"], ["y"])], {"x": ["batch", 4]}, ["y"],
+                      {"shape": shape})
+
+
+class BreakReshapeLossy(Pass):
+    """A lossy pass whose result loads in onnxruntime but cannot run: the Reshape target
+    no longer divides the input's size, which only shows when the model runs."""
+
+    name = "break-reshape-test"
+    lossless = False
+
+    def run(self, model, ctx):
+        t = model.graph.initializer[0]
+        t.CopyFrom(numpy_helper.from_array(np.array([-1, 3], np.int64), t.name))
+        return PassResult(model, True)
+
+
+def test_lossy_result_that_cannot_run_is_rolled_back():
+    """Lossy passes are not compared, but their result is run once: one that loads and
+    then fails at run time is rolled back, and the model before it comes back unchanged."""
+    model = _reshape_model()
+    before = model.SerializeToString()
+    out, report = PassManager([BreakReshapeLossy()], on_error="continue").run(
+        model, Context(input_shapes={"x": (1, 4)}))
+    entry = report.passes[0]
+    assert entry.status == "rolled back"
+    assert "cannot run the result" in entry.error
+    assert out.SerializeToString() == before
