@@ -158,38 +158,6 @@ def tiny_cnn(widths: tuple[int, int] = (16, 32), classes: int = 10, size: int = 
     return make_model(nodes, {"x": ["batch", 3, size, size]}, ["logits"], inits)
 
 
-def materialize(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
-    """Replace ConstantOfShape weights (the light models') by random initializers of the
-    same shape, listed as graph inputs as IR 3 requires."""
-    rng = np.random.default_rng(seed)
-    graph = model.graph
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    uses: dict[str, tuple[str, int]] = {}
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            uses.setdefault(name, (node.op_type, k))
-    keep = []
-    for node in graph.node:
-        if node.op_type != "ConstantOfShape" or node.input[0] not in consts:
-            keep.append(node)
-            continue
-        shape = tuple(int(d) for d in consts[node.input[0]])
-        op, k = uses.get(node.output[0], ("", 0))
-        if len(shape) >= 2:
-            value = rng.standard_normal(shape) * np.sqrt(2.0 / max(1, np.prod(shape[1:])))
-        elif op == "BatchNormalization" and k in (1, 4):
-            value = rng.uniform(0.5, 1.5, shape)
-        else:
-            value = rng.normal(0.0, 0.1, shape)
-        graph.initializer.append(numpy_helper.from_array(value.astype(np.float32),
-                                                         node.output[0]))
-        graph.input.append(helper.make_tensor_value_info(node.output[0],
-                                                         onnx.TensorProto.FLOAT, list(shape)))
-    del graph.node[:]
-    graph.node.extend(keep)
-    return model
-
-
 def llama_gqa(*, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
               vocab: int = 100, positions: int = 64):
     """A ``transformers.LlamaModel`` (RoPE, SwiGLU, grouped-query attention,

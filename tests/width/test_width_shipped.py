@@ -17,7 +17,7 @@ import pytest
 import graphopt
 from graphopt.analysis.coupling import analyze
 from graphopt.passes.width import PruneChannels
-from graphopt.testing import materialize
+from graphopt.fuzz_models import materialize
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
