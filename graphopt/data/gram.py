@@ -266,11 +266,11 @@ def chunked(sites: Sequence[LinearSite], dims: Mapping[str, tuple[int, int]],
     return [c for c in chunks if c]
 
 
-def _prefix(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A model computing only ``names``: the nodes they need, those nodes' constants, all
-    graph inputs. onnxruntime runs every node of a graph whatever is fetched, so a capture
-    of early tensors on the whole model would pay for the whole model."""
-    from ..analysis.view import _subgraph_inputs
+def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A model computing only ``names`` (as its outputs): the nodes they need, those nodes'
+    constants, all graph inputs. onnxruntime runs every node of a graph whatever is fetched,
+    so a capture of early tensors on the whole model would pay for the whole model."""
+    from ..ir.graph import subgraph_refs
 
     graph = model.graph
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
@@ -282,11 +282,11 @@ def _prefix(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
             continue
         need.add(i)
         node = graph.node[i]
-        for name in list(node.input) + sorted(_subgraph_inputs(node)):
+        for name in list(node.input) + sorted(subgraph_refs(node)):
             if name in producer and producer[name] not in need:
                 stack.append(producer[name])
     used = {x for i in need for x in list(graph.node[i].input) +
-            sorted(_subgraph_inputs(graph.node[i]))}
+            sorted(subgraph_refs(graph.node[i]))}
     out = onnx.ModelProto()
     out.ir_version = model.ir_version
     out.opset_import.extend(model.opset_import)
@@ -306,7 +306,7 @@ def _session(model: onnx.ModelProto, names: Sequence[str], providers):
     from ..runtime.session import ort_session
 
     try:
-        return ort_session(_prefix(model, names), providers)
+        return ort_session(prefix_model(model, names), providers)
     except Exception as exc:  # noqa: BLE001
         raise InputSpecError(f"cannot build a capture session: {exc}") from exc
 

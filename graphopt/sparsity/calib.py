@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from graphopt.data.calibration import capture
+from graphopt.data.gram import prefix_model
 from ..errors import InputSpecError
 from .gram import GramAccumulator
 from .layers import WeightLayer
@@ -44,41 +45,6 @@ class _RealTokens:
         if mask is not None and value.ndim == 3 and value.shape[:2] == mask.shape:
             value = value[mask][None]
         self.acc(name, value)
-
-
-def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A model computing only ``names`` (as its outputs): the nodes they need and those
-    nodes' initializers. onnxruntime runs every node whatever is fetched, so capturing early
-    tensors on the whole model would pay for all of it."""
-    from ..ir.graph import subgraph_refs
-
-    graph = model.graph
-    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-    need: set[int] = set()
-    stack = [producer[n] for n in names if n in producer]
-    while stack:
-        i = stack.pop()
-        if i in need:
-            continue
-        need.add(i)
-        node = graph.node[i]
-        for name in list(node.input) + sorted(subgraph_refs(node)):
-            if name in producer and producer[name] not in need:
-                stack.append(producer[name])
-    used = {x for i in need for x in list(graph.node[i].input) +
-            sorted(subgraph_refs(graph.node[i]))}
-    out = onnx.ModelProto()
-    out.ir_version = model.ir_version
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
-    out.graph.name = graph.name
-    inits = {t.name for t in graph.initializer}
-    out.graph.input.extend(v for v in graph.input if v.name not in inits or v.name in used)
-    out.graph.initializer.extend(t for t in graph.initializer if t.name in used)
-    out.graph.node.extend(graph.node[i] for i in sorted(need))
-    for name in names:
-        out.graph.output.add().name = name
-    return out
 
 
 def capture_grams(model: onnx.ModelProto, layers: Sequence[WeightLayer],

@@ -90,7 +90,9 @@ def test_tensorrt_candidates_up_to_engine_building():
     with pytest.raises(RuntimeError, match="TensorRT 2:4 candidates not built"):
         kernels.build_sparse_engine(kernels.micro_model("tensorrt_gemm", w, x.shape))
     p = SparseOps(provider="tensorrt")
-    out, entry = _run(p, layer(sparsity=0.5))
+    # 0.6, not 0.5: a random mask drawn at 0.5 can fall below min_sparsity (0.5) and leave
+    # the layer unmeasured, depending on what the shared RNG drew before this test.
+    out, entry = _run(p, layer(sparsity=0.6))
     assert entry.status == "unchanged"
     lines = [s for s in entry.skipped if "TensorRT" in s.reason]
     assert len(lines) == 1 and "not installed" in lines[0].reason
