@@ -193,7 +193,13 @@ def max_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], ato
         diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
         diff = np.where(np.isnan(diff), np.where(np.isnan(ref) & np.isnan(got), 0.0, np.inf), diff)
         worst = max(worst, float(diff.max()))
-        bound = atol + rtol * np.abs(ref.astype(np.float64))
+        # Relative to each element and, at a tenth of rtol, to the output's scale: a pass
+        # that reassociates float math (BatchNorm into a conv weight) rounds in proportion
+        # to the magnitudes it sums, so an element that cancels to near zero from values of
+        # 1e5 carries 1e5-sized rounding (fuzz seed 463: 0.34 on an output of 3e5).
+        finite = ref[np.isfinite(ref)] if ref.dtype.kind == "f" else ref[:0]
+        scale = float(np.abs(finite).max(initial=0.0))
+        bound = atol + rtol * (np.abs(ref.astype(np.float64)) + 0.1 * scale)
         if problem is None and (diff > bound).any():
             problem = f"output '{name}' differs by up to {float(diff.max()):.3g}"
     return worst, problem
