@@ -12,23 +12,28 @@ matplotlib SVG written inline, styles are inline, nothing is fetched. It shows:
    layer from the models' ``graphopt.heads`` metadata, kept layers from ``graphopt.layers``;
 3. a table of candidates (passes and their options, params, MACs, latency, fidelity), one
    table of every candidate's passes (status, params/MACs before and after, counters);
-4. every skipped site with its pass and reason.
+4. every skipped site with its pass and reason;
+5. per-layer sparsity and sparse-ops' kernel choices, where a candidate ran those passes
+   (``graphopt.htmlsparsity``).
 
 ``kept_units(original, candidate)`` computes (2) from two models.
 """
 
 from __future__ import annotations
 
-import html
-import io
 import json
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
+
+from .htmlparts import escape as _e
+from .htmlparts import pyplot as _pyplot
+from .htmlparts import svg_of as _svg
+from .htmlparts import table as _table
+from .htmlsparsity import sparsity_section
 
 logger = logging.getLogger(__name__)
 
@@ -87,27 +92,6 @@ def kept_units(original: onnx.ModelProto, candidate: onnx.ModelProto) -> dict[st
 
 
 # --------------------------------------------------------------------------- plots
-
-
-def _svg(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
-    plt.close(fig)
-    text = buf.getvalue()
-    text = text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: inline in HTML
-    return re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)  # RDF creator block
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"svg.fonttype": "none", "font.size": 9})
-    return plt
 
 
 def _x_of(c: Mapping[str, Any], original: Mapping[str, Any], timed: bool) -> float | None:
@@ -224,10 +208,6 @@ def kept_svg(series: Sequence[tuple[str, Mapping[str, Any]]]) -> str | None:
 # --------------------------------------------------------------------------- page
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _num(n: Any, digits: int = 2) -> str:
     if n is None:
         return "–"
@@ -240,12 +220,6 @@ def _num(n: Any, digits: int = 2) -> str:
 
 def _f(x: Any, digits: int = 4) -> str:
     return "–" if x is None else f"{float(x):.{digits}f}"
-
-
-def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
-    th = "".join(f"<th>{_e(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _candidate_rows(data: Mapping[str, Any]) -> list[list[str]]:
@@ -358,6 +332,7 @@ def render_html(data: Mapping[str, Any]) -> str:
             if kept.get("kept_layers") is not None:
                 parts.append(f"<p>{_e(label)}: kept layers (graphopt.layers) "
                              f"{_e(kept['kept_layers'])}</p>")
+    parts += sparsity_section(data)
     parts.append("<h2>Candidates</h2>")
     parts.append(_table(["candidate", "passes", "params", "MACs (fraction)", "latency ms",
                          "speedup", "cosine", "top-1", "notes"], _candidate_rows(data)))

@@ -40,6 +40,7 @@ from graphopt.sparsity.layers import (
     OPS,
     WeightLayer,
     initializers,
+    nm_violations,
     read_weight,
     sparsity,
     weight_layers,
@@ -137,6 +138,7 @@ class LayerResult:
     sensitivity: float | None = None
     output_error: float | None = None
     reason: str | None = None
+    pattern_ok: bool | None = None  # N:M targets: the written weights hold the pattern
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -234,6 +236,9 @@ class Sparsify(Pass):
                                                   before[layer.name], now)
             results[layer.name].sparsity = now
             results[layer.name].sensitivity = sensitivity.get(layer.name)
+            if m:
+                results[layer.name].pattern_ok = nm_violations(
+                    read_weight(inits, layer), layer.axis, n, m) == 0
         ordered = [results[layer.name] for layer in layers]
         self.last_layers = ordered
         total = sum(layer.params for layer in layers)
