@@ -83,6 +83,23 @@ def assert_equivalent(
     return got
 
 
+def run_pass(p, model: onnx.ModelProto, ctx=None):
+    """``p.run`` on a copy of ``model`` (the original is left as it is); the result must pass
+    the checker. Returns the ``PassResult``."""
+    from graphopt.core.contract import Context
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    result = p.run(work, ctx or Context())
+    onnx.checker.check_model(result.model)
+    return result
+
+
+def skip_reasons(result) -> list[str]:
+    """The reasons of a ``PassResult``'s skips, in order."""
+    return [s.reason for s in result.skipped]
+
+
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
 

@@ -21,7 +21,6 @@ layer's output takes the BN's output name.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.contract import Context, NoConfig, Pass, PassResult, Skip
 from graphopt.core.registry import register
 
 from graphopt.ir.graph import (
@@ -46,14 +45,7 @@ from graphopt.ir.graph import (
     unique_name,
 )
 
-logger = logging.getLogger(__name__)
-
 _TARGETS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-@dataclass(frozen=True)
-class FoldBatchNormConfig:
-    """fold-batchnorm has no options."""
 
 
 @dataclass
@@ -68,13 +60,9 @@ class _Plan:
 
 
 @register
-class FoldBatchNorm(Pass):
+class FoldBatchNorm(Pass[NoConfig], name="fold-batchnorm", lossless=True):
     """Fold inference-mode BatchNormalization into a preceding Conv, ConvTranspose, Gemm or
     MatMul; see the module docstring for the numbered cases."""
-
-    name = "fold-batchnorm"
-    Config = FoldBatchNormConfig
-    lossless = True
     # The folded weights round once where the original rounded twice (float32).
     atol = 1e-4
     rtol = 1e-3

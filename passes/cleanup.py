@@ -81,15 +81,11 @@ class CleanupConfig:
 
 
 @register
-class Cleanup(Pass):
+class Cleanup(Pass[CleanupConfig], name="cleanup", lossless=True):
     """Remove dead code, Identity/Dropout, fold constants, merge duplicate initializers.
 
     See the module docstring for the numbered cases.
     """
-
-    name = "cleanup"
-    Config = CleanupConfig
-    lossless = True
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         counters = {"identities_removed": 0, "dropouts_removed": 0, "nodes_removed": 0,

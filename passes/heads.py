@@ -256,12 +256,8 @@ def select_heads(blocks: list[HeadBlock], scores: dict[int, np.ndarray], ratio: 
 
 
 @register
-class PruneHeads(Pass):
+class PruneHeads(Pass[HeadsConfig], name="prune-heads", lossless=False):
     """Remove the least important attention heads of every attention block (module doc)."""
-
-    name = "prune-heads"
-    Config = HeadsConfig
-    lossless = False
 
     def plan(self, model: onnx.ModelProto, ctx: Context) -> HeadsPlan:
         cfg = self.config

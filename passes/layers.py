@@ -83,15 +83,11 @@ class LayersConfig:
 
 
 @register
-class PruneLayers(Pass):
+class PruneLayers(Pass[LayersConfig], name="prune-layers", lossless=False):
     """Remove the least influential layers (or attention/mlp sub-blocks); see the module doc."""
 
-    name = "prune-layers"
-    Config = LayersConfig
-    lossless = False
-
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        cfg: LayersConfig = self.config
+        cfg = self.config
         blocks = list(find_structure(model).blocks(cfg.kind))
         if not blocks:
             why = (f"no {cfg.kind} blocks found: no residual Add(x, f(x)) whose branch "

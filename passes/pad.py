@@ -28,14 +28,13 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.contract import Context, NoConfig, Pass, PassResult, Skip
 from graphopt.core.registry import register
 
 from graphopt.ir.graph import (
@@ -51,14 +50,7 @@ from graphopt.ir.graph import (
 )
 from graphopt.passes.pad_legality import Axis, axis_blocker
 
-logger = logging.getLogger(__name__)
-
 _NONNEGATIVE = {"Relu", "Sigmoid", "Softplus", "Abs", "Exp", "Softmax"}
-
-
-@dataclass(frozen=True)
-class FoldPadConfig:
-    """fold-pad has no options."""
 
 
 @dataclass
@@ -82,13 +74,9 @@ class _PadSpec:
 
 
 @register
-class FoldPad(Pass):
+class FoldPad(Pass[NoConfig], name="fold-pad", lossless=True):
     """Fold constant Pads into the following Conv/AveragePool/MaxPool and remove no-op Pads;
     see the module docstring for the numbered cases."""
-
-    name = "fold-pad"
-    Config = FoldPadConfig
-    lossless = True
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         graph = model.graph

@@ -29,7 +29,6 @@ layers, non-uniformly:
 from __future__ import annotations
 
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 
@@ -60,8 +59,6 @@ from graphopt.prune.scores import data_scores
 
 from ._refit import GUESS_NOTE, check_reconstruct, keep_original, refit_step, resolve_mode
 from .heads import METADATA_HEADS, METADATA_KV_HEADS, head_block, is_attention_group, set_metadata
-
-logger = logging.getLogger(__name__)
 
 KINDS = ("heads", "neurons", "channels", "layers")
 
@@ -141,13 +138,9 @@ def _model_key(model: onnx.ModelProto) -> tuple:
 
 
 @register
-class Prune(Pass):
+class Prune(Pass[PruneConfig], name="prune", lossless=False):
     """Remove the cheapest-damage units of every kind until a MACs/params/latency budget is
     met, then refit (module doc)."""
-
-    name = "prune"
-    Config = PruneConfig
-    lossless = False
 
     def check(self, model: onnx.ModelProto, ctx: Context) -> None:
         self._plan = self.plan(model, ctx)

@@ -32,7 +32,6 @@ and checks what came back:
 from __future__ import annotations
 
 import fnmatch
-import logging
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,8 +45,6 @@ import onnx.version_converter
 from graphopt.errors import ConfigError, UnsupportedModelError
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
-
-logger = logging.getLogger(__name__)
 
 # Op types that only appear in a model something has already quantized.
 QUANTIZED_OPS = frozenset({
@@ -131,13 +128,9 @@ def _reader(feeds, names):
 
 
 @register
-class Quantize(Pass):
+class Quantize(Pass[QuantizeConfig], name="quantize", lossless=False):
     """Quantize with onnxruntime's tools: dynamic int8, static int8 QDQ (calibrated,
     per-channel) or fp16; runs last in a recipe. See the module docstring."""
-
-    name = "quantize"
-    Config = QuantizeConfig
-    lossless = False
 
     def check(self, model: onnx.ModelProto, ctx: Context) -> None:
         found = quantized_ops(model)
@@ -148,7 +141,7 @@ class Quantize(Pass):
                 "float model it came from")
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        cfg: QuantizeConfig = self.config
+        cfg = self.config
         self.check(model, ctx)  # a quantize before this one in the same recipe
         skipped: list[Skip] = []
         inputs = [i.name for i in model.graph.input]
@@ -205,7 +198,7 @@ class Quantize(Pass):
 
         from graphopt.ir.model import load
 
-        cfg: QuantizeConfig = self.config
+        cfg = self.config
         model = src if isinstance(src, onnx.ModelProto) else onnx.load(str(src),
                                                                        load_external_data=False)
         excluded = [n.name for n in model.graph.node
@@ -253,7 +246,7 @@ class Quantize(Pass):
     def _fp16(self, model: onnx.ModelProto) -> onnx.ModelProto:
         from onnxruntime.transformers import float16
 
-        cfg: QuantizeConfig = self.config
+        cfg = self.config
         work = onnx.ModelProto()
         work.CopyFrom(model)
         blocked = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(cfg.block_ops))

@@ -24,7 +24,6 @@ unchanged; the file is smaller. Run it last: later passes read dense initializer
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -38,8 +37,6 @@ from graphopt.core.registry import register
 from graphopt.sparsity import kernels
 from graphopt.sparsity.kernels import Choice, Timing
 from graphopt.sparsity.layers import initializers, read_weight, sparsity, weight_layers
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,12 +78,9 @@ def _first_inputs(model, layers, ctx: Context) -> dict[str, np.ndarray]:
 
 
 @register
-class SparseOps(Pass):
+class SparseOps(Pass[SparseOpsConfig], name="sparse-ops", lossless=True):
     """Sparse kernels for sparse MatMuls where measured faster (see the module doc)."""
 
-    name = "sparse-ops"
-    Config = SparseOpsConfig
-    lossless = True
     last_choices: ClassVar[list[Choice]] = []
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
@@ -215,12 +209,8 @@ def sparse_bytes(nnz: int, itemsize: int) -> int:
 
 
 @register
-class StoreSparse(Pass):
+class StoreSparse(Pass[StoreSparseConfig], name="store-sparse", lossless=True):
     """Move initializers above break-even sparsity to sparse_initializer (smaller files)."""
-
-    name = "store-sparse"
-    Config = StoreSparseConfig
-    lossless = True
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         cfg = self.config

@@ -145,12 +145,9 @@ class LayerResult:
 
 
 @register
-class Sparsify(Pass):
+class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
     """Zero weights of MatMul/Gemm/Conv layers, unstructured or N:M (see the module doc)."""
 
-    name = "sparsify"
-    Config = SparsifyConfig
-    lossless = False
     last_layers: ClassVar[list[LayerResult]] = []
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:

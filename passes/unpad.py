@@ -79,13 +79,9 @@ class UnpadConfig:
 
 
 @register
-class UnpadTokens(Pass):
+class UnpadTokens(Pass[UnpadConfig], name="unpad-tokens", lossless=True):
     """Gather real tokens after the embeddings and run token-wise ops on them only;
     see the module docstring for the numbered cases."""
-
-    name = "unpad-tokens"
-    Config = UnpadConfig
-    lossless = True
 
     def __init__(self, config=None, **options):
         super().__init__(config, **options)

@@ -63,15 +63,11 @@ class VocabConfig:
 
 
 @register
-class PruneVocab(Pass):
+class PruneVocab(Pass[VocabConfig], name="prune-vocab", lossless=False):
     """Keep only the word-embedding rows a corpus uses; see the module docstring."""
 
-    name = "prune-vocab"
-    Config = VocabConfig
-    lossless = False
-
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        cfg: VocabConfig = self.config
+        cfg = self.config
         site = _embedding(model, cfg.input)
         if isinstance(site, str):
             return PassResult(model, False, skipped=[Skip("model", site)])

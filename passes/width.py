@@ -18,7 +18,6 @@ with the analysis' reason; nothing is half-applied: all units are chosen, then r
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -48,8 +47,6 @@ from ._refit import (
     refit_step,
     resolve_mode,
 )
-
-logger = logging.getLogger(__name__)
 
 
 WIDTH_IMPORTANCE = ("auto",) + DATA_METHODS + IMPORTANCE
@@ -117,9 +114,7 @@ def _site(group: Group) -> str:
     return f"group {group.id} ({group.source_op} '{group.source}', {group.size} units)"
 
 
-class _WidthPass(Pass):
-    Config = WidthConfig
-    lossless = False
+class _WidthPass(Pass[WidthConfig], lossless=False):
     kind: ClassVar[str] = ""
     unit_name: ClassVar[str] = "units"
 
@@ -200,7 +195,7 @@ def score_units(model: onnx.ModelProto, coupling: Coupling, groups: list[Group],
 
 
 @register
-class PruneChannels(_WidthPass):
+class PruneChannels(_WidthPass, name="prune-channels"):
     """Remove the least important conv channels/filters of every prunable conv group.
 
     1. A group is a conv's filters with everything coupled to them (BatchNorm, activations,
@@ -208,13 +203,12 @@ class PruneChannels(_WidthPass):
     2. A group reaching a graph output, a barrier or an unknown op is skipped with the reason.
     """
 
-    name = "prune-channels"
     kind = "channels"
     unit_name = "channels"
 
 
 @register
-class PruneNeurons(_WidthPass):
+class PruneNeurons(_WidthPass, name="prune-neurons"):
     """Remove the least important hidden units of Gemm/MatMul layers (MLP/FFN widths).
 
     1. A group is a weight's output columns with the next layer's input rows and everything
@@ -223,7 +217,6 @@ class PruneNeurons(_WidthPass):
        owns them.
     """
 
-    name = "prune-neurons"
     kind = "neurons"
     unit_name = "neurons"
 
@@ -239,7 +232,7 @@ class PruneNeurons(_WidthPass):
 
 
 @register
-class RemoveZeroChannels(Pass):
+class RemoveZeroChannels(Pass, name="remove-zero-channels", lossless=True):
     """Remove units whose contribution is exactly zero (lossless).
 
     1. Every consumer-side weight slice of the unit is exactly 0 (e.g. after magnitude
@@ -249,9 +242,6 @@ class RemoveZeroChannels(Pass):
        (``graphopt.sparsity.zeros``), e.g. after unstructured sparsity.
     3. A group keeps at least one unit; unprunable groups are left alone.
     """
-
-    name = "remove-zero-channels"
-    lossless = True
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         from graphopt.sparsity.zeros import zero_producer_units

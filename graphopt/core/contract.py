@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 import numpy as np
 import onnx
@@ -90,8 +90,12 @@ class NoConfig:
     """For passes without options."""
 
 
-class Pass:
-    """Base of every pass; see the module doc for the contract."""
+C = TypeVar("C")
+
+
+class Pass(Generic[C]):
+    """Base of every pass; see the module doc for the contract. ``class P(Pass[PConfig])``
+    declares the config type once: it becomes ``P.Config`` and the type of ``self.config``."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
@@ -104,7 +108,23 @@ class Pass:
     def __init__(self, config: Any = None, **options: Any):
         if config is not None and options:
             raise TypeError("give a config or keyword options, not both")
-        self.config = config if config is not None else make_config(self.Config, options, self.name)
+        self.config: C = (
+            config if config is not None else make_config(self.Config, options, self.name)
+        )
+
+    def __init_subclass__(cls, name: str | None = None, lossless: bool | None = None,
+                          **kwargs: Any) -> None:
+        """``class P(Pass[PConfig], name="p", lossless=False)`` declares a pass in its class
+        statement: the same as the class attributes ``name``, ``Config`` and ``lossless``."""
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.name = name
+        if lossless is not None:
+            cls.lossless = lossless
+        for base in cls.__dict__.get("__orig_bases__", ()):
+            args = get_args(base) if get_origin(base) is Pass else ()
+            if args and isinstance(args[0], type):
+                cls.Config = args[0]
 
     def check(self, model: onnx.ModelProto, ctx: Context) -> None:
         """Refuse the run before any pass starts (raise a ``GraphoptError`` naming the fix)

@@ -10,24 +10,12 @@ from onnx import helper, numpy_helper
 from graphopt.core.contract import Context
 from graphopt.core.manager import PassManager
 from graphopt.passes.batchnorm import FoldBatchNorm
-from graphopt.testing import assert_equivalent, make_model, op_types
+from graphopt.testing import (assert_equivalent, make_model, op_types, run_pass,
+                              skip_reasons)
 
 F32 = np.float32
 RNG = np.random.default_rng(0)
 BN_NAMES = ("scale", "bias", "mean", "var")
-
-
-def _run(model: onnx.ModelProto):
-    """Run fold-batchnorm on a copy; the result must pass the checker."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    result = FoldBatchNorm().run(work, Context())
-    onnx.checker.check_model(result.model)
-    return result
-
-
-def _reasons(result) -> list[str]:
-    return [s.reason for s in result.skipped]
 
 
 def _rand(*shape) -> np.ndarray:
@@ -58,7 +46,7 @@ def test_conv_with_bias():
     model = make_model([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
                         _bn("c")], {"x": [1, 3, 8, 8]}, ["y"],
                        {"w": _rand(4, 3, 3, 3), "b": _rand(4), **_bn_params(4)})
-    result = _run(model)
+    result = run_pass(FoldBatchNorm(), model)
     _assert_folded(model, result, ["Conv"])
     assert list(result.model.graph.node[0].output) == ["y"]
     # The weights were read by the Conv alone: rewritten in place, BN parameters pruned.
@@ -73,7 +61,7 @@ def test_grouped_conv_without_bias_weight_in_constant_node():
              helper.make_node("Conv", ["x", "w"], ["c"], group=2),
              _bn("c")]
     model = make_model(nodes, {"x": [2, 4, 6, 6]}, ["y"], _bn_params(4))
-    result = _run(model)
+    result = run_pass(FoldBatchNorm(), model)
     _assert_folded(model, result, ["Constant", "Conv"])
     assert len(result.model.graph.node[1].input) == 3
 
@@ -85,7 +73,7 @@ def test_conv_transpose_grouped():
                                          strides=[2, 2]),
                         _bn("c")], {"x": [1, 4, 5, 5]}, ["y"],
                        {"w": _rand(4, 3, 3, 3), "b": _rand(6), **_bn_params(6)})
-    result = _run(model)
+    result = run_pass(FoldBatchNorm(), model)
     _assert_folded(model, result, ["ConvTranspose"])
 
 
@@ -98,7 +86,7 @@ def test_gemm_with_c_and_beta(trans_b):
                                          transB=trans_b),
                         _bn("g")], {"x": [3, 5]}, ["y"], {"w": w, "c0": _rand(6),
                                                           **_bn_params(6)})
-    result = _run(model)
+    result = run_pass(FoldBatchNorm(), model)
     _assert_folded(model, result, ["Gemm"])
     gemm = result.model.graph.node[0]
     assert helper.get_node_attr_value(gemm, "beta") == 1.0
@@ -108,7 +96,7 @@ def test_gemm_without_c():
     """Gemm(beta=3) with no C: C is created from the BN shift alone, and beta set to 1."""
     model = make_model([helper.make_node("Gemm", ["x", "w"], ["g"], beta=3.0), _bn("g")],
                        {"x": [2, 4]}, ["y"], {"w": _rand(4, 3), **_bn_params(3)})
-    result = _run(model)
+    result = run_pass(FoldBatchNorm(), model)
     _assert_folded(model, result, ["Gemm"])
     assert len(result.model.graph.node[0].input) == 3
 
@@ -117,7 +105,7 @@ def test_matmul_gets_a_bias_add():
     """x[2,4] -> MatMul(W[4,3]) -> BN: W's columns scaled, a new Add carries the shift."""
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["m"]), _bn("m")],
                        {"x": [2, 4]}, ["y"], {"w": _rand(4, 3), **_bn_params(3)})
-    result = _run(model)
+    result = run_pass(FoldBatchNorm(), model)
     _assert_folded(model, result, ["MatMul", "Add"])
     assert result.counters["bias_adds_created"] == 1
     assert list(result.model.graph.node[1].output) == ["y"]
@@ -129,7 +117,7 @@ def test_matmul_add_bias_folded_into_add():
                         helper.make_node("Add", ["b", "m"], ["a"]), _bn("a")],
                        {"x": [2, 4]}, ["y"], {"w": _rand(4, 3), "b": _rand(3),
                                               **_bn_params(3)})
-    result = _run(model)
+    result = run_pass(FoldBatchNorm(), model)
     _assert_folded(model, result, ["MatMul", "Add"])
     assert result.counters["bias_adds_created"] == 0
 
@@ -142,7 +130,7 @@ def test_shared_weight_is_copied():
              _bn("c1")]
     model = make_model(nodes, {"x": [1, 2, 4, 4]}, ["y", "z"], {"w": _rand(3, 2, 1, 1),
                                                                   **_bn_params(3)})
-    result = _run(model)
+    result = run_pass(FoldBatchNorm(), model)
     assert result.counters["batchnorms_folded"] == 1
     first, second = result.model.graph.node
     assert first.input[1] != "w" and second.input[1] == "w"
@@ -200,28 +188,28 @@ SKIPS = {
 
 
 @pytest.mark.parametrize("case", list(SKIPS))
-def test_skip_reasons(case):
+def test_skipskip_reasons(case):
     """Each BN the pass must leave alone, with its reason; the model is unchanged."""
     changes, reason = SKIPS[case]
     model = _conv_bn(**changes)
-    result = _run(model)
+    result = run_pass(FoldBatchNorm(), model)
     assert not result.modified
     assert "BatchNormalization" in op_types(result.model)
-    assert _reasons(result) == [reason]
+    assert skip_reasons(result) == [reason]
 
 
 def test_skip_gemm_c_not_constant():
     """Gemm whose C is a graph input: skipped."""
     model = make_model([helper.make_node("Gemm", ["x", "w", "c0"], ["g"]), _bn("g")],
                        {"x": [2, 4], "c0": [3]}, ["y"], {"w": _rand(4, 3), **_bn_params(3)})
-    assert _reasons(_run(model)) == ["Gemm C input 'c0' is not a constant"]
+    assert skip_reasons(run_pass(FoldBatchNorm(), model)) == ["Gemm C input 'c0' is not a constant"]
 
 
 def test_skip_matmul_rank_3():
     """x[2,5,4] -> MatMul -> BN: BN's channel axis 1 is the sequence axis, not W's columns."""
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["m"]), _bn("m")],
                        {"x": [2, 5, 4]}, ["y"], {"w": _rand(4, 3), **_bn_params(5)})
-    assert _reasons(_run(model)) == [
+    assert skip_reasons(run_pass(FoldBatchNorm(), model)) == [
         "MatMul output has rank 3; BatchNormalization's channel axis 1 is the weight's column "
         "axis only for rank 2"]
 
@@ -230,7 +218,7 @@ def test_skip_matmul_batched_weight():
     """MatMul with a 3-D constant weight: skipped."""
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["m"]), _bn("m")],
                        {"x": [2, 2, 4]}, ["y"], {"w": _rand(2, 4, 3), **_bn_params(2)})
-    assert _reasons(_run(model)) == ["MatMul weight (second input) has rank 3, not 2"]
+    assert skip_reasons(run_pass(FoldBatchNorm(), model)) == ["MatMul weight (second input) has rank 3, not 2"]
 
 
 def test_skip_matmul_output_read_twice():
@@ -239,7 +227,7 @@ def test_skip_matmul_output_read_twice():
                         helper.make_node("Add", ["m", "b"], ["a"]), _bn("a")],
                        {"x": [2, 4]}, ["y", "m"], {"w": _rand(4, 3), "b": _rand(3),
                                                    **_bn_params(3)})
-    assert _reasons(_run(model)) == ["'m' is also a graph output"]
+    assert skip_reasons(run_pass(FoldBatchNorm(), model)) == ["'m' is also a graph output"]
 
 
 def test_skip_channel_mismatch():
@@ -247,7 +235,7 @@ def test_skip_channel_mismatch():
     model = make_model([helper.make_node("Conv", ["x", "w"], ["c"]), _bn("c")],
                        {"x": [1, 2, 4, 4]}, {"y": [1, 3, 4, 4]},
                        {"w": _rand(3, 2, 1, 1), **_bn_params(5)})
-    assert _reasons(_run(model)) == ["Conv has 3 output channels but BatchNormalization has 5"]
+    assert skip_reasons(run_pass(FoldBatchNorm(), model)) == ["Conv has 3 output channels but BatchNormalization has 5"]
 
 
 def test_skip_param_lengths_differ():
@@ -256,7 +244,7 @@ def test_skip_param_lengths_differ():
     model = make_model([helper.make_node("Conv", ["x", "w"], ["c"]), _bn("c")],
                        {"x": [1, 2, 4, 4]}, {"y": [1, 3, 4, 4]},
                        {"w": _rand(3, 2, 1, 1), **params})
-    assert _reasons(_run(model)) == ["its scale, B, mean and var have different lengths"]
+    assert skip_reasons(run_pass(FoldBatchNorm(), model)) == ["its scale, B, mean and var have different lengths"]
 
 
 def test_skip_spatial_zero():
@@ -264,7 +252,7 @@ def test_skip_spatial_zero():
     model = make_model([helper.make_node("Conv", ["x", "w"], ["c"]), _bn("c", spatial=0)],
                        {"x": [1, 2, 4, 4]}, {"y": [1, 3, 4, 4]},
                        {"w": _rand(3, 2, 1, 1), **_bn_params(3)}, opset=7)
-    assert _reasons(_run(model)) == ["spatial=0 (per-element statistics) is not supported"]
+    assert skip_reasons(run_pass(FoldBatchNorm(), model)) == ["spatial=0 (per-element statistics) is not supported"]
 
 
 def test_skip_training_outputs_used():
@@ -274,7 +262,7 @@ def test_skip_training_outputs_used():
     model = make_model([helper.make_node("Conv", ["x", "w"], ["c"]), bn],
                        {"x": [1, 2, 4, 4]}, {"y": [1, 3, 4, 4], "rm": [3]},
                        {"w": _rand(3, 2, 1, 1), **_bn_params(3)}, opset=9)
-    assert _reasons(_run(model)) == ["training outputs are used ('rm')"]
+    assert skip_reasons(run_pass(FoldBatchNorm(), model)) == ["training outputs are used ('rm')"]
 
 
 def _with_initializers_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -286,7 +274,7 @@ def _with_initializers_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
 def test_skip_overridable_initializer():
     """IR 10 with initializers also listed as graph inputs: callers may feed other values."""
     model = _with_initializers_as_inputs(_conv_bn())
-    assert _reasons(_run(model)) == [
+    assert skip_reasons(run_pass(FoldBatchNorm(), model)) == [
         "its scale input 'scale' is an initializer listed as a graph input, which callers may "
         "override"]
 
@@ -298,7 +286,7 @@ def test_ir3_initializers_listed_as_inputs_still_fold():
         opset=8, drop=["b"], nodes=[helper.make_node("Conv", ["x", "w"], ["c"]), _bn("c")]))
     model.ir_version = 3
     onnx.checker.check_model(model)
-    result = _run(model)
+    result = run_pass(FoldBatchNorm(), model)
     assert result.counters["batchnorms_folded"] == 1
     assert op_types(result.model) == ["Conv"]
     graph = result.model.graph

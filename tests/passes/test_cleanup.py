@@ -16,22 +16,15 @@ from graphopt.core.registry import build_pass
 from graphopt.passes.batchnorm import FoldBatchNorm
 from graphopt.passes.cleanup import Cleanup, CleanupConfig
 from graphopt.passes.pad import FoldPad
-from graphopt.testing import assert_equivalent, make_model, op_types
+from graphopt.testing import (assert_equivalent, make_model, op_types, run_pass,
+                              skip_reasons)
 
 F32 = np.float32
 
 
 def _run(model: onnx.ModelProto, **options):
     """Run cleanup on a copy; the result must pass the checker."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    result = Cleanup(**options).run(work, Context())
-    onnx.checker.check_model(result.model)
-    return result
-
-
-def _reasons(result) -> list[str]:
-    return [s.reason for s in result.skipped]
+    return run_pass(Cleanup(**options), model)
 
 
 def _branch(name: str, nodes, output: str) -> onnx.GraphProto:
@@ -74,7 +67,7 @@ def test_identity_graph_input_to_graph_output_kept():
     result = _run(model)
     assert not result.modified
     assert op_types(result.model) == ["Identity"]
-    assert _reasons(result) == [
+    assert skip_reasons(result) == [
         "Identity kept: graph input 'x' passes straight to graph output 'y'; kept so both "
         "names stay"]
 
@@ -86,7 +79,7 @@ def test_identity_initializer_to_graph_output_kept():
                        {"w": np.ones(2, F32)})
     result = _run(model)
     assert op_types(result.model) == ["Identity", "Relu"]
-    assert _reasons(result) == [
+    assert skip_reasons(result) == [
         "Identity kept: initializer 'w' passes straight to graph output 'y'; kept so both "
         "names stay"]
 
@@ -98,7 +91,7 @@ def test_identity_between_two_graph_outputs_kept():
                        {"x": [2]}, ["r", "y"])
     result = _run(model)
     assert op_types(result.model) == ["Relu", "Identity"]
-    assert _reasons(result) == [
+    assert skip_reasons(result) == [
         "Identity kept: both 'r' and 'y' are graph outputs; kept so both names stay"]
 
 
@@ -112,7 +105,7 @@ def test_two_identities_of_one_tensor_to_two_outputs():
     assert result.counters["identities_removed"] == 1
     assert op_types(result.model) == ["Relu", "Identity"]
     assert list(result.model.graph.node[1].input) == ["y1"]
-    assert _reasons(result) == ["Identity kept: 'r' already became graph output 'y1'; kept"]
+    assert skip_reasons(result) == ["Identity kept: 'r' already became graph output 'y1'; kept"]
     assert_equivalent(model, result.model, atol=0, rtol=0)
 
 
@@ -135,7 +128,7 @@ def test_dropout_with_used_mask_kept():
                        {"x": [2]}, ["y", "m"], opset=13)
     result = _run(model)
     assert not result.modified
-    assert _reasons(result) == ["Dropout kept: its mask output 'mask' is used"]
+    assert skip_reasons(result) == ["Dropout kept: its mask output 'mask' is used"]
 
 
 @pytest.mark.parametrize("mode,reason", [
@@ -154,7 +147,7 @@ def test_dropout_in_training_mode_kept(mode, reason):
                        inputs, ["y"], inits, opset=13)
     result = _run(model)
     assert op_types(result.model) == ["Dropout"]
-    assert _reasons(result) == [reason]
+    assert skip_reasons(result) == [reason]
 
 
 def test_dropout_is_test_zero_kept():
@@ -162,7 +155,7 @@ def test_dropout_is_test_zero_kept():
     model = make_model([helper.make_node("Dropout", ["x"], ["y"], is_test=0, name="drop")],
                        {"x": [2]}, ["y"], opset=6)
     result = _run(model)
-    assert _reasons(result) == ["Dropout kept: is_test=0 (training mode)"]
+    assert skip_reasons(result) == ["Dropout kept: is_test=0 (training mode)"]
 
 
 # --------------------------------------------------------------------------- dead code
@@ -331,7 +324,7 @@ def test_fold_over_size_cap_refused():
     result = _run(model)
     assert op_types(result.model) == ["Tile", "Add", "Add"]
     assert result.counters["constants_folded"] == 2
-    assert _reasons(result) == [
+    assert skip_reasons(result) == [
         "not folded: result 'big' would be 1600000 bytes, over max_fold_bytes=1048576 "
         "(raise it to fold anyway)"]
     assert_equivalent(model, result.model, atol=0, rtol=0)
@@ -364,7 +357,7 @@ def test_multi_output_node_folds_whole():
     result = _run(model)
     assert op_types(result.model) == ["Mul", "Tile", "Add"]
     assert {t.name for t in result.model.graph.initializer} == {"s1", "s2", "reps"}
-    assert _reasons(result) == [
+    assert skip_reasons(result) == [
         "not folded: result 'big' would be 1600000 bytes, over max_fold_bytes=1048576 "
         "(raise it to fold anyway)"]
     assert_equivalent(model, result.model, atol=0, rtol=0)
@@ -418,7 +411,7 @@ def test_fold_refusals(case, reason):
                        {o: [4] for o in outputs}, inits, extra_opsets=extra)
     result = _run(model)
     assert "n" in [n.name for n in result.model.graph.node]
-    assert _reasons(result) == [reason]
+    assert skip_reasons(result) == [reason]
 
 
 def test_folder_failure_is_a_skip(monkeypatch):
@@ -436,7 +429,7 @@ def test_folder_failure_is_a_skip(monkeypatch):
                        {"a": np.ones(2, F32)})
     result = _run(model)
     assert op_types(result.model) == ["Add", "Mul"]
-    assert _reasons(result) == [
+    assert skip_reasons(result) == [
         "constant folding failed in onnx-graphsurgeon (RuntimeError: cannot import); the "
         "other cleanups still ran (run with fold_constants=false to skip folding)"]
 

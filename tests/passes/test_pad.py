@@ -10,24 +10,12 @@ from onnx import TensorProto, helper
 from graphopt.core.contract import Context
 from graphopt.core.manager import PassManager
 from graphopt.passes.pad import FoldPad
-from graphopt.testing import assert_equivalent, make_model, op_types
+from graphopt.testing import (assert_equivalent, make_model, op_types, run_pass,
+                              skip_reasons)
 
 F32 = np.float32
 RNG = np.random.default_rng(0)
 X = {"x": [1, 2, 5, 5]}
-
-
-def _run(model: onnx.ModelProto):
-    """Run fold-pad on a copy; the result must pass the checker."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    result = FoldPad().run(work, Context())
-    onnx.checker.check_model(result.model)
-    return result
-
-
-def _reasons(result) -> list[str]:
-    return [s.reason for s in result.skipped]
 
 
 def _pads(*values) -> np.ndarray:
@@ -59,7 +47,7 @@ def test_pad_input_form_into_conv_with_pads():
     """Pad (opset 11+, pads input, begin 1/2, end 0/1) -> Conv(pads 1): pads add up."""
     model = make_model([_pad(), _conv(pads=[1, 1, 1, 1])], X, ["y"],
                        {"pads": _pads(0, 0, 1, 2, 0, 0, 0, 1), **W})
-    result = _run(model)
+    result = run_pass(FoldPad(), model)
     _assert_folded(model, result, ["Conv"])
     conv = result.model.graph.node[0]
     assert conv.input[0] == "x"
@@ -71,7 +59,7 @@ def test_pad_attribute_form_opset_10():
     """Opset-10 Pad (pads and value as attributes) -> Conv."""
     model = make_model([helper.make_node("Pad", ["x"], ["p"], pads=[0, 0, 1, 1, 0, 0, 1, 1],
                                          value=0.0), _conv()], X, ["y"], W, opset=10)
-    result = _run(model)
+    result = run_pass(FoldPad(), model)
     _assert_folded(model, result, ["Conv"])
 
 
@@ -82,7 +70,7 @@ def test_pad_with_negative_axes_opset_18():
              _pad(value="zero", axes="axes"), _conv()]
     model = make_model(nodes, X, ["y"], {"pads": _pads(1, 2, 2, 1),
                                           "axes": _pads(-2, -1), **W}, opset=18)
-    result = _run(model)
+    result = run_pass(FoldPad(), model)
     _assert_folded(model, result, ["Conv"])
     assert helper.get_node_attr_value(result.model.graph.node[0], "pads") == [1, 2, 2, 1]
 
@@ -92,7 +80,7 @@ def test_average_pool_count_include_pad():
     model = make_model([_pad(), helper.make_node("AveragePool", ["p"], ["y"], kernel_shape=[3, 3],
                                                  count_include_pad=1)], X, ["y"],
                        {"pads": _pads(0, 0, 1, 1, 0, 0, 1, 1)})
-    result = _run(model)
+    result = run_pass(FoldPad(), model)
     _assert_folded(model, result, ["AveragePool"])
 
 
@@ -102,7 +90,7 @@ def test_max_pool_neg_inf_pad():
                                                           kernel_shape=[2, 2], strides=[2, 2])],
                        X, ["y"], {"pads": _pads(0, 0, 1, 1, 0, 0, 0, 0),
                                   "v": np.array(-np.inf, F32)})
-    result = _run(model)
+    result = run_pass(FoldPad(), model)
     _assert_folded(model, result, ["MaxPool"])
 
 
@@ -111,7 +99,7 @@ def test_max_pool_zero_pad_after_relu():
     model = make_model([helper.make_node("Relu", ["x"], ["r"]), _pad("r"),
                         helper.make_node("MaxPool", ["p"], ["y"], kernel_shape=[3, 3])],
                        X, ["y"], {"pads": _pads(0, 0, 1, 1, 0, 0, 1, 1)})
-    result = _run(model)
+    result = run_pass(FoldPad(), model)
     _assert_folded(model, result, ["Relu", "MaxPool"])
 
 
@@ -120,7 +108,7 @@ def test_max_pool_zero_pad_after_clip_min_zero():
     model = make_model([helper.make_node("Clip", ["x", "lo"], ["r"]), _pad("r"),
                         helper.make_node("MaxPool", ["p"], ["y"], kernel_shape=[3, 3])],
                        X, ["y"], {"lo": np.array(0, F32), "pads": _pads(0, 0, 1, 1, 0, 0, 1, 1)})
-    _assert_folded(model, _run(model), ["Clip", "MaxPool"])
+    _assert_folded(model, run_pass(FoldPad(), model), ["Clip", "MaxPool"])
 
 
 def test_pad_chain_folds_in_rounds():
@@ -129,7 +117,7 @@ def test_pad_chain_folds_in_rounds():
     nodes[0].name = "pad0"
     model = make_model(nodes, X, ["y"], {"pa": _pads(0, 0, 1, 0, 0, 0, 0, 0),
                                           "pb": _pads(0, 0, 0, 1, 0, 0, 1, 1), **W})
-    result = _run(model)
+    result = run_pass(FoldPad(), model)
     _assert_folded(model, result, ["Conv"], count=2)
     assert helper.get_node_attr_value(result.model.graph.node[0], "pads") == [1, 1, 1, 1]
 
@@ -149,7 +137,7 @@ def test_noop_pad_removed():
     """A Pad of all zeros (reflect mode even) is removed; Relu reads x."""
     model = make_model([_pad(mode="reflect"), helper.make_node("Relu", ["p"], ["y"])], X, ["y"],
                        {"pads": _pads(0, 0, 0, 0, 0, 0, 0, 0)})
-    result = _run(model)
+    result = run_pass(FoldPad(), model)
     assert result.counters["noop_pads_removed"] == 1
     assert op_types(result.model) == ["Relu"]
     assert not result.model.graph.initializer
@@ -160,7 +148,7 @@ def test_noop_pad_to_graph_output_renames_producer():
     """Relu -> r -> no-op Pad -> y (graph output): Relu writes 'y' directly."""
     model = make_model([helper.make_node("Relu", ["x"], ["r"]), _pad("r", "y")], X, ["y"],
                        {"pads": _pads(0, 0, 0, 0, 0, 0, 0, 0)})
-    result = _run(model)
+    result = run_pass(FoldPad(), model)
     assert op_types(result.model) == ["Relu"]
     assert list(result.model.graph.node[0].output) == ["y"]
     assert_equivalent(model, result.model, atol=0, rtol=0)
@@ -169,9 +157,9 @@ def test_noop_pad_to_graph_output_renames_producer():
 def test_noop_pad_graph_input_to_output_kept():
     """x (graph input) -> no-op Pad -> y (graph output): kept, with the reason."""
     model = make_model([_pad("x", "y")], X, ["y"], {"pads": _pads(0, 0, 0, 0, 0, 0, 0, 0)})
-    result = _run(model)
+    result = run_pass(FoldPad(), model)
     assert not result.modified
-    assert _reasons(result) == [
+    assert skip_reasons(result) == [
         "no-op Pad kept: graph input 'x' passes straight to graph output 'y'; kept so both "
         "names stay"]
 
@@ -260,7 +248,7 @@ SKIPS = {
 
 
 @pytest.mark.parametrize("case", list(SKIPS))
-def test_skip_reasons(case):
+def test_skipskip_reasons(case):
     """Each Pad the pass must leave alone, with its reason; nothing changes."""
     nodes, extra_inputs, inits, reason = SKIPS[case]
     inits = dict(inits)
@@ -271,7 +259,7 @@ def test_skip_reasons(case):
         inits.update(W)
     opset = 18 if any(len(n.input) > 3 for n in nodes) else 17
     model = make_model(nodes, inputs, outputs, inits, opset=opset)
-    result = _run(model)
+    result = run_pass(FoldPad(), model)
     assert not result.modified
     assert "Pad" in op_types(result.model)
-    assert _reasons(result) == [reason]
+    assert skip_reasons(result) == [reason]

@@ -174,6 +174,17 @@ def _removed_kv_heads(nv: NodeView, ed, k: int, kv_heads: int) -> int:
     return len(ed.removed(nv.inp(k, 2))) // dk
 
 
+def _set_gqa_heads(nv: NodeView, ed, query_attr: str) -> None:
+    """After KV heads left a grouped-query op (keys on input 1), lower ``kv_num_heads`` and
+    the query head count ``query_attr`` by the query heads that shared them."""
+    heads = int(nv.attr(query_attr, 0))
+    kv_heads = int(nv.attr("kv_num_heads", 0))
+    gone = _removed_kv_heads(nv, ed, 1, kv_heads)
+    if gone:
+        ed.set_attr(nv.idx, "kv_num_heads", kv_heads - gone)
+        ed.set_attr(nv.idx, query_attr, heads - gone * (heads // kv_heads))
+
+
 # --------------------------------------------------------------------------- com.microsoft
 
 
@@ -204,12 +215,7 @@ def _ms_gqa(nv: NodeView) -> None:
 
 @rewrites("GroupQueryAttention", domain=_MS)
 def _ms_gqa_rewrite(nv: NodeView, ed) -> None:
-    heads = int(nv.attr("num_heads", 0))
-    kv_heads = int(nv.attr("kv_num_heads", 0))
-    gone = _removed_kv_heads(nv, ed, 1, kv_heads)
-    if gone:
-        ed.set_attr(nv.idx, "kv_num_heads", kv_heads - gone)
-        ed.set_attr(nv.idx, "num_heads", heads - gone * (heads // kv_heads))
+    _set_gqa_heads(nv, ed, "num_heads")
 
 
 @handles("Attention", domain=_MS, seeds=True)
@@ -307,12 +313,7 @@ def _onnx_attention(nv: NodeView) -> None:
 def _onnx_attention_rewrite(nv: NodeView, ed) -> None:
     if len(nv.in_shape(0)) != 3:
         return
-    heads = int(nv.attr("q_num_heads", 0))
-    kv_heads = int(nv.attr("kv_num_heads", 0))
-    gone = _removed_kv_heads(nv, ed, 1, kv_heads)
-    if gone:
-        ed.set_attr(nv.idx, "kv_num_heads", kv_heads - gone)
-        ed.set_attr(nv.idx, "q_num_heads", heads - gone * (heads // kv_heads))
+    _set_gqa_heads(nv, ed, "q_num_heads")
 
 
 # --------------------------------------------------------------------------- rotary

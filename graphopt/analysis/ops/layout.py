@@ -205,16 +205,22 @@ def _reduce(nv: NodeView) -> None:
             nv.link(nv.inp(0, k), nv.out(0, ok), d)
 
 
+def _keep_axes(nv: NodeView, same: list[bool], verb: str) -> None:
+    """Input 0's axis k passes to output 0's axis k where ``same[k]``; the op ``verb`` the
+    other axes (resizes, pads), which block both sides."""
+    for k, d in enumerate(nv.in_shape(0)):
+        if same[k]:
+            nv.link(nv.inp(0, k), nv.out(0, k), d)
+        else:
+            reason = f"{nv.label} {verb} axis {k}"
+            nv.block(nv.inp(0, k), reason)
+            nv.block(nv.out(0, k), reason)
+
+
 @handles("Resize", "Upsample")
 def _resize(nv: NodeView) -> None:
     x, y = nv.in_shape(0), nv.out_shape(0)
-    for k, d in enumerate(x):
-        if d == y[k]:
-            nv.link(nv.inp(0, k), nv.out(0, k), d)
-        else:
-            reason = f"{nv.label} resizes axis {k}"
-            nv.block(nv.inp(0, k), reason)
-            nv.block(nv.out(0, k), reason)
+    _keep_axes(nv, [d == y[k] for k, d in enumerate(x)], "resizes")
     for i in range(1, len(nv.node.input)):
         if nv.has_in(i):
             nv.free(nv.inp(i, 0))
@@ -259,13 +265,7 @@ def _pad(nv: NodeView) -> None:
         axes = [axis_index(int(a), rank) for a in value]
     n = len(axes)
     amount = {a: (int(pads[j]), int(pads[j + n])) for j, a in enumerate(axes)}
-    for k, d in enumerate(x):
-        if amount.get(k, (0, 0)) == (0, 0):
-            nv.link(nv.inp(0, k), nv.out(0, k), d)
-        else:
-            reason = f"{nv.label} pads axis {k}"
-            nv.block(nv.inp(0, k), reason)
-            nv.block(nv.out(0, k), reason)
+    _keep_axes(nv, [amount.get(k, (0, 0)) == (0, 0) for k in range(rank)], "pads")
     for i in range(1, len(nv.node.input)):
         if nv.has_in(i):
             nv.free_input(i)

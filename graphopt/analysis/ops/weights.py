@@ -15,6 +15,17 @@ from graphopt.analysis.registry import NodeView, axis_index, handles, rewrites
 # =========================================================================== weight ops
 
 
+def _batch_bias_seed(nv: NodeView, y, filters: int, const_w: bool) -> None:
+    """Shared by Conv and ConvTranspose: the batch axis passes through, a bias (input 2)
+    follows the output channels ``y``, which seed a group when the weight is constant."""
+    nv.link(nv.out(0, 0), nv.inp(0, 0), nv.in_shape(0)[0])
+    if nv.has_in(2):
+        nv.link(y, nv.inp(2, 0), filters)
+        nv.role(nv.inp(2, 0), "bias")
+    if const_w:
+        nv.seed(y)
+
+
 @handles("Conv", seeds=True)
 @handles("FusedConv", domain="com.microsoft", seeds=True)
 def _conv(nv: NodeView) -> None:
@@ -24,12 +35,8 @@ def _conv(nv: NodeView) -> None:
     y = nv.out(0, 1)
     const_w = nv.is_weight_in(1)
     nv.link(y, nv.inp(1, 0), filters)
-    nv.link(nv.out(0, 0), nv.inp(0, 0), x[0])
-    if nv.has_in(2):
-        nv.link(y, nv.inp(2, 0), filters)
-        nv.role(nv.inp(2, 0), "bias")
+    _batch_bias_seed(nv, y, filters, const_w)
     if const_w:
-        nv.seed(y)
         nv.role(nv.inp(1, 0), "out")
     if group == 1:
         nv.link(nv.inp(0, 1), nv.inp(1, 1), channels)
@@ -55,12 +62,7 @@ def _conv_transpose(nv: NodeView) -> None:
     y = nv.out(0, 1)
     const_w = nv.is_weight_in(1)
     nv.link(nv.inp(0, 1), nv.inp(1, 0), channels)
-    nv.link(nv.out(0, 0), nv.inp(0, 0), x[0])
-    if nv.has_in(2):
-        nv.link(y, nv.inp(2, 0), filters)
-        nv.role(nv.inp(2, 0), "bias")
-    if const_w:
-        nv.seed(y)
+    _batch_bias_seed(nv, y, filters, const_w)
     if group == 1:
         nv.link(y, nv.inp(1, 1), filters)
         if const_w:
