@@ -34,8 +34,7 @@ from graphopt.prune.importance import check_patterns, matches
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
 from graphopt.sparsity import allocation
-from graphopt.sparsity.calib import capture_grams, capture_pair_grams, chunks_by_gram_bytes
-from graphopt.sparsity.gram import gram_key
+from graphopt.sparsity.hessian import layer_stats, site_of
 from graphopt.sparsity.layers import (
     OPS,
     WeightLayer,
@@ -157,7 +156,7 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
         skipped = [Skip(r.site, r.reason) for r in refused]
         layers: list[WeightLayer] = []
         for layer in found:
-            why = self._refusal(layer, m)
+            why = self._refusal(model, layer, m)
             if why is None:
                 layers.append(layer)
             elif why != "not matched by include":
@@ -173,8 +172,7 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
         feeds = ctx.calibration_feeds(model) if needs_data else []
         norms = {}
         if cfg.method != "magnitude":
-            grams = capture_grams(model, layers, feeds, diagonal_only=True)
-            norms = {layer.name: grams.of(layer).norms() for layer in layers}
+            norms = {layer.name: st.norms() for layer, st in layer_stats(model, layers, feeds)}
 
         target = {layer.name: cfg.ratio for layer in layers}
         probe = "magnitude" if cfg.method == "magnitude" else "wanda"
@@ -246,7 +244,7 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
         return PassResult(model, bool(active), counters, skipped,
                           details={"layers": [r.to_dict() for r in ordered]})
 
-    def _refusal(self, layer: WeightLayer, m: int) -> str | None:
+    def _refusal(self, model, layer: WeightLayer, m: int) -> str | None:
         cfg = self.config
         names = (layer.name,)
         if cfg.include and not any(matches(x, cfg.include) for x in names):
@@ -256,9 +254,11 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
         if m and layer.reduction % m:
             return (f"reduction size {layer.reduction} is not a multiple of M={m} "
                     f"(pattern {cfg.pattern})")
-        if layer.op == "Conv" and layer.group > 1 and cfg.method != "magnitude":
-            return (f"grouped convolution (group={layer.group}): {cfg.method} needs per-group "
-                    "input statistics, not implemented; use method=magnitude")
+        if cfg.method != "magnitude":
+            site, why = site_of(model, layer)
+            if why is not None:
+                return (f"{cfg.method} needs the layer's input Gram, which is not read for it "
+                        f"({why}); method=magnitude can sparsify it")
         return None
 
     def _one_shot(self, model, layers, feeds, target, n, m) -> dict[str, np.ndarray]:
@@ -268,14 +268,16 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
         cfg = self.config
         inits = initializers(model)
         out = {}
-        for stage in chunks_by_gram_bytes(layers):
-            grams = capture_grams(model, stage, feeds)
-            for layer in stage:
-                wt = layer.to_matrix(read_weight(inits, layer)).astype(np.float64)
-                new = sparsegpt(wt, grams.of(layer).hessian(), ratio=target[layer.name], n=n,
-                                m=m, damp=cfg.damp, block=cfg.block)
-                out[layer.name] = layer.from_matrix(new)
+        for layer, st in layer_stats(model, layers, feeds):
+            wt = layer.to_matrix(read_weight(inits, layer)).astype(np.float64)
+            out[layer.name] = layer.from_matrix(self._prune(wt, st.h, target[layer.name], n, m))
         return out
+
+    def _prune(self, wt: np.ndarray, h: np.ndarray, ratio: float, n: int, m: int) -> np.ndarray:
+        """SparseGPT of ``wt`` with Hessian ``h`` ([G, K_g, K_g] for a grouped conv: each
+        group's output rows are updated with their own block)."""
+        cfg = self.config
+        return sparsegpt(wt, h, ratio=ratio, n=n, m=m, damp=cfg.damp, block=cfg.block)
 
     def _sparsegpt(self, model, layers, dense, feeds, target, n, m, results, label) -> None:
         """Stage by stage: a stage is the layers whose inputs depend only on layers already
@@ -293,29 +295,34 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
         ref_inits = initializers(reference)
         todo = layers if cfg.correct else [x for x in layers if x.name not in dense]
         for stage in _stages(model, todo):
-            grams = capture_pair_grams(model, reference, stage, feeds)
-            for layer in stage:
-                h, c, r = grams[gram_key(layer)].scaled()
+            for layer, st in layer_stats(model, stage, feeds, reference=reference):
                 w0 = layer.to_matrix(read_weight(ref_inits, layer)).astype(np.float64)
-                wt = w0
-                if cfg.correct:
+                wt, h = w0, st.h
+                if cfg.correct and st.xt is not None:
                     lam = cfg.refit_damp * float(np.mean(np.diag(h)) or 1.0)
-                    eye = np.eye(h.shape[0])
-                    wt = np.linalg.solve(h + lam * eye, (c + lam * eye) @ w0.T).T
-                new = wt if layer.name in dense else sparsegpt(
-                    wt, h, ratio=target[layer.name], n=n, m=m, damp=cfg.damp, block=cfg.block)
-                base = float(np.einsum("ij,ij->", w0 @ r, w0))
-                err = (float(np.einsum("ij,ij->", new @ h, new))
-                       - 2 * float(np.einsum("ij,ij->", new @ c, w0)) + base) / (base or 1.0)
-                write_weight(inits, layer.weight, layer.from_matrix(new))
+                    wt = np.linalg.solve(h + lam * np.eye(h.shape[0]), st.xt + lam * w0.T).T
                 if layer.name in dense:
-                    results[layer.name].output_error = err
-                    results[layer.name].reason += "; refit toward the original outputs"
+                    if wt is not w0:
+                        write_weight(inits, layer.weight, layer.from_matrix(wt))
+                        results[layer.name].output_error = _error(wt, st)
+                        results[layer.name].reason += "; refit toward the original outputs"
                     continue
-                results[layer.name] = LayerResult(layer.name, layer.op, layer.weight,
-                                                  layer.shape, label(layer),
-                                                  sparsity(w0), 0.0, output_error=err)
-                logger.debug("sparsegpt %s: relative output error %.4g", layer.name, err)
+                new = self._prune(wt, h, target[layer.name], n, m)
+                write_weight(inits, layer.weight, layer.from_matrix(new))
+                results[layer.name] = LayerResult(
+                    layer.name, layer.op, layer.weight, layer.shape, label(layer), sparsity(w0),
+                    0.0, output_error=_error(new, st) if st.xt is not None else None,
+                    reason=None if st.xt is not None else
+                    "grouped convolution: SparseGPT per group, without the refit")
+                logger.debug("sparsegpt %s: relative output error %s", layer.name,
+                             results[layer.name].output_error)
+
+
+def _error(new: np.ndarray, st) -> float | None:
+    """``‖X Wᵀ − (T − b)‖² / ‖T − b‖²`` on the captured rows, from the Gram sums alone."""
+    err = (float(np.einsum("ij,ij->", new @ st.h, new)) - 2 * float(np.einsum("ij,ji->", new,
+                                                                                st.xt)) + st.tt)
+    return err / st.tt if st.tt > 0 else err
 
 
 def _stages(model: onnx.ModelProto, layers: list[WeightLayer]) -> list[list[WeightLayer]]:

@@ -49,7 +49,7 @@ def output_damage(reference: list[list[np.ndarray]], got: list[list[np.ndarray]]
                   feeds: Sequence[Mapping[str, np.ndarray]] | None = None) -> float:
     """``Σ‖y − y₀‖² / Σ‖y₀‖²`` over the float outputs; outputs that start with a feed's
     [batch, seq] attention mask count only at real tokens (padding outputs are not used)."""
-    from .calib import token_mask
+    from graphopt.data.gram import token_mask
 
     num = den = 0.0
     for i, (ref_feed, got_feed) in enumerate(zip(reference, got)):

@@ -9,7 +9,8 @@ output unit, the columns in the order the layer's input features are summed), so
    ``W[K, N]`` along K (axis 0); for Gemm along K (axis 0, or axis 1 with ``transB=1``); for
    Conv ``W[O, C, kh, kw]`` along the input channels C (axis 1), separately for every output
    channel and kernel position. The Conv matrix therefore orders its columns (kh, kw, C),
-   C fastest, and the calibration Gram (``graphopt.sparsity.gram``) uses the same order.
+   C fastest; ``graphopt.sparsity.hessian`` permutes the calibration Grams of
+   ``graphopt.data.gram`` (im2col columns in the weight's own (C, kh, kw) order) into it.
 2. The layer's input ``X`` (rows = tokens or output pixels, columns = the same reduction
    order) gives ``Y = X @ Wt.T``; ``XᵀX`` is the layer Hessian of SparseGPT.
 

@@ -30,6 +30,10 @@ def scores(method: str, wt: np.ndarray, norms: np.ndarray | None = None) -> np.n
         return s
     if norms is None:
         raise ValueError(f"{method} needs activation norms")
+    # [K] per column, or [G, K_g] per group of a grouped conv (its rows in group order)
+    norms = np.asarray(norms)
+    if norms.ndim == 2:
+        return s * np.repeat(norms, s.shape[0] // norms.shape[0], axis=0)
     return s * norms[None, :]
 
 
@@ -92,14 +96,27 @@ def _one_blas_thread():
 
 def sparsegpt(wt: np.ndarray, hessian: np.ndarray, *, ratio: float = 0.0, n: int = 0,
               m: int = 0, damp: float = 0.01, block: int = 128) -> np.ndarray:
-    """The pruned and updated ``Wt`` (float64); see the module doc."""
+    """The pruned and updated ``Wt`` (float64); see the module doc.
+
+    ``hessian`` is [K, K], or [G, K, K] for a grouped conv whose G groups of consecutive
+    rows each have their own inputs: every row is updated with its group's factor, and an
+    unstructured mask is still chosen over all rows of a block at once (the OBS saliencies
+    ``w² / [H⁻¹]_jj²`` of different groups compare, as their inputs are channels of one
+    tensor), so the sparsity may differ between groups as magnitude's does.
+    """
     w = wt.astype(np.float64).copy()
     rows, cols = w.shape
-    h = hessian.astype(np.float64).copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    u = _upper_inverse_cholesky(h, damp)
+    hs = hessian.astype(np.float64)
+    hs = hs[None] if hs.ndim == 2 else hs
+    u = np.empty_like(hs)
+    for g, h in enumerate(hs):
+        h = h.copy()
+        dead = np.diag(h) == 0
+        h[dead, dead] = 1.0
+        u[g] = _upper_inverse_cholesky(h, damp)
+        w[g * rows // len(hs):(g + 1) * rows // len(hs), dead] = 0.0
+    # per-row factors only when there are groups: [rows, K, K] (small: grouped convs)
+    ur = u[0] if len(u) == 1 else np.repeat(u, rows // len(u), axis=0)
     if m:
         block = max(m, block - block % m)
     row_ids = np.arange(rows)[:, None]
@@ -108,24 +125,28 @@ def sparsegpt(wt: np.ndarray, hessian: np.ndarray, *, ratio: float = 0.0, n: int
         w1 = w[:, i1:i2].copy()
         q1 = np.zeros_like(w1)
         err1 = np.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        d1 = np.diag(u1)
+        u1 = ur[..., i1:i2, i1:i2]
+        d1 = np.diagonal(u1, axis1=-2, axis2=-1)
+        d1 = np.broadcast_to(d1, w1.shape)
         prune = np.zeros(w1.shape, dtype=bool)
         if not m and ratio > 0:
-            prune = ~keep_mask(w1 ** 2 / d1[None, :] ** 2, ratio=ratio)
+            prune = ~keep_mask(w1 ** 2 / d1 ** 2, ratio=ratio)
         for i in range(i2 - i1):
             if m and i % m == 0:
-                tmp = w1[:, i:i + m] ** 2 / d1[None, i:i + m] ** 2
+                tmp = w1[:, i:i + m] ** 2 / d1[:, i:i + m] ** 2
                 drop = np.argsort(tmp, axis=1, kind="stable")[:, : m - n]
                 prune[row_ids, i + drop] = True
             col = w1[:, i]
             q = np.where(prune[:, i], 0.0, col)
             q1[:, i] = q
-            e = (col - q) / u1[i, i]
-            w1[:, i:] -= np.outer(e, u1[i, i:])
+            e = (col - q) / d1[:, i]
+            w1[:, i:] -= e[:, None] * u1[..., i, i:]
             err1[:, i] = e
         w[:, i1:i2] = q1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        if u1.ndim == 2:
+            w[:, i2:] -= err1 @ ur[i1:i2, i2:]
+        else:
+            w[:, i2:] -= np.einsum("rb,rbk->rk", err1, ur[:, i1:i2, i2:])
     return w
 
 
