@@ -259,12 +259,16 @@ def _mask_input(model, mask: str) -> dict:
 @click.option("--trt-fp16", is_flag=True, help="TensorRT: allow FP16 kernels.")
 @click.option("--trt-cache", type=click.Path(file_okay=False, path_type=Path),
               help="TensorRT: engine cache folder.")
+@click.option("--trt-sparse", is_flag=True,
+              help="TensorRT: let the build use 2:4 sparse tactics for weights in that pattern "
+                   "(the EP's trt_sparsity_enable; the sparse-weights flag with --trt-native).")
 @click.option("--trt-native", is_flag=True,
               help="Also time a native TensorRT engine (needs the tensorrt package).")
 @click.option("--json", "as_json", is_flag=True)
 def bench(model: Path, other: Path | None, provider: str, input_shapes: tuple[str, ...],
           inputs_path: Path | None, threads: int | None, warmup: int, rounds: int,
-          min_time: float, trt_fp16: bool, trt_cache: Path | None, trt_native: bool, as_json: bool) -> None:
+          min_time: float, trt_fp16: bool, trt_cache: Path | None, trt_sparse: bool,
+          trt_native: bool, as_json: bool) -> None:
     """Time MODEL (and --vs OTHER, interleaved) on an execution provider."""
     from graphopt.runtime.benchmark import benchmark as run_benchmark
     from graphopt.ir.inputs import load_inputs
@@ -276,7 +280,8 @@ def bench(model: Path, other: Path | None, provider: str, input_shapes: tuple[st
     options: dict[str, Any] = dict(provider=provider, input_shapes=_shapes(input_shapes),
                                    feeds=feeds, warmup=warmup, threads=threads,
                                    rounds=rounds, min_time=min_time,
-                                   trt_fp16=trt_fp16, trt_cache=trt_cache)
+                                   trt_fp16=trt_fp16, trt_cache=trt_cache,
+                                   trt_sparse=trt_sparse)
     with _console(stderr=True).status("benchmarking", spinner="dots"):
         result = run_benchmark(a, vs=b, **options)
     native = None
@@ -284,7 +289,8 @@ def bench(model: Path, other: Path | None, provider: str, input_shapes: tuple[st
         from graphopt.runtime.trt import benchmark_tensorrt
 
         native = benchmark_tensorrt(model, vs=other, input_shapes=_shapes(input_shapes),
-                                    feeds=feeds, fp16=trt_fp16, warmup=warmup, rounds=rounds,
+                                    feeds=feeds, fp16=trt_fp16, sparse_weights=trt_sparse,
+                                    warmup=warmup, rounds=rounds,
                                     min_time=min_time)
     if as_json:
         data = result.to_dict()

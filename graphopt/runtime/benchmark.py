@@ -258,6 +258,7 @@ def benchmark(
     threads: int | None = None,
     trt_fp16: bool = False,
     trt_cache: str | os.PathLike | None = None,
+    trt_sparse: bool = False,
     min_time: float = 1.0,
     seed: int = 0,
     timer: Timer = time.perf_counter,
@@ -266,12 +267,13 @@ def benchmark(
 
     ``feeds``: a feed dict or a list of them (the first is used); None generates one from
     A's input specs and ``input_shapes``. ``threads``: ``intra_op_num_threads``.
-    ``trt_fp16``/``trt_cache``: TensorRT EP FP16 and engine cache folder.
+    ``trt_fp16``/``trt_cache``/``trt_sparse``: TensorRT EP FP16, engine cache folder and
+    sparse weights (2:4 sparse tactics).
     ``timer`` is injectable for tests.
     """
     check_timing_args(warmup, rounds, min_time)
     options = ProviderOptions(
-        threads=threads, trt_fp16=trt_fp16,
+        threads=threads, trt_fp16=trt_fp16, trt_sparse=trt_sparse,
         trt_cache=os.fspath(trt_cache) if trt_cache is not None else None,
     )
     a_model, a_label = as_model(model, "model")

@@ -12,8 +12,9 @@ inside this module.
 3. ``auto`` tries TensorRT, then CUDA, then CPU, and moves on silently (logged at INFO).
 4. TensorRT sessions list the CUDA EP after the TensorRT EP (ORT's recommendation: nodes
    TensorRT cannot take run on CUDA rather than CPU). TensorRT options: FP16
-   (``trt_fp16_enable``) and an engine cache folder (``trt_engine_cache_enable``,
-   ``trt_engine_cache_path``).
+   (``trt_fp16_enable``), an engine cache folder (``trt_engine_cache_enable``,
+   ``trt_engine_cache_path``) and sparse weights (``trt_sparsity_enable``: TensorRT may
+   pick 2:4 sparse tactics for weights in that pattern).
 5. Sessions are created with ORT's own constructor fallback disabled, so a failing EP is an
    exception we can report instead of a banner printed to stdout.
 """
@@ -52,12 +53,14 @@ class ProviderOptions:
     """Session settings shared by every provider.
 
     ``threads`` sets ``intra_op_num_threads`` (None: ORT's default, one per core);
-    ``trt_fp16`` and ``trt_cache`` (a folder, created if missing) apply to TensorRT only.
+    ``trt_fp16``, ``trt_cache`` (a folder, created if missing) and ``trt_sparse`` apply to
+    TensorRT only.
     """
 
     threads: int | None = None
     trt_fp16: bool = False
     trt_cache: str | None = None
+    trt_sparse: bool = False
     device_id: int = 0
 
     def __post_init__(self) -> None:
@@ -96,6 +99,8 @@ def ort_providers(name: str, options: ProviderOptions | None = None) -> list[Ort
         trt: dict[str, Any] = {"device_id": str(options.device_id)}
         if options.trt_fp16:
             trt["trt_fp16_enable"] = "True"
+        if options.trt_sparse:
+            trt["trt_sparsity_enable"] = "True"
         if options.trt_cache:
             folder = Path(options.trt_cache)
             folder.mkdir(parents=True, exist_ok=True)

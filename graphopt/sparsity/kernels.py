@@ -138,70 +138,102 @@ def time_cpu_candidates(w: np.ndarray, x: np.ndarray, *, warmup: int = 3, rounds
 
 
 def tensorrt_unavailable() -> str | None:
-    """None when TensorRT can build engines here, else the one-line reason."""
-    from graphopt.runtime.trt import import_tensorrt
+    """None when TensorRT can build engines here (the ``tensorrt`` and ``polygraphy``
+    packages import), else the one-line reason."""
+    from graphopt.runtime.trt import INSTALL_HINT, import_tensorrt
 
     _, reason = import_tensorrt()
+    if reason is None:
+        try:
+            import polygraphy.backend.trt  # noqa: F401
+        except ImportError:
+            reason = f"polygraphy package not installed; {INSTALL_HINT}"
     if reason:
         return f"TensorRT 2:4 candidates not built: {reason}"
     return None
 
 
+def engine_loader(model: onnx.ModelProto, *, sparse: bool = True, fp16: bool = True):
+    """Polygraphy's loader of a TensorRT engine for ``model``, not yet called (nothing is
+    built, TensorRT is not imported): ``NetworkFromOnnxBytes`` -> ``EngineFromNetwork`` with
+    ``CreateConfig(sparse_weights=sparse, fp16=fp16)``. Called, Polygraphy sets
+    ``BuilderFlag.SPARSE_WEIGHTS`` on the builder config (``sparse=False``: the dense
+    baseline) and, by default, ``ProfilingVerbosity.DETAILED``, so the engine inspector
+    reports every layer's tactic."""
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxBytes
+
+    config = CreateConfig(sparse_weights=sparse, fp16=fp16)
+    return EngineFromNetwork(NetworkFromOnnxBytes(model.SerializeToString()), config=config)
+
+
 def build_sparse_engine(model: onnx.ModelProto, *, sparse: bool = True, fp16: bool = True):
-    """A TensorRT engine for ``model`` built with the sparse-weights flag (Polygraphy's
-    ``CreateConfig(sparse_weights=True)``; ``sparse=False`` for the dense baseline) and
-    detailed profiling verbosity, so the engine inspector reports each layer's tactic.
-    Raises ``RuntimeError`` with the one-line reason when TensorRT is not usable here."""
+    """The engine of ``engine_loader``. Raises ``RuntimeError`` with the one-line reason when
+    TensorRT is not usable here."""
     reason = tensorrt_unavailable()
     if reason:
         raise RuntimeError(reason)
-    import tensorrt as trt
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxBytes
-
-    config = CreateConfig(sparse_weights=sparse, fp16=fp16,
-                          profiling_verbosity=trt.ProfilingVerbosity.DETAILED)
-    return EngineFromNetwork(NetworkFromOnnxBytes(model.SerializeToString()), config=config)()
+    return engine_loader(model, sparse=sparse, fp16=fp16)()
 
 
-def sparse_layers(engine) -> list[str]:
-    """Names of the engine's layers whose chosen tactic is a sparse one (engine inspector,
-    JSON layer information: TensorRT marks them in the tactic name, e.g. ``sparse``)."""
+def sparse_tactic_layers(info: Mapping) -> list[str] | None:
+    """Names of the layers whose tactic is a sparse one, from the engine inspector's JSON
+    (``get_engine_information(LayerInformationFormat.JSON)``): with DETAILED verbosity each
+    entry of ``Layers`` is an object with ``Name`` and ``TacticName``, and TensorRT's sparse
+    kernels carry ``sparse`` in their tactic name (e.g. ``sm80_xmma_gemm_..._sparse_...``;
+    read from TensorRT's tactic naming, not verified on a GPU here). Only the tactic is
+    read, never the layer name (a layer named ``sparse_fc`` is not a sparse tactic). None
+    when the engine holds only layer names (built without DETAILED verbosity)."""
+    layers = info.get("Layers", [])
+    if layers and not any(isinstance(x, Mapping) for x in layers):
+        return None
+    out = []
+    for layer in layers:
+        if not isinstance(layer, Mapping):
+            continue
+        tactic = str(layer.get("TacticName") or layer.get("Tactic") or "")
+        if "sparse" in tactic.lower():
+            out.append(str(layer.get("Name", "")))
+    return out
+
+
+def sparse_layers(engine) -> list[str] | None:
+    """``sparse_tactic_layers`` of a built engine (its engine inspector)."""
     import json
 
     import tensorrt as trt
 
     inspector = engine.create_engine_inspector()
-    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-    out = []
-    for layer in info.get("Layers", []):
-        if isinstance(layer, Mapping):
-            text = json.dumps(layer).lower()
-            if "sparse" in text:
-                out.append(str(layer.get("Name", "")))
-    return out
+    return sparse_tactic_layers(json.loads(
+        inspector.get_engine_information(trt.LayerInformationFormat.JSON)))
 
 
 def time_tensorrt_candidates(w: np.ndarray, x: np.ndarray, *, rounds: int = 20
                              ) -> list[Timing]:
     """Median ms of the dense engine and of the MatMul and Gemm forms built for sparse
-    weights, plus which layers ran a sparse tactic (in ``note``)."""
+    weights (all FP16: sparse tensor cores run reduced precision), which layers ran a
+    sparse tactic (in ``note``), and each sparse engine's largest difference from the dense
+    engine's output (same precision)."""
     from polygraphy.backend.trt import TrtRunner
 
     from graphopt.runtime.benchmark import interleaved_times
 
     out = []
     runners = []
-    for kind in ("tensorrt_dense", "tensorrt_matmul", "tensorrt_gemm"):
-        form = "dense" if kind == "tensorrt_dense" else kind
-        engine = build_sparse_engine(micro_model(form, w, x.shape),
-                                     sparse=kind != "tensorrt_dense")
-        runner = TrtRunner(engine)
-        runner.activate()
-        runners.append(runner)
-        out.append(Timing(kind, note="sparse tactic: " + (", ".join(sparse_layers(engine))
-                                                          or "none")))
     feed = {"x": x.astype(np.float32)}
     try:
+        for kind in ("tensorrt_dense", "tensorrt_matmul", "tensorrt_gemm"):
+            form = "dense" if kind == "tensorrt_dense" else kind
+            engine = build_sparse_engine(micro_model(form, w, x.shape),
+                                         sparse=kind != "tensorrt_dense")
+            runner = TrtRunner(engine)
+            runner.activate()
+            runners.append(runner)
+            ran = sparse_layers(engine)
+            out.append(Timing(kind, note="sparse tactic: " + (
+                "unknown (no layer details)" if ran is None else ", ".join(ran) or "none")))
+        ys = [np.asarray(r.infer(feed)["y"], dtype=np.float64) for r in runners]
+        for t, y in zip(out[1:], ys[1:]):
+            t.max_abs_diff = float(np.abs(y - ys[0]).max()) if y.size else 0.0
         times = interleaved_times([lambda r=r: r.infer(feed) for r in runners], rounds=rounds)
     finally:
         for r in runners:
