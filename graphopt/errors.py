@@ -36,6 +36,15 @@ class ConfigError(GraphoptError):
     """A pass option, recipe or CLI option is wrong (unknown, mistyped, out of range)."""
 
 
+def check_known(given, known, message: str) -> None:
+    """``ConfigError`` when ``given`` names something ``known`` does not have: ``message``
+    formats ``{unknown}`` (those names) and ``{known}`` (every known name) to one line."""
+    known = list(known)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(message.format(unknown=", ".join(unknown), known=", ".join(known)))
+
+
 class InputSpecError(GraphoptError):
     """An --input-shape, calibration or inputs file does not fit the model."""
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -55,8 +54,6 @@ from graphopt.ir.graph import (
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
 from graphopt.ir.tidy import remove_dead_nodes, remove_unused_initializers
-
-logger = logging.getLogger(__name__)
 
 # Domains onnxruntime evaluates out of the box; other custom ops are never folded.
 _FOLDABLE_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
@@ -301,7 +298,6 @@ def _fold(model: onnx.ModelProto, max_bytes: int, counters: dict, skipped: list[
         try:
             values = _evaluate(model, idx)
         except Exception as exc:  # noqa: BLE001 - a folder failure must not cost the rest
-            logger.warning("constant folding failed: %s", exc)
             skipped.append(Skip("graph", (
                 f"constant folding failed in onnx-graphsurgeon ({exc.__class__.__name__}: "
                 f"{exc}); the other cleanups still ran (run with fold_constants=false to "

@@ -53,7 +53,7 @@ from graphopt.runtime.benchmark import (
     interleaved_times,
     pick_feed,
 )
-from graphopt.errors import ConfigError, GraphoptError, UnsupportedModelError
+from graphopt.errors import ConfigError, GraphoptError, UnsupportedModelError, check_known
 from graphopt.ir.inputs import Shape, resolve_shapes
 from graphopt.ir.model import (
     _EXTERNAL_THRESHOLD,
@@ -182,12 +182,8 @@ def build_engine(
     proto, label = as_model(model, label)
     shapes = resolve_shapes(proto, input_shapes)
     profiles = dict(profiles or {})
-    unknown = sorted(set(profiles) - set(shapes))
-    if unknown:
-        raise ConfigError(
-            f"optimization profile for {', '.join(unknown)}, which are not model inputs "
-            f"(inputs: {', '.join(shapes)})"
-        )
+    check_known(profiles, shapes, "optimization profile for {unknown}, which are not model "
+                "inputs (inputs: {known})")
 
     trt_logger = _trt_logger(trt)
     trt_logger.errors.clear()

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphopt.errors import ConfigError, InputSpecError, ModelFormatError
+from graphopt.errors import ConfigError, InputSpecError, ModelFormatError, check_known
 from graphopt.ir.inputs import Shape, generate_inputs, input_specs, resolve_shapes
 from graphopt.ir.model import ModelLike, as_model
 from graphopt.runtime.providers import OrtProvider, create_session, resolve_ort_providers
@@ -310,6 +310,16 @@ def _fmt(shape: Sequence[int]) -> str:
 # --------------------------------------------------------------------------- running
 
 
+def _differences(a, b, only_a: str, only_b: str) -> list[str]:
+    """Phrases for the names only ``a`` or only ``b`` has: ``only_a``/``only_b`` format the
+    sorted names in ``{}``; empty when both have the same names."""
+    parts = []
+    for fmt, names in ((only_a, set(a) - set(b)), (only_b, set(b) - set(a))):
+        if names:
+            parts.append(fmt.format(", ".join(sorted(names))))
+    return parts
+
+
 def check_same_inputs(a: onnx.ModelProto, b: onnx.ModelProto,
                       a_label: str = "reference", b_label: str = "candidate") -> None:
     """Both models take the same input names, else ``InputSpecError`` naming the difference."""
@@ -317,13 +327,8 @@ def check_same_inputs(a: onnx.ModelProto, b: onnx.ModelProto,
     names_b = [s.name for s in input_specs(b)]
     if set(names_a) == set(names_b):
         return
-    only_a = sorted(set(names_a) - set(names_b))
-    only_b = sorted(set(names_b) - set(names_a))
-    parts = []
-    if only_a:
-        parts.append(f"only the {a_label} has {', '.join(only_a)}")
-    if only_b:
-        parts.append(f"only the {b_label} has {', '.join(only_b)}")
+    parts = _differences(names_a, names_b, f"only the {a_label} has {{}}",
+                         f"only the {b_label} has {{}}")
     raise InputSpecError(
         f"the models take different inputs: {'; '.join(parts)}; compare models with the "
         "same input names"
@@ -334,14 +339,8 @@ def check_feeds(model: onnx.ModelProto, feeds: Sequence[Feed]) -> None:
     """Every feed has exactly the model's input names, else ``InputSpecError``."""
     names = {s.name for s in input_specs(model)}
     for i, feed in enumerate(feeds):
-        missing = sorted(names - set(feed))
-        unknown = sorted(set(feed) - names)
-        if missing or unknown:
-            detail = []
-            if missing:
-                detail.append(f"lacks {', '.join(missing)}")
-            if unknown:
-                detail.append(f"has {', '.join(unknown)} which the model does not take")
+        detail = _differences(names, feed, "lacks {}", "has {} which the model does not take")
+        if detail:
             raise InputSpecError(
                 f"input set {i} {' and '.join(detail)} (model inputs: "
                 f"{', '.join(sorted(names)) or 'none'})"
@@ -407,12 +406,8 @@ def validate(
     check_same_inputs(ref_model, cand_model)
     ref_outputs = [o.name for o in ref_model.graph.output]
     tolerances = dict(tolerances or {})
-    unknown = sorted(set(tolerances) - set(ref_outputs))
-    if unknown:
-        raise ConfigError(
-            f"tolerance given for {', '.join(unknown)}, which the reference does not output "
-            f"(outputs: {', '.join(ref_outputs)})"
-        )
+    check_known(tolerances, ref_outputs, "tolerance given for {unknown}, which the reference "
+                "does not output (outputs: {known})")
     for name, tol in tolerances.items():
         if len(tol) != 2 or tol[0] < 0 or tol[1] < 0:
             raise ConfigError(f"tolerance for {name} must be (atol, rtol) >= 0, got {tol}")
