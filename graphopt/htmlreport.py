@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from graphopt.core.report import si_number
+
 from .htmlparts import escape as _e
 from .htmlparts import pyplot as _pyplot
 from .htmlparts import svg_of as _svg
@@ -209,13 +211,7 @@ def kept_svg(series: Sequence[tuple[str, Mapping[str, Any]]]) -> str | None:
 
 
 def _num(n: Any, digits: int = 2) -> str:
-    if n is None:
-        return "–"
-    n = float(n)
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.{digits}f}{unit}"
-    return f"{n:.0f}" if n == int(n) else f"{n:.{digits}f}"
+    return si_number(n, digits, missing="–", fractions=True)
 
 
 def _f(x: Any, digits: int = 4) -> str:

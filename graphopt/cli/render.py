@@ -8,15 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-
-def _n(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
+from graphopt.core.report import si_number
 
 
 def _bytes(n: int | None) -> str:
@@ -40,8 +32,8 @@ def render_inspect(console: Console, info: dict[str, Any]) -> None:
     assumed = ", ".join(f"{name}[{axis}]={value}"
                         for name, dims in cost.get("assumed_dims", {}).items()
                         for axis, value in dims.items())
-    macs = _n(cost["macs"]) + (f" (at {assumed})" if assumed else "")
-    console.print(f"params {_n(cost['params'])}  MACs {macs}  weights "
+    macs = si_number(cost["macs"]) + (f" (at {assumed})" if assumed else "")
+    console.print(f"params {si_number(cost['params'])}  MACs {macs}  weights "
                   f"{_bytes(info['weight_bytes'])}  file {_bytes(info.get('file_bytes'))}  "
                   f"nodes {info['nodes']}  subgraphs {info['subgraphs']}")
     if assumed:
@@ -55,8 +47,8 @@ def render_inspect(console: Console, info: dict[str, Any]) -> None:
     ops = Table("op", "count", "params", "MACs", title="op histogram", title_justify="left")
     for op, count in info["op_histogram"].items():
         bare = op.split("::")[-1]
-        ops.add_row(op, str(count), _n(cost["params_by_op"].get(bare)),
-                    _n(cost["macs_by_op"].get(bare)))
+        ops.add_row(op, str(count), si_number(cost["params_by_op"].get(bare)),
+                    si_number(cost["macs_by_op"].get(bare)))
     console.print(ops)
     if cost.get("unknown_shapes"):
         console.print(f"[yellow]MACs not counted (shapes unknown) for: "
@@ -94,8 +86,8 @@ def render_report(console: Console, report: Any) -> None:
                   "unverified": "[bold red]unverified[/]"}.get(p.status, p.status)
         counters = ", ".join(f"{k}={v}" for k, v in p.counters.items() if v) or "-"
         table.add_row(p.name, status, counters,
-                      f"{_n(p.params_before)} → {_n(p.params_after)}",
-                      f"{_n(p.macs_before)} → {_n(p.macs_after)}",
+                      f"{si_number(p.params_before)} → {si_number(p.params_after)}",
+                      f"{si_number(p.macs_before)} → {si_number(p.macs_after)}",
                       str(len(p.skipped)) if p.skipped else "-", f"{p.seconds:.2f}s")
     console.print(table)
     for p in report.passes:
@@ -114,9 +106,9 @@ def render_report(console: Console, report: Any) -> None:
     after = report.metadata.get("cost_after")
     if before and after:
         console.print(
-            f"params {_n(before['params'])} → {_n(after['params'])} "
-            f"({_ratio(after['params'], before['params'])}), MACs {_n(before['macs'])} → "
-            f"{_n(after['macs'])} ({_ratio(after['macs'], before['macs'])}), weights "
+            f"params {si_number(before['params'])} → {si_number(after['params'])} "
+            f"({_ratio(after['params'], before['params'])}), MACs {si_number(before['macs'])} → "
+            f"{si_number(after['macs'])} ({_ratio(after['macs'], before['macs'])}), weights "
             f"{_bytes(before['weight_bytes'])} → {_bytes(after['weight_bytes'])}")
     _render_fidelity(console, report.metadata.get("fidelity"))
     if report.validation is not None:

@@ -138,14 +138,16 @@ def render_sweep(console, data: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from .render import _bytes, _n
+    from graphopt.core.report import si_number
+
+    from .render import _bytes
 
     original = data["original"]
     chosen = (data.get("pick") or {}).get("chosen")
     table = Table("candidate", "passes", "params", "MACs", "size", "latency ms", "speedup",
                   "cosine", "top-1", title=f"sweep of {data['model']} on {data['provider']}",
                   title_justify="left")
-    table.add_row("original", "-", _n(original.get("params")), _n(original.get("macs")),
+    table.add_row("original", "-", si_number(original.get("params")), si_number(original.get("macs")),
                   _bytes(original.get("size_bytes")), _fmt(original.get("latency_ms"), 2),
                   "1.00x", "1.0000", "-")
     for c in data["candidates"]:
@@ -157,8 +159,8 @@ def render_sweep(console, data: dict[str, Any]) -> None:
         fid = c.get("fidelity") or {}
         frac = (f" ({c['macs'] / original['macs']:.2f})" if c.get("macs") and
                 original.get("macs") else "")
-        table.add_row(name, escape(_short(c["passes"])), _n(c.get("params")),
-                      _n(c.get("macs")) + frac, _bytes(c.get("size_bytes")),
+        table.add_row(name, escape(_short(c["passes"])), si_number(c.get("params")),
+                      si_number(c.get("macs")) + frac, _bytes(c.get("size_bytes")),
                       _fmt(c.get("latency_ms"), 2),
                       f"{c['speedup']:.2f}x" if c.get("speedup") else "-",
                       _fmt(fid.get("cosine"), 4), _fmt(fid.get("top1"), 3))

@@ -9,6 +9,18 @@ from typing import Any
 from graphopt.core.contract import Skip
 
 
+def si_number(n: Any, digits: int = 2, *, missing: str = "-", fractions: bool = False) -> str:
+    """``n`` for people: 1.23G, 4.50M, 12.00k; under 1000 a whole number (with ``fractions``
+    a non-whole one keeps ``digits``); ``missing`` for None. The CLI and HTML reports."""
+    if n is None:
+        return missing
+    n = float(n)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{digits}f}{unit}"
+    return f"{n:.{digits}f}" if fractions and n != int(n) else f"{n:.0f}"
+
+
 @dataclass
 class PassReport:
     name: str
