@@ -14,9 +14,12 @@ original model.
    sentence-transformers makes them) and the Spearman correlation of the pairwise
    similarities between validation sentences, original vs pruned.
 2. ``cnn``: a PP-OCR model shipped by ``rapidocr_onnxruntime`` (default the MobileNetV3
-   direction classifier), calibrated on crops of six scikit-image photos and validated on
-   crops of six others (``benchmarks/photos.py``). Fidelity: output cosine and top-1
-   agreement (per row of the last axis).
+   direction classifier). ``--images textlines`` (default): 128 rendered text lines,
+   upright or turned 180° (``benchmarks/textlines.py``: what the classifier sees in
+   RapidOCR), calibrate; 256 others (other sentences, fonts, photo backgrounds) validate.
+   ``--images photos``: crops of six scikit-image photos calibrate, six others validate
+   (``benchmarks/photos.py``). Fidelity: output cosine and top-1 agreement (per row of the
+   last axis).
 3. Latency: ``graphopt.runtime.benchmark``, pruned (A) and original (B) interleaved, one
    validation batch; the ratio is A / B (below 1 is faster). The machine is shared: ratios
    are what to compare, absolute times are not.
@@ -55,7 +58,7 @@ def _minilm(cache: Path):
     return path, cal, val
 
 
-def _cnn(name: str):
+def _cnn(name: str, images: str):
     from photos import CALIBRATION_PHOTOS, VALIDATION_PHOTOS, crops
 
     pattern = os.path.join(sys.prefix, "lib", "python3*", "site-packages",
@@ -67,10 +70,16 @@ def _cnn(name: str):
         found = [str(Path(rapidocr_onnxruntime.__file__).parent / "models" / name)]
     path = Path(found[0])
     h, w = (48, 192) if "cls" in name else (48, 320)
-    cal = crops(CALIBRATION_PHOTOS, 64, h, w, seed=0)
-    val = crops(VALIDATION_PHOTOS, 64, h, w, seed=1)
-    return path, [{"x": cal[i:i + 8]} for i in range(0, 64, 8)], \
-        [{"x": val[i:i + 8]} for i in range(0, 64, 8)]
+    if images == "textlines":
+        from textlines import textlines
+
+        cal, val = textlines("calibration", 128, seed=0)[0], textlines("validation", 256,
+                                                                         seed=1)[0]
+    else:
+        cal = crops(CALIBRATION_PHOTOS, 128, h, w, seed=0)
+        val = crops(VALIDATION_PHOTOS, 256, h, w, seed=1)
+    return path, [{"x": cal[i:i + 16]} for i in range(0, len(cal), 16)], \
+        [{"x": val[i:i + 32]} for i in range(0, len(val), 32)]
 
 
 def _embeddings(model, feeds):
@@ -117,6 +126,9 @@ def main() -> None:
     parser.add_argument("--model", default="ch_ppocr_mobile_v2.0_cls_infer.onnx")
     parser.add_argument("--cache", type=Path,
                         default=Path(tempfile.gettempdir()) / "graphopt-bench")
+    parser.add_argument("--images", choices=["textlines", "photos"], default="textlines",
+                        help="cnn data: rendered text lines (what the PP-OCR classifier "
+                        "sees) or photo crops")
     parser.add_argument("--no-latency", action="store_true")
     args = parser.parse_args()
 
@@ -127,7 +139,7 @@ def main() -> None:
         path, cal, val = _minilm(args.cache)
         fidelity = _text_fidelity
     else:
-        path, cal, val = _cnn(args.model)
+        path, cal, val = _cnn(args.model, args.images)
         fidelity = _output_fidelity
     original = onnx.load(path)
     print("| row | MACs kept | params kept | latency ratio | fidelity | time |")

@@ -55,6 +55,24 @@ def _recipe(passes_or_recipe: Any) -> Recipe:
     return Recipe(passes_from_specs(list(passes_or_recipe)))
 
 
+def _shapes_from_feeds(model: onnx.ModelProto, shapes: dict, feeds) -> dict:
+    """Inputs with dynamic dims that ``shapes`` leaves open take the first calibration
+    feed's shape: costs (MACs of a budget, the report) are counted at the sizes the model
+    is calibrated on, not at generic defaults (16×16 images would skew a CNN's MAC shares)."""
+    from graphopt.ir.inputs import input_specs
+
+    if not feeds:
+        return shapes
+    out = dict(shapes)
+    for spec in input_specs(model):
+        value = feeds[0].get(spec.name)
+        if spec.name in out or not spec.is_dynamic or value is None or \
+                np.ndim(value) != len(spec.dims):
+            continue
+        out[spec.name] = tuple(int(d) for d in np.shape(value))
+    return out
+
+
 def optimize(
     model: str | os.PathLike | onnx.ModelProto,
     passes_or_recipe: Any,
@@ -115,6 +133,7 @@ def optimize(
         if held:
             val_feeds = held
             source = f"held-out calibration ({len(held)} of {len(feeds) + len(held)} feeds)"
+    shapes = _shapes_from_feeds(original, shapes, feeds)
     ctx = Context(input_shapes=shapes or None, calibration=feeds, seed=seed)
     manager = PassManager(recipe.passes, on_error=on_error or recipe.on_error, verify=verify,
                           progress=progress, observers=observers)

@@ -14,8 +14,11 @@ with the least damage.
 3. ``allocate`` takes candidates by damage per unit of cost, lowest first, until the
    removed cost reaches ``need``: a group loses at most its ``cap`` units, in its own order
    (chunks of a group are taken in sequence); taking a layer removes its whole cost,
-   minus what was already taken inside it, and its groups take nothing more. The result
-   overshoots the need by less than one candidate's cost.
+   minus what was already taken inside it, and its groups take nothing more. A layer that
+   would pass the need by more than the largest width chunk is passed over while width
+   chunks can still meet it, so the result overshoots the need by less than one width
+   chunk's cost (one unit, or ``round_to`` of them); only when nothing else is left may a
+   layer overshoot.
 """
 
 from __future__ import annotations
@@ -112,48 +115,99 @@ def latency_table(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], provid
     return out
 
 
-def unit_costs(coupling, group, cost: np.ndarray | None, metric: str) -> float:
-    """What removing one unit of ``group`` saves (module doc, 1)."""
+def unit_shares(coupling, group, cost: np.ndarray | None, metric: str
+                ) -> dict[object, float]:
+    """The share of each cost item one unit of ``group`` removes: per node (its MACs or
+    time) for ``macs``/``latency``, per weight tensor for ``params``."""
     view = coupling.view
-    if metric == "params":
-        total = 0.0
-        for m, idx in group.index.items():
+    share: dict[object, float] = {}
+    for m, idx in group.index.items():
+        if metric == "params":
             if not m.slot.is_const:
                 continue
             value = view.const(m.slot.tensor)
             if value is None or not np.issubdtype(value.dtype, np.floating) or value.size < 2:
                 continue
             dim = coupling.dims.get(m) or value.shape[m.axis]
-            total += value.size / dim * idx.shape[1]
-        return total
-    share: dict[int, float] = {}
-    for m, idx in group.index.items():
+            key = ("tensor", m.slot.tensor)
+            share[key] = share.get(key, 0.0) + idx.shape[1] / dim
+            continue
         dim = coupling.dims.get(m)
         if not dim:
             continue
         for n in view.nodes_touching(m.slot):
-            share[n] = max(share.get(n, 0.0), idx.shape[1] / dim)
-    return float(sum(cost[n] * s for n, s in share.items() if n < len(cost)))
+            if cost is not None and n < len(cost):
+                share[n] = max(share.get(n, 0.0), idx.shape[1] / dim)
+    return share
+
+
+def item_costs(coupling, cost: np.ndarray | None, metric: str) -> dict[object, float]:
+    """What each cost item of ``unit_shares`` is worth."""
+    if metric != "params":
+        return {n: float(c) for n, c in enumerate(cost)}
+    view = coupling.view
+    out: dict[object, float] = {}
+    for init in view.model.graph.initializer:
+        out[("tensor", init.name)] = float(math.prod(init.dims))
+    for node in view.model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            value = view.const(node.output[0])
+            if value is not None:
+                out[("tensor", node.output[0])] = float(value.size)
+    return out
+
+
+def unit_costs(coupling, group, cost: np.ndarray | None, metric: str) -> float:
+    """What removing one unit of ``group`` saves (module doc, 1)."""
+    items = item_costs(coupling, cost, metric) if metric == "params" else None
+    total = 0.0
+    for key, s in unit_shares(coupling, group, cost, metric).items():
+        total += (items.get(key, 0.0) if items is not None else float(cost[key])) * s
+    return total
+
+
+def exact_removed(items: Mapping[object, float], shares: Mapping[int, Mapping[object, float]],
+                  removal: Mapping[int, Sequence[int]], dead: set) -> float:
+    """What a cut really removes: an item (node, weight) touched by several cut groups keeps
+    the product of their kept shares (a conv losing half its inputs and half its outputs
+    keeps a quarter, not zero, which the sum of unit costs would say); ``dead`` items (in
+    removed layers) go whole."""
+    kept = {}
+    for gid, units in removal.items():
+        k = len(units)
+        for key, s in shares.get(gid, {}).items():
+            kept[key] = kept.get(key, 1.0) * max(0.0, 1.0 - k * s)
+    total = sum(items.get(key, 0.0) for key in dead)
+    total += sum(items.get(key, 0.0) * (1.0 - f) for key, f in kept.items() if key not in dead)
+    return total
+
+
+def block_items(model: onnx.ModelProto, nodes: Sequence[int], metric: str) -> set:
+    """The cost items (``unit_shares`` keys) a removed block takes with it: its nodes, or
+    for ``params`` the float weights only its nodes read."""
+    if metric != "params":
+        return set(nodes)
+    inside = set(nodes)
+    readers: dict[str, set[int]] = {}
+    for i, node in enumerate(model.graph.node):
+        for name in node.input:
+            readers.setdefault(name, set()).add(i)
+    out = set()
+    for init in model.graph.initializer:
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                              onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE):
+            users = readers.get(init.name, set())
+            if users and users <= inside and math.prod(init.dims) > 1:
+                out.add(("tensor", init.name))
+    return out
 
 
 def block_cost(model: onnx.ModelProto, nodes: Sequence[int], cost: np.ndarray | None,
                metric: str) -> float:
     if metric != "params":
         return float(sum(cost[n] for n in nodes if n < len(cost)))
-    inside = set(nodes)
-    readers: dict[str, set[int]] = {}
-    for i, node in enumerate(model.graph.node):
-        for name in node.input:
-            readers.setdefault(name, set()).add(i)
-    total = 0
-    for init in model.graph.initializer:
-        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                              onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE):
-            users = readers.get(init.name, set())
-            size = math.prod(init.dims)
-            if users and users <= inside and size > 1:
-                total += size
-    return float(total)
+    sizes = {init.name: math.prod(init.dims) for init in model.graph.initializer}
+    return float(sum(sizes[name] for _, name in block_items(model, nodes, metric)))
 
 
 def allocate(candidates: Sequence[Candidate], need: float) -> Allocation:
@@ -163,6 +217,11 @@ def allocate(candidates: Sequence[Candidate], need: float) -> Allocation:
     pending = sorted(candidates, key=lambda c: (c.damage / max(c.cost, 1e-30), c.order))
     dead_layers: set[int] = set()
     taken_in_layer: dict[int, float] = {}
+    # a candidate may pass the need by at most one width chunk's cost; one that would pass
+    # it by more (a whole layer near the end) waits, and is taken only if nothing else can
+    # meet the need
+    slack = max((c.cost for c in candidates if c.kind != "layers"), default=0.0)
+    strict = True
     progress = True
     while out.removed_cost < need and progress:
         progress = False
@@ -171,6 +230,9 @@ def allocate(candidates: Sequence[Candidate], need: float) -> Allocation:
                 break
             if c.kind == "layers":
                 if c.key in dead_layers:
+                    continue
+                gain = c.cost - taken_in_layer.get(c.key, 0.0)
+                if strict and out.removed_cost + gain > need + slack:
                     continue
                 dead_layers.add(c.key)
                 out.layers.append(c.key)
@@ -188,6 +250,8 @@ def allocate(candidates: Sequence[Candidate], need: float) -> Allocation:
                 taken_in_layer[c.layer] = taken_in_layer.get(c.layer, 0.0) + c.cost
             progress = True
         pending = [c for c in pending if not _used(c, out, next_chunk, dead_layers)]
+        if not progress and strict and out.removed_cost < need:
+            strict, progress = False, True
     for layer in out.layers:  # units of removed layers go with their layer
         for c in candidates:
             if c.layer == layer:

@@ -319,10 +319,17 @@ def _matching_targets(original, pruned, sites, target_columns, skipped):
 # --------------------------------------------------------------------------- which sites
 
 
-def consumer_sites(coupling, removal: Mapping[int, np.ndarray]
+def consumer_sites(coupling, removal: Mapping[int, np.ndarray],
+                   after: Sequence[str] = (), downstream: bool = False
                    ) -> tuple[list[str], dict[str, np.ndarray]]:
     """Sites reading the removed units (the groups' ``in`` weights), in graph order, and
-    the original output columns each still has where its own outputs were cut too."""
+    the original output columns each still has where its own outputs were cut too.
+
+    ``downstream=True`` adds every weight layer whose input depends on a changed tensor:
+    the consumers' outputs and the tensors in ``after`` (e.g. the exits of bypassed blocks).
+    Refitting all of them in order (inputs from the pruned prefix, targets from the
+    original) is the layer-wise mask tuning of Kwon et al. (2022) carried through the
+    whole model: each layer also absorbs the error the layers before it left."""
     from .apply import removed_atoms
 
     view = coupling.view
@@ -336,6 +343,9 @@ def consumer_sites(coupling, removal: Mapping[int, np.ndarray]
             idx = m.slot.use[0]
             if view.nodes[idx].op_type in WEIGHT_OPS:
                 nodes.add(idx)
+    if downstream:
+        nodes |= _downstream_weights(view.nodes, {view.nodes[i].output[0] for i in nodes}
+                                     | set(after))
     outputs = [view.nodes[i].output[0] for i in sorted(nodes)]
     columns: dict[str, np.ndarray] = {}
     out_of = {view.nodes[i].output[0]: i for i in nodes}
@@ -359,6 +369,19 @@ def consumer_sites(coupling, removal: Mapping[int, np.ndarray]
         if m.axis == out_axis:
             columns[node.output[0]] = np.delete(np.arange(w.shape[out_axis]), cut)
     return outputs, columns
+
+
+def _downstream_weights(nodes, changed: set[str]) -> set[int]:
+    """Indices of the weight nodes (constant weight, any input reached) whose activation
+    input depends on a tensor in ``changed`` (``nodes`` in topological order)."""
+    reach = set(changed)
+    out: set[int] = set()
+    for i, node in enumerate(nodes):
+        if any(x in reach for x in node.input if x):
+            if node.op_type in WEIGHT_OPS and node.input and node.input[0] in reach:
+                out.add(i)
+            reach.update(o for o in node.output if o)
+    return out
 
 
 def _out_axis(node: onnx.NodeProto, ndim: int) -> int:

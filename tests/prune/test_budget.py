@@ -106,3 +106,54 @@ def test_holdout_split():
     cal, held = split_holdout(_feeds(1), 0.25)
     assert cal[0]["x"].shape[0] == 12 and held[0]["x"].shape[0] == 4
     assert split_holdout(_feeds(1), 0.0)[1] == []
+
+
+def test_a_layer_that_would_pass_the_budget_by_more_than_a_chunk_waits():
+    """A whole layer is the cheapest damage per cost, but taking it would remove 30 where
+    10 are needed: width chunks (cost 1 each) meet the need instead, to within one chunk.
+    With nothing but the layer left, the layer is taken (the only way to meet it)."""
+    from graphopt.prune.budget import Candidate, allocate
+
+    layer = Candidate("layers", 0, (), damage=0.3, cost=30.0)
+    chunks = [Candidate("neurons", 7, (k,), damage=0.2 + 0.01 * k, cost=1.0, order=k)
+              for k in range(20)]
+    alloc = allocate([layer] + chunks, need=10.0)
+    assert alloc.layers == []
+    assert alloc.removal == {7: list(range(10))}
+    assert 10.0 <= alloc.removed_cost < 11.0
+    alone = allocate([layer] + chunks[:5], need=10.0)
+    assert alone.layers == [0] and alone.removed_cost >= 10.0
+
+
+def _convs() -> onnx.ModelProto:
+    """conv1 (4 -> 8, 3x3) -> relu -> conv2 (8 -> 8, 3x3) -> relu -> conv3 (8 -> 2, 1x1),
+    dynamic batch and spatial dims: conv2's input and output channels are two groups."""
+    rng = np.random.default_rng(5)
+    inits = {"W1": rng.normal(size=(8, 4, 3, 3)).astype(np.float32),
+             "W2": rng.normal(size=(8, 8, 3, 3)).astype(np.float32),
+             "W3": rng.normal(size=(2, 8, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "W3"], ["y"])]
+    return make_model(nodes, {"x": ["n", 4, "h", "w"]}, ["y"], inits)
+
+
+@pytest.mark.parametrize("keep", [0.7, 0.4])
+def test_overlapping_groups_are_counted_as_cut_and_shapes_come_from_the_calibration(keep):
+    """Cutting conv2's inputs and outputs keeps the product of the kept shares of its MACs
+    (not 1 minus the sum): the budget is still met, to within one unit (conv1 + conv2 per
+    channel of the first group: 6912 MACs per image of 8x8). Dynamic dims are counted at
+    the calibration feeds' 2x4x8x8, not at generic defaults."""
+    rng = np.random.default_rng(2)
+    cal = [{"x": rng.normal(size=(2, 4, 8, 8)).astype(np.float32)} for _ in range(3)]
+    model, report = optimize(_convs(), [f"prune:macs={keep},reconstruct=none"],
+                             calibration=cal, holdout=0)
+    before, after = report.metadata["cost_before"]["macs"], report.metadata["cost_after"]["macs"]
+    assert before == 2 * (64 * 8 * 4 * 9 + 64 * 8 * 8 * 9 + 64 * 8 * 2)
+    need = (1 - keep) * before
+    assert before - after >= need
+    assert before - after - need < 2 * 6912
+    budget = report.passes[0].details["budget"]
+    assert budget["removed"] == pytest.approx(before - after)
