@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .fidelity import check_feeds_match, not_measured, split_holdout
 from .fidelity import measure as measure_fidelity
 from graphopt.ir.inputs import Shape, check_input_shapes, load_inputs
-from graphopt.ir.model import load
+from graphopt.ir.model import is_outline, load, open_for_run
 from graphopt.core.contract import Context
 from graphopt.core.manager import PassManager
 from graphopt.core.observe import Observer
@@ -116,8 +116,19 @@ def optimize(
     7. Feeds that do not match the model's inputs are refused before any pass runs.
     """
     recipe = _recipe(passes_or_recipe)
-    original = load(model)
-    normalized = normalize(original)
+    # ``original`` gives the input specs; ``reference`` is what the result is measured
+    # against: the model given in memory, or the file (onnxruntime reads it); over 2 GB
+    # ``original`` is the file's outline, and the passes' ``work`` is the one copy in memory.
+    reference = open_for_run(
+        load(model) if isinstance(model, onnx.ModelProto) else model)  # a proto: a copy
+    original = reference.model
+    if is_outline(original):
+        work = load(model)
+        normalized = normalize(work)
+    else:
+        normalized = normalize(original)
+        work = onnx.ModelProto()
+        work.CopyFrom(original)
     shapes = dict(recipe.input_shapes)
     shapes.update(input_shapes or {})
     check_input_shapes(original, shapes)
@@ -137,8 +148,6 @@ def optimize(
     ctx = Context(input_shapes=shapes or None, calibration=feeds, seed=seed)
     manager = PassManager(recipe.passes, on_error=on_error or recipe.on_error, verify=verify,
                           progress=progress, observers=observers)
-    work = onnx.ModelProto()
-    work.CopyFrom(original)
     optimized, report = manager.run(work, ctx)
     report.allow_unverified = allow_unverified
     if normalized:
@@ -149,7 +158,7 @@ def optimize(
     if changed_lossy:
         if val_feeds:
             report.metadata["fidelity"] = measure_fidelity(
-                original, optimized, val_feeds, source, latency=latency, provider=provider,
+                reference, optimized, val_feeds, source, latency=latency, provider=provider,
                 input_shapes=ctx.input_shapes)
         else:
             report.metadata["fidelity"] = not_measured(
@@ -161,5 +170,5 @@ def optimize(
         options.setdefault("input_shapes", ctx.input_shapes)
         if feeds:
             options.setdefault("feeds", feeds)
-        report.validation = run_validation(original, optimized, **options)
+        report.validation = run_validation(reference, optimized, **options)
     return optimized, report

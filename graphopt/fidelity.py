@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .ir.model import Opened
+
 Feed = Mapping[str, np.ndarray]
 
 
@@ -72,13 +74,16 @@ def _mask_input(model: onnx.ModelProto, feed: Feed) -> str | None:
     return None
 
 
-def measure(original: onnx.ModelProto, optimized: onnx.ModelProto, feeds: Sequence[Feed],
+def measure(original: onnx.ModelProto | Opened, optimized: onnx.ModelProto, feeds: Sequence[Feed],
             source: str, *, latency: bool = False, provider: str = "cpu",
             input_shapes=None) -> dict[str, Any]:
+    """``original``: a ModelProto, or a file opened by ``ir.model.open_for_run``."""
+    from .ir.model import open_for_run
     from .runtime.validate import validate
 
     feeds = list(feeds)
-    mask = _mask_input(original, feeds[0])
+    original = open_for_run(original)
+    mask = _mask_input(original.model, feeds[0])
     result = validate(original, optimized, feeds, input_shapes=input_shapes, mask=mask)
     outputs = [{"name": o["name"], "cosine": o["cosine"], "top1_agreement": o["top1_agreement"],
                 "max_abs": o["max_abs"]} for o in result.to_dict()["outputs"]]

@@ -206,15 +206,15 @@ def validate(reference: Path, candidate: Path, inputs_path: Path | None,
              count: int, mask: str, as_json: bool) -> None:
     """Compare CANDIDATE's outputs with REFERENCE's; exit 1 when outside tolerance."""
     from graphopt.ir.inputs import load_inputs
-    from graphopt.ir.model import load
+    from graphopt.ir.model import open_for_run
     from graphopt.runtime.validate import validate as run_validation
 
-    ref = load(reference)
-    cand = load(candidate)
-    feeds = load_inputs(inputs_path, ref) if inputs_path else None
+    # Models over 2 GB stay on disk: an outline here, onnxruntime reads the files.
+    ref, cand = open_for_run(reference), open_for_run(candidate)
+    feeds = load_inputs(inputs_path, ref.model) if inputs_path else None
     result = run_validation(ref, cand, feeds, input_shapes=_shapes(input_shapes), atol=atol,
                             rtol=rtol, tolerances=_tolerances(tols) or None, count=count,
-                            **_mask_input(ref, mask))
+                            **_mask_input(ref.model, mask))
     if as_json:
         _emit_json(result.to_dict())
     else:
@@ -272,11 +272,12 @@ def bench(model: Path, other: Path | None, provider: str, input_shapes: tuple[st
     """Time MODEL (and --vs OTHER, interleaved) on an execution provider."""
     from graphopt.runtime.benchmark import benchmark as run_benchmark
     from graphopt.ir.inputs import load_inputs
-    from graphopt.ir.model import load
+    from graphopt.ir.model import open_for_run
 
-    a = load(model)
-    b = load(other) if other else None
-    feeds = load_inputs(inputs_path, a)[0] if inputs_path else None
+    # Models over 2 GB stay on disk: an outline here, onnxruntime reads the files.
+    a = open_for_run(model)
+    b = open_for_run(other) if other else None
+    feeds = load_inputs(inputs_path, a.model)[0] if inputs_path else None
     options: dict[str, Any] = dict(provider=provider, input_shapes=_shapes(input_shapes),
                                    feeds=feeds, warmup=warmup, threads=threads,
                                    rounds=rounds, min_time=min_time,

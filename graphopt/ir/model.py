@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,22 @@ TWO_GB = 2**31
 _EXTERNAL_THRESHOLD = TWO_GB - 64 * 2**20
 # Tensors smaller than this stay inside the .onnx file when saving external data.
 _EXTERNAL_MIN_BYTES = 1024
+# Overrides _EXTERNAL_THRESHOLD (bytes), so tests run the large-model path on small models.
+EXTERNAL_ENV = "GRAPHOPT_EXTERNAL_BYTES"
+
+
+def external_threshold() -> int:
+    """Weight bytes above which a model goes through files with external data rather than
+    protobuf bytes: ``save`` writes ``<name>.data``, onnxruntime sessions read the model from
+    a file, and validate/bench leave a model file's weights on disk. Just under protobuf's
+    2 GB limit, or ``$GRAPHOPT_EXTERNAL_BYTES``."""
+    value = os.environ.get(EXTERNAL_ENV)
+    if value:
+        try:
+            return max(0, int(value))
+        except ValueError:
+            logger.warning("ignoring %s=%r (not a number of bytes)", EXTERNAL_ENV, value)
+    return _EXTERNAL_THRESHOLD
 
 
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -88,10 +105,15 @@ def _check_inside(base: Path, location: str, tensor_name: str) -> Path:
     return target
 
 
-def _load_external(model: onnx.ModelProto, base: Path) -> None:
+def _load_external(model: onnx.ModelProto, base: Path, max_bytes: int | None = None) -> None:
+    """Read the external tensors' bytes into ``model`` (``max_bytes``: only tensors up to
+    that size; the others stay external), after checking every location."""
+    small = []
     for tensor in iter_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
+        if max_bytes is not None and _typed_bytes(tensor) <= max_bytes:
+            small.append(tensor)
         location = _external_location(tensor)
         if location is None:
             raise ExternalDataError(f"tensor '{tensor.name}' is external but names no location")
@@ -102,7 +124,11 @@ def _load_external(model: onnx.ModelProto, base: Path) -> None:
                 f"put it next to the model in {base}"
             )
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(base))
+        if max_bytes is None:
+            onnx.external_data_helper.load_external_data_for_model(model, str(base))
+        else:
+            for tensor in small:
+                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(base))
     except (OSError, ValueError) as exc:
         raise ExternalDataError(f"cannot read external data from {base}: {exc}") from exc
 
@@ -194,6 +220,67 @@ def as_model(source: ModelLike, label: str = "model") -> tuple[onnx.ModelProto, 
     return load(source), os.fspath(source)
 
 
+@dataclass(frozen=True)
+class Opened:
+    """A model ready to run: ``model`` (loaded, or a file's outline: see ``open_for_run``),
+    its ``label`` for messages, and ``runnable``, what onnxruntime is given (a path or the
+    model)."""
+
+    model: onnx.ModelProto
+    label: str
+    runnable: onnx.ModelProto | Path
+
+
+def open_for_run(source: ModelLike | Opened, label: str = "model") -> Opened:
+    """``source`` opened for onnxruntime (an ``Opened`` is returned as it is).
+
+    1. A ModelProto: ``model`` and ``runnable`` are itself (sessions serialize it or, over
+       ``external_threshold``, write it to a temporary folder:
+       ``runtime.session.session_source``).
+    2. A file: ``runnable`` is its path, from which onnxruntime reads the model and its
+       external data itself (a 1.8 GB file: 1.1x its size, against 3x from bytes), unless
+       its IR version is newer than onnxruntime reads (then the loaded model, lowered when
+       serialized). ``model`` is the file loaded, or when its weights exceed
+       ``external_threshold`` its outline (``is_outline``: the external tensors over 64 KB
+       left on disk; inputs, outputs, dims and shape constants are there), so no second
+       copy of a model over 2 GB is held.
+    """
+    if isinstance(source, Opened):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        return Opened(source, label, source)
+    path = Path(source)
+    model = load(path, load_external=False)
+    large = stored_bytes(model) > external_threshold()
+    _load_external(model, path.parent, max_bytes=_OUTLINE_BYTES if large else None)
+    if model.ir_version > max_ir_version():
+        if large:
+            _load_external(model, path.parent)
+        return Opened(model, os.fspath(source), model)
+    return Opened(model, os.fspath(source), path)
+
+
+def is_outline(model: onnx.ModelProto) -> bool:
+    """Whether some of ``model``'s tensors are still on disk (``open_for_run``'s outline)."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensors(model.graph))
+
+
+# External tensors up to this size are read into a model file's outline: shape constants,
+# index tables and the like, which analyses of the graph read.
+_OUTLINE_BYTES = 1 << 16
+
+
+def stored_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of weight data, inline or external (external tensors by their length entry,
+    else by dims and type)."""
+    total = tensor_bytes(model)
+    for t in iter_tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in t.external_data}
+            total += int(where["length"]) if where.get("length", "").isdigit() else _typed_bytes(t)
+    return total
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of weight data held in the proto (external tensors count as 0)."""
     total = 0
@@ -232,7 +319,7 @@ def save(
     1. ``protect`` lists files that must never be overwritten (the input model); writing
        onto one raises ``GraphoptError`` before anything is written.
     2. ``external_data=None`` stores weights in ``<name>.data`` beside the model only when
-       they exceed 2 GB; ``True`` always does; ``False`` never does (and fails over 2 GB).
+       they exceed 2 GB (``external_threshold``); ``True`` always does; ``False`` never does (and fails over 2 GB).
     3. The IR version is lowered to what the installed onnxruntime reads; the caller's
        proto is left unchanged.
     """
@@ -252,7 +339,7 @@ def save(
     if model.ir_version > limit:
         model.ir_version = limit
     try:
-        big = tensor_bytes(model) > _EXTERNAL_THRESHOLD
+        big = tensor_bytes(model) > external_threshold()
         if external_data is False and big:
             raise GraphoptError(
                 f"model weights exceed 2 GB; save {path} with external data enabled"
@@ -323,6 +410,13 @@ def _copy_field(dst, field, value) -> None:
         setattr(dst, field.name, value)
 
 
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(folder: Path, path: Path, data: bytes | None, writer=None) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
@@ -333,6 +427,7 @@ def _atomic_write(folder: Path, path: Path, data: bytes | None, writer=None) -> 
                 fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

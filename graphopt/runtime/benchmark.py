@@ -34,7 +34,7 @@ import onnx
 
 from graphopt.errors import ConfigError, InputSpecError
 from graphopt.ir.inputs import Shape, generate_inputs, resolve_shapes
-from graphopt.ir.model import ModelLike, as_model
+from graphopt.ir.model import ModelLike, Opened, open_for_run
 from graphopt.runtime.providers import SHORT_NAMES, ProviderOptions, create_session
 from graphopt.runtime.validate import check_feeds, check_same_inputs
 
@@ -247,9 +247,9 @@ def check_timing_args(warmup: int, rounds: int, min_time: float) -> None:
 
 
 def benchmark(
-    model: ModelLike,
+    model: ModelLike | Opened,
     *,
-    vs: ModelLike | None = None,
+    vs: ModelLike | Opened | None = None,
     provider: str = "cpu",
     input_shapes: Mapping[str, Shape] | None = None,
     feeds: Sequence[Feed] | Feed | None = None,
@@ -276,17 +276,20 @@ def benchmark(
         threads=threads, trt_fp16=trt_fp16, trt_sparse=trt_sparse,
         trt_cache=os.fspath(trt_cache) if trt_cache is not None else None,
     )
-    a_model, a_label = as_model(model, "model")
-    b_model = b_label = None
+    # A model file over 2 GB stays on disk (its outline here, onnxruntime reads the file).
+    a = open_for_run(model, "model")
+    a_model, a_label, a_run = a.model, a.label, a.runnable
+    b_model = b_label = b_run = None
     if vs is not None:
-        b_model, b_label = as_model(vs, "vs")
+        b = open_for_run(vs, "vs")
+        b_model, b_label, b_run = b.model, b.label, b.runnable
         check_same_inputs(a_model, b_model, "model", "--vs model")
     feed, shapes = pick_feed(a_model, feeds, input_shapes, seed)
 
-    a_session, resolved = create_session(a_model, provider, options, label=a_label)
+    a_session, resolved = create_session(a_run, provider, options, label=a_label)
     sessions = [(a_session, a_label)]
     if b_model is not None:
-        b_session, _ = create_session(b_model, resolved, options, label=b_label)
+        b_session, _ = create_session(b_run, resolved, options, label=b_label)
         sessions.append((b_session, b_label))
     runners = [_runner(s, feed, resolved, options.device_id) for s, _ in sessions]
     for runner, (_, label) in zip(runners, sessions):

@@ -31,8 +31,7 @@ from typing import Any
 import onnx
 
 from graphopt.errors import ConfigError, ModelFormatError, ProviderError
-from graphopt.ir.model import serialized
-from graphopt.runtime.session import ort_session_for
+from graphopt.runtime.session import Runnable, ort_session_for, session_source
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else exc.__class__.__name__
 
 
-def _cpu_session(data: bytes, threads: int | None, label: str):
+def _cpu_session(data: bytes | str, threads: int | None, label: str):
     try:
         return ort_session_for(data, ort_providers("cpu"), threads)
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
@@ -125,7 +124,7 @@ def _cpu_session(data: bytes, threads: int | None, label: str):
         ) from exc
 
 
-def _try_provider(data: bytes, name: str, options: ProviderOptions):
+def _try_provider(data: bytes | str, name: str, options: ProviderOptions):
     """(session, None) when ``name`` really runs, else (None, reason)."""
     if name == "cpu":
         return _cpu_session(data, options.threads, "model"), None
@@ -163,7 +162,7 @@ def working_providers() -> tuple[str, ...]:
 
 
 def create_session(
-    model: onnx.ModelProto,
+    model: Runnable,
     provider: str = "cpu",
     options: ProviderOptions | None = None,
     *,
@@ -171,13 +170,18 @@ def create_session(
 ):
     """``(session, short_name)`` on ``provider`` (``cpu|cuda|tensorrt|auto``).
 
-    A model ORT refuses raises ``ModelFormatError`` (checked on CPU, so a broken model is
-    never reported as a missing GPU); an explicit provider that does not run raises
-    ``ProviderError``.
+    ``model``: a ModelProto, or a model file's path (onnxruntime reads its external data;
+    see ``runtime.session.session_source``). A model ORT refuses raises
+    ``ModelFormatError`` (checked on CPU, so a broken model is never reported as a missing
+    GPU); an explicit provider that does not run raises ``ProviderError``.
     """
     options = options or ProviderOptions()
     name = check_provider_name(provider)
-    data = serialized(model)
+    with session_source(model) as data:
+        return _first_working(data, name, options, label)
+
+
+def _first_working(data: bytes | str, name: str, options: ProviderOptions, label: str):
     candidates = AUTO_ORDER if name == "auto" else (name,)
     for candidate in candidates:
         if candidate == "cpu":

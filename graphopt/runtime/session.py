@@ -12,10 +12,12 @@ import ctypes
 import functools
 import gc
 import logging
+import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -87,29 +89,54 @@ def ort_session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutio
     """
     import onnxruntime as ort
 
-    from graphopt.ir.model import serialized
-
-    options = session_options(threads)
-    if lean:
-        with tempfile.TemporaryDirectory(prefix="graphopt-verify-",
-                                         ignore_cleanup_errors=True) as tmp:
-            path = _write_with_external_weights(model, Path(tmp))
-            return ort.InferenceSession(str(path), options, providers=list(providers))
-    return ort.InferenceSession(serialized(model), options, providers=list(providers))
+    with session_source(model, external=lean or None) as source:
+        return ort.InferenceSession(source, session_options(threads), providers=list(providers))
 
 
-def ort_session_for(model: onnx.ModelProto | bytes, providers: Sequence, threads: int | None = None):
+Runnable = onnx.ModelProto | bytes | str | os.PathLike
+
+
+@contextmanager
+def session_source(model: Runnable, *, external: bool | None = None) -> Iterator[bytes | str]:
+    """What an ``onnxruntime.InferenceSession`` is made from, for ``model``:
+
+    1. bytes: themselves; a path (``str``/``PathLike``): the path, from which onnxruntime
+       reads the model and its external data;
+    2. a ModelProto with at most ``ir.model.external_threshold()`` bytes of weights (and
+       ``external`` not True): its serialized bytes, IR version lowered for onnxruntime;
+    3. a larger one (or ``external=True``): ``model.onnx`` + ``weights.bin`` written tensor by
+       tensor to a temporary folder, whose path is given: no protobuf message of 2 GB is
+       ever serialized, and the session costs one copy of the weights. The folder is
+       removed on exit (a session has read its weights by then); ``model`` is unchanged.
+    """
+    from graphopt.ir.model import external_threshold, serialized
+
+    if isinstance(model, bytes):
+        yield model
+        return
+    if isinstance(model, (str, os.PathLike)):
+        yield os.fspath(model)
+        return
+    if external is None:
+        external = _weight_bytes(model) > external_threshold()
+    if not external:
+        yield serialized(model)
+        return
+    with tempfile.TemporaryDirectory(prefix="graphopt-session-",
+                                     ignore_cleanup_errors=True) as tmp:
+        yield str(_write_with_external_weights(model, Path(tmp)))
+
+
+def ort_session_for(model: Runnable, providers: Sequence, threads: int | None = None):
     """A session with exactly ``providers`` (names or ``(name, options)`` pairs), ORT's
     constructor fallback off: a failing EP or a refused model raises onnxruntime's own
-    exception (callers translate it)."""
+    exception (callers translate it). ``model`` as for ``session_source``."""
     import onnxruntime as ort
 
-    from graphopt.ir.model import serialized
-
-    data = model if isinstance(model, bytes) else serialized(model)
-    return ort.InferenceSession(
-        data, session_options(threads), providers=list(providers), enable_fallback=0
-    )
+    with session_source(model) as source:
+        return ort.InferenceSession(
+            source, session_options(threads), providers=list(providers), enable_fallback=0
+        )
 
 
 def session_options(threads: int | None = None):

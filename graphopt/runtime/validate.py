@@ -36,7 +36,7 @@ import onnx
 
 from graphopt.errors import ConfigError, InputSpecError, ModelFormatError, check_known
 from graphopt.ir.inputs import Shape, generate_inputs, input_specs, resolve_shapes
-from graphopt.ir.model import ModelLike, as_model
+from graphopt.ir.model import ModelLike, Opened, open_for_run
 from graphopt.runtime.providers import OrtProvider, create_session, resolve_ort_providers
 from graphopt.runtime.session import ort_session_for
 
@@ -347,7 +347,7 @@ def check_feeds(model: onnx.ModelProto, feeds: Sequence[Feed]) -> None:
             )
 
 
-def _session(model: onnx.ModelProto, providers: Sequence[OrtProvider] | str, label: str):
+def _session(model, providers: Sequence[OrtProvider] | str, label: str):
     if isinstance(providers, str):
         return create_session(model, providers, label=label)[0]
     try:
@@ -371,8 +371,8 @@ def _run(session, feed: Feed, label: str) -> dict[str, np.ndarray]:
 
 
 def validate(
-    reference: ModelLike,
-    candidate: ModelLike,
+    reference: ModelLike | Opened,
+    candidate: ModelLike | Opened,
     feeds: Sequence[Feed] | Feed | None = None,
     *,
     input_shapes: Mapping[str, Shape] | None = None,
@@ -401,8 +401,10 @@ def validate(
         raise ConfigError(f"atol and rtol must be 0 or more, got atol={atol}, rtol={rtol}")
     if count < 1:
         raise ConfigError(f"count must be 1 or more, got {count}")
-    ref_model, ref_label = as_model(reference)
-    cand_model, cand_label = as_model(candidate)
+    # A model file over 2 GB stays on disk (its outline here, onnxruntime reads the file).
+    ref, cand = open_for_run(reference), open_for_run(candidate)
+    (ref_model, ref_label, ref_run), (cand_model, cand_label, cand_run) = (
+        (o.model, o.label, o.runnable) for o in (ref, cand))
     check_same_inputs(ref_model, cand_model)
     ref_outputs = [o.name for o in ref_model.graph.output]
     tolerances = dict(tolerances or {})
@@ -428,8 +430,8 @@ def validate(
         raise ConfigError(f"--mask {mask}: the reference has no input named so (inputs: "
                           f"{', '.join(s.name for s in input_specs(ref_model))})")
 
-    ref_session = _session(ref_model, providers, f"reference ({ref_label})")
-    cand_session = _session(cand_model, providers, f"candidate ({cand_label})")
+    ref_session = _session(ref_run, providers, f"reference ({ref_label})")
+    cand_session = _session(cand_run, providers, f"candidate ({cand_label})")
     accs = {
         name: _Accumulator(name, *tolerances.get(name, (atol, rtol))) for name in ref_outputs
     }
