@@ -34,6 +34,7 @@ from graphopt.prune.importance import check_patterns, matches
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
 from graphopt.sparsity import allocation
+from graphopt.sparsity.bias import absorb_shift
 from graphopt.sparsity.hessian import layer_stats, site_of
 from graphopt.sparsity.layers import (
     OPS,
@@ -72,7 +73,8 @@ class SparsifyConfig:
     held-out data, MiniLM 2:4 held-out Spearman 0.937 -> 0.946).
     ``block``: SparseGPT's lazy-update block of columns. ``correct`` (sparsegpt): refit
     each layer toward the original outputs first (dense layers too), damped by
-    ``refit_damp``. ``ops``: which op types.
+    ``refit_damp``. ``bias_correct`` (sparsegpt): add each layer's mean output shift on the
+    calibration inputs to its bias (``graphopt.sparsity.bias``). ``ops``: which op types.
     ``include``/``exclude``: node-name patterns (glob or ``re:REGEX``).
     """
 
@@ -86,6 +88,7 @@ class SparsifyConfig:
     block: int = 128
     correct: bool = True
     refit_damp: float = 0.1
+    bias_correct: bool = True
     ops: tuple[str, ...] = OPS
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -279,6 +282,15 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
         cfg = self.config
         return sparsegpt(wt, h, ratio=ratio, n=n, m=m, damp=cfg.damp, block=cfg.block)
 
+    def _shift(self, model, layer: WeightLayer, wt: np.ndarray, st):
+        """With ``bias_correct``: the layer's mean output shift ``c`` added to its bias
+        (returned), or why it could not be (a string); None when not asked."""
+        if not self.config.bias_correct or st.mean_t is None:
+            return None
+        c = st.mean_t - wt @ st.mean_x
+        why = absorb_shift(model, layer, c)
+        return f"mean output shift not absorbed: {why}" if why else c
+
     def _sparsegpt(self, model, layers, dense, feeds, target, n, m, results, label) -> None:
         """Stage by stage: a stage is the layers whose inputs depend only on layers already
         done, captured together from the partly sparsified model and from the original.
@@ -304,24 +316,30 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
                 if layer.name in dense:
                     if wt is not w0:
                         write_weight(inits, layer.weight, layer.from_matrix(wt))
-                        results[layer.name].output_error = _error(wt, st)
-                        results[layer.name].reason += "; refit toward the original outputs"
+                        note = self._shift(model, layer, wt, st)
+                        results[layer.name].output_error = _error(wt, st, note)
+                        results[layer.name].reason += "; refit toward the original outputs" + (
+                            f"; {note}" if isinstance(note, str) else "")
                     continue
                 new = self._prune(wt, h, target[layer.name], n, m)
                 write_weight(inits, layer.weight, layer.from_matrix(new))
+                note = self._shift(model, layer, new, st) if st.xt is not None else \
+                    "grouped convolution: SparseGPT per group, without the refit"
                 results[layer.name] = LayerResult(
                     layer.name, layer.op, layer.weight, layer.shape, label(layer), sparsity(w0),
-                    0.0, output_error=_error(new, st) if st.xt is not None else None,
-                    reason=None if st.xt is not None else
-                    "grouped convolution: SparseGPT per group, without the refit")
+                    0.0, output_error=_error(new, st, note) if st.xt is not None else None,
+                    reason=note if isinstance(note, str) else None)
                 logger.debug("sparsegpt %s: relative output error %s", layer.name,
                              results[layer.name].output_error)
 
 
-def _error(new: np.ndarray, st) -> float | None:
-    """``‖X Wᵀ − (T − b)‖² / ‖T − b‖²`` on the captured rows, from the Gram sums alone."""
+def _error(new: np.ndarray, st, shift=None) -> float | None:
+    """``‖X Wᵀ + c − (T − b)‖² / ‖T − b‖²`` on the captured rows, from the Gram sums alone
+    (``shift``: the bias change c absorbed, lowering the error by ‖c‖² per row)."""
     err = (float(np.einsum("ij,ij->", new @ st.h, new)) - 2 * float(np.einsum("ij,ji->", new,
                                                                                 st.xt)) + st.tt)
+    if isinstance(shift, np.ndarray):
+        err -= float(shift @ shift)
     return err / st.tt if st.tt > 0 else err
 
 

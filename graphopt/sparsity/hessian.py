@@ -51,13 +51,16 @@ Feed = Mapping[str, np.ndarray]
 class LayerStats:
     """Gram sums of one layer in ``Wt``'s column order, divided by the row count ``n``.
 
-    ``h`` = XᵀX/n ([K, K], or [G, K_g, K_g] for a grouped conv); ``xt`` = Xᵀ(T − b)/n [K, N]
-    and ``tt`` = ‖T − b‖²/n with targets (module doc, 2)."""
+    ``h`` = XᵀX/n ([K, K], or [G, K_g, K_g] for a grouped conv); with targets (module doc,
+    2) ``xt`` = Xᵀ(T − b)/n [K, N], ``tt`` = ‖T − b‖²/n, and the means ``mean_x`` [K] of the
+    inputs and ``mean_t`` [N] of T − b."""
 
     h: np.ndarray
     n: int
     xt: np.ndarray | None = None
     tt: float = 0.0
+    mean_x: np.ndarray | None = None
+    mean_t: np.ndarray | None = None
 
     def norms(self) -> np.ndarray:
         """‖X_j‖ per column over every row (Wanda); [G, K_g] for a grouped conv."""
@@ -98,19 +101,23 @@ def _to_layer(model, layer: WeightLayer, got) -> LayerStats:
     n = max(got.n, 1)
     xtx = got.xtx
     h = xtx[:-1, :-1]
-    xt = tt = None
+    xt = tt = t_sum = None
+    col_sums = xtx[:-1, -1]
     if got.xty is not None:
-        xt, tt = got.xty[:-1], got.tt
+        xt, tt, t_sum = got.xty[:-1], got.tt, got.xty[-1]
         b = _bias(model, layer)
         if b is not None:  # T − b: the refit leaves the bias as it is
-            col_sums = xtx[:-1, -1]
             xt = xt - np.outer(col_sums, b)
             tt = tt - 2 * float(got.xty[-1] @ b) + got.n * float(b @ b)
+            t_sum = t_sum - got.n * b
     if layer.op == "Conv":
         perm = conv_columns(layer.shape[1], int(np.prod(layer.kernel)))
         h = h[np.ix_(perm, perm)]
         xt = xt[perm] if xt is not None else None
-    return LayerStats(h / n, got.n, None if xt is None else xt / n, (tt or 0.0) / n)
+        col_sums = col_sums[perm]
+    if xt is None:
+        return LayerStats(h / n, got.n)
+    return LayerStats(h / n, got.n, xt / n, tt / n, col_sums / n, t_sum / n)
 
 
 def layer_stats(model: onnx.ModelProto, layers: Sequence[WeightLayer], feeds: Sequence[Feed],
