@@ -22,6 +22,8 @@ file sizes.
    is disturbed least.
 6. File sizes: the model saved as is, and after ``store-sparse`` (sparse_initializer for the
    weights above break-even sparsity).
+7. ``--html PATH``: the HTML report (``graphopt.htmlreport``) with every row as a candidate:
+   per-layer sparsity bars and tables, sparse-ops' choices, held-out cosine.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def run_row(name, specs, path, calibration, held_feeds, reference, timing_feed, 
             "ratio": bench.ratio, "ratio_min": bench.a.min_ms / bench.b.min_ms,
             "ms": (bench.a.median_ms, bench.b.median_ms), "file": size, "file_sparse": small,
             "seconds": seconds, "status": [p.status for p in report.passes],
-            "sparse_ops": chosen}
+            "sparse_ops": chosen, "report": [p.to_dict() for p in report.passes]}
 
 
 def main(argv=None) -> int:
@@ -134,6 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--min-time", type=float, default=1.0)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--html", type=Path, help="write the HTML report (every row) here")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -175,8 +178,7 @@ def main(argv=None) -> int:
         print(f"  cos {r['cos']:.4f} spearman {r['spearman']:.4f} 2:4 {r['nm_layers']}/"
               f"{r['layers']} ratio {r['ratio']:.3f} ({r['seconds']:.0f} s)", file=sys.stderr,
               flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
+        _write(args, results)
 
     print(f"all-MiniLM-L6-v2 (real weights), {args.calibration} calibration sentences, "
           f"{len(held)} held-out; ORT CPU batch 8 x seq 128; original file "
@@ -194,9 +196,27 @@ def main(argv=None) -> int:
         if r["sparse_ops"]:
             print(f"\nsparse-ops in '{r['name']}': " +
                   ", ".join(f"{k}: {v} layers" for k, v in r["sparse_ops"].items()))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    _write(args, results, original)
     return 0
+
+
+def _write(args, results, original=None) -> None:
+    """``--json`` (without the pass reports) after every row; ``--html`` at the end."""
+    if args.json:
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "report"}
+                                         for r in results], indent=2, default=str))
+    if args.html and original is not None:
+        from graphopt.htmlreport import render_html
+
+        page = {"title": "bench_sparsity: all-MiniLM-L6-v2", "model": "all-MiniLM-L6-v2",
+                "metric": "cosine", "validation": "held-out sentences",
+                "original": {"params": sum(int(np.prod(t.dims)) for t in
+                                           original.graph.initializer)},
+                "candidates": [{"name": r["name"], "passes": r["passes"],
+                                "fidelity": {"cosine": r["cos"]}, "report": r["report"],
+                                "speedup": 1 / r["ratio"] if r["ratio"] else None}
+                               for r in results]}
+        args.html.write_text(render_html(page))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ single ``optimize --report x.html`` run show the same thing:
 
 1. bars, one per weight layer, of the sparsity each layer reached (after the pass, the
    share of zero weights), coloured by what it was asked for: an N:M pattern, an
-   unstructured ratio, or kept dense; a tick marks the target (``1 − N/M`` for N:M) and a
+   unstructured ratio, or kept dense (a light band); a tick marks the target (``1 − N/M`` for N:M) and a
    hatched bar an N:M layer whose written weights break the pattern (``pattern_ok``);
 2. the ``sparsify`` table: target, sparsity before → after, whether the N:M pattern holds
    on the written weights, the measured sensitivity, the layer's relative output error,
@@ -76,6 +76,8 @@ def sparsity_svg(series: Sequence[tuple[str, Sequence[Mapping]]]) -> str | None:
         for i, r in enumerate(rows):
             kind = _kind(r.get("target", ""))
             broken = kind == "nm" and r.get("pattern_ok") is False
+            if kind == "dense":  # a light full-height band: a 0 bar would not show
+                ax.axvspan(i - 0.4, i + 0.4, color=_COLOURS["dense"], alpha=0.25, lw=0)
             ax.bar(i, float(r.get("sparsity") or 0), 0.8, color=_COLOURS[kind],
                    hatch="//" if broken else None, edgecolor="#b00020" if broken else None)
             share = _target_share(r.get("target", ""))

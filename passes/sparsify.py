@@ -12,7 +12,12 @@
 3. ``method``: ``magnitude``; ``wanda`` (|W|·‖X‖, the norms over every token/pixel of the
    calibration inputs); ``sparsegpt`` (OBS updates with a damped Hessian, layer by layer:
    each stage's Grams are captured from the model with every earlier layer already
-   sparsified, so later layers compensate the earlier ones' errors).
+   sparsified, so later layers compensate the earlier ones' errors; each layer is first
+   refit toward the original's outputs, and its mean output shift goes into its bias).
+   The statistics are the calibration Gram sums of ``graphopt.data.gram``
+   (``graphopt.sparsity.hessian``). Grouped and depthwise convs get one Hessian block per
+   group; a layer that ``data.gram`` does not read (Gemm with ``transA``, a 1-D or 3-D
+   conv) is skipped by Wanda/SparseGPT with the reason (magnitude handles it).
 4. ``keep_dense``: the share of layers (most sensitive first, by measured output damage)
    left dense.
 5. The report lists every layer: sparsity, whether it was kept dense and why, its measured
