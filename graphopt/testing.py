@@ -83,14 +83,88 @@ def assert_equivalent(
     return got
 
 
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _relative_worst(expected: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
+                    atol: float) -> float:
+    worst = 0.0
+    for name, ref in expected.items():
+        assert got[name].shape == ref.shape, name
+        scale = max(1.0, float(np.abs(ref).max())) if ref.size else 1.0
+        diff = float(np.abs(got[name].astype(np.float64) - ref).max()) if ref.size else 0.0
+        worst = max(worst, diff / scale)
+    assert worst <= atol, f"masked and pruned outputs differ by {worst:.3g} (relative)"
+    return worst
+
+
+def masked_equivalence(model: onnx.ModelProto, removal: Mapping[int, np.ndarray] | None = None,
+                       *, pass_obj=None, ctx=None, atol: float = 1e-5, feeds=None,
+                       must_change: bool = True, must_prune: bool = False):
+    """The pruning oracle. Prune ``model`` (with ``removal`` through the engine, or
+    ``pass_obj`` through the manager), separately zero the same units' contribution in the
+    original (``prune.apply.mask_units``), run both through onnxruntime on ``feeds`` and
+    assert equal outputs (relative to the output's scale, ``atol``). With ``must_change`` the
+    masked model must differ from the original (the removed units mattered, so the oracle is
+    not vacuous); with ``must_prune`` the pass must have removed something.
+
+    Returns (pruned model, report or None, removal)."""
+    from graphopt.analysis.coupling import analyze
+    from graphopt.core.contract import Context
+    from graphopt.core.finalize import finalize
+    from graphopt.core.manager import PassManager
+    from graphopt.prune.apply import apply_removal, mask_units
+    from graphopt.runtime.session import check_model
+
+    ctx = ctx or Context()
+    report = None
+    if pass_obj is not None:
+        pruned, report = PassManager([pass_obj]).run(copy_model(model), ctx)
+        assert report.ok, report.passes[0].error
+        plan = report.passes[0].plan
+        coupling, removal = plan.coupling, plan.removal
+        if must_prune:
+            assert removal, f"nothing pruned; skipped: {plan.skipped}"
+    else:
+        coupling = analyze(copy_model(model), ctx.input_shapes)
+        pruned = copy_model(model)
+        apply_removal(pruned, coupling, removal)
+        pruned = finalize(pruned)
+        check_model(pruned)
+    masked = copy_model(model)
+    mask_units(masked, coupling, removal)
+    feeds = feeds or generate_inputs(model, ctx.input_shapes, seed=11)
+    original = run(model, feeds)
+    expected = run(masked, feeds)
+    got = run(pruned, feeds)
+    _relative_worst(expected, got, atol)
+    if must_change and any(len(u) for u in removal.values()):
+        assert any(not np.allclose(original[k], expected[k], atol=1e-6) for k in original), \
+            "masking changed nothing: the oracle is vacuous"
+    return pruned, report, removal
+
+
+def token_feeds(model: onnx.ModelProto, seed: int = 5, batch: int = 2, seq: int = 10,
+                vocab: int = 100) -> dict[str, np.ndarray]:
+    """Token ids in [1, vocab) with a ragged mask (or images for a ``pixel_values`` model):
+    feeds for the tiny Hugging Face exports the tests make."""
+    names = {i.name for i in model.graph.input}
+    if "pixel_values" in names:
+        return generate_inputs(model, {"pixel_values": (batch, 3, 16, 16)}, seed=seed)
+    feeds = generate_inputs(model, {"input_ids": (batch, seq)}, seed=seed, ragged=True)
+    feeds["input_ids"] = np.clip(feeds["input_ids"], 1, vocab - 1)
+    return feeds
+
+
 def run_pass(p, model: onnx.ModelProto, ctx=None):
     """``p.run`` on a copy of ``model`` (the original is left as it is); the result must pass
     the checker. Returns the ``PassResult``."""
     from graphopt.core.contract import Context
 
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    result = p.run(work, ctx or Context())
+    result = p.run(copy_model(model), ctx or Context())
     onnx.checker.check_model(result.model)
     return result
 

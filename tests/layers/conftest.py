@@ -11,23 +11,17 @@ post-norm puts the norm after each Add instead. Zeroing ``Wo`` (``W2``) makes th
 ``x`` is already normalized with unit gain and zero shift, which holds here because every
 norm has γ=1, β=0 (see ``_post_norms`` for the Hugging Face case).
 
-Hugging Face exports are built from tiny configs with random weights (initializer range 0.2,
-so each layer really changes the stream), exported once per session and cached by recipe.
+Hugging Face exports come from the root conftest (``hf_export``: tiny configs with random
+weights, initializer range 0.2, so each layer really changes the stream), at 3 layers.
 """
 
 from __future__ import annotations
-
-import contextlib
-import io
-import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import helper
 
-import graphopt
 from graphopt.testing import make_model
 
 HIDDEN = 8
@@ -201,156 +195,9 @@ def identity_layer():
     return dict(IDENTITY_LAYER)
 
 
-def _hf_model(family: str):
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    small = dict(vocab_size=100, max_position_embeddings=64, initializer_range=0.2)
-    if family == "bert":
-        cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
-                            intermediate_size=64, **small)
-        return tf.BertModel(cfg, add_pooling_layer=False)
-    if family == "distilbert":
-        cfg = tf.DistilBertConfig(dim=32, n_layers=LAYERS, n_heads=4, hidden_dim=64, **small)
-        return tf.DistilBertModel(cfg)
-    if family == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=LAYERS, n_head=4,
-                            initializer_range=0.2, bos_token_id=0, eos_token_id=0)
-        return tf.GPT2Model(cfg)
-    if family.startswith("llama"):
-        cfg = tf.LlamaConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
-                             num_key_value_heads=2, intermediate_size=64, **small)
-        return tf.LlamaModel(cfg)
-    raise ValueError(family)
-
-
-def _projections(family: str, model, layer: int) -> dict[str, object]:
-    """The output projections of a layer's attention and mlp sub-blocks."""
-    if family == "bert":
-        lay = model.encoder.layer[layer]
-        return {"attention": lay.attention.output.dense, "mlp": lay.output.dense}
-    if family == "distilbert":
-        lay = model.transformer.layer[layer]
-        return {"attention": lay.attention.out_lin, "mlp": lay.ffn.lin2}
-    if family == "gpt2":
-        lay = model.h[layer]
-        return {"attention": lay.attn.c_proj, "mlp": lay.mlp.c_proj}
-    lay = model.layers[layer]
-    return {"attention": lay.self_attn.o_proj, "mlp": lay.mlp.down_proj}
-
-
-def _post_norms(family: str, model, layer: int) -> list[object]:
-    """The LayerNorms that must be γ=1, β=0 for a zeroed post-norm layer to be identity:
-    the one producing the layer's input and the layer's own two."""
-    if family == "bert":
-        prev = (model.embeddings.LayerNorm if layer == 0
-                else model.encoder.layer[layer - 1].output.LayerNorm)
-        lay = model.encoder.layer[layer]
-        return [prev, lay.attention.output.LayerNorm, lay.output.LayerNorm]
-    if family == "distilbert":
-        prev = (model.embeddings.LayerNorm if layer == 0
-                else model.transformer.layer[layer - 1].output_layer_norm)
-        lay = model.transformer.layer[layer]
-        return [prev, lay.sa_layer_norm, lay.output_layer_norm]
-    return []
-
-
-def _prepare(family: str, model, identity: tuple[tuple[int, str], ...]) -> None:
-    """Random norm gains everywhere, then the requested sub-blocks made exactly identity."""
-    import torch
-
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            is_norm = "norm" in type(module).__name__.lower()
-            if is_norm and getattr(module, "weight", None) is not None:
-                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=gen))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
-        for layer, kind in identity:
-            kinds = ("attention", "mlp") if kind == "layer" else (kind,)
-            for k in kinds:
-                proj = _projections(family, model, layer)[k]
-                proj.weight.zero_()
-                if getattr(proj, "bias", None) is not None:
-                    proj.bias.zero_()
-            for norm in _post_norms(family, model, layer):
-                norm.weight.fill_(1.0)
-                norm.bias.zero_()
-
-
-def export_hf(family: str, path: Path, identity: tuple[tuple[int, str], ...] = ()) -> Path:
-    """Export a tiny ``family`` model returning ``last_hidden_state``.
-
-    ``identity``: (layer, "layer"|"attention"|"mlp") made exactly identity in torch before
-    export. Pre-LN: zeroing the output projection (weight and bias) turns ``x + f(norm x)``
-    into ``x``. Post-LN (BERT, DistilBERT): ``LN(x + 0)`` equals ``x`` only when ``x`` is
-    already normalized with unit gain and zero shift, so the LayerNorm producing the layer's
-    input and the layer's own two LayerNorms are reset to γ=1, β=0 (every other norm keeps
-    random γ, β); with eps=1e-12 the re-normalization then changes ``x`` by float rounding.
-    """
-    import torch
-
-    model = _hf_model(family).eval()
-    _prepare(family, model, identity)
-    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if family == "bert" else [])
-    extra = {"use_cache": False} if family in ("gpt2", "llama", "llama-dynamo") else {}
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask, token_type_ids=None):
-            kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, **extra)
-            if token_type_ids is not None:
-                kwargs["token_type_ids"] = token_type_ids
-            return self.model(**kwargs).last_hidden_state
-
-    ids = torch.randint(1, 100, (2, 8))
-    args = (ids, torch.ones_like(ids)) + ((torch.zeros_like(ids),) if len(names) == 3 else ())
-    dynamo = family.endswith("dynamo")
-    options = dict(input_names=names, output_names=["last_hidden_state"])
-    if dynamo:
-        dim = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=64)}
-        options.update(dynamo=True, opset_version=23, dynamic_shapes=tuple(dim for _ in names))
-    else:
-        options.update(dynamo=False, opset_version=17,
-                       dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Wrapper().eval(), args, str(path), **options)
-    return path
-
-
 @pytest.fixture(scope="session")
-def hf_model(tmp_path_factory):
-    """``hf_model(family, identity=((layer, kind), ...))`` -> a fresh ModelProto (cached file)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("hf")
-    cache: dict[tuple, Path] = {}
-
-    def get(family: str, identity: tuple[tuple[int, str], ...] = ()) -> onnx.ModelProto:
-        key = (family, identity)
-        if key not in cache:
-            tag = "_".join(f"{layer}{kind[0]}" for layer, kind in identity) or "plain"
-            cache[key] = export_hf(family, folder / f"{family}_{tag}.onnx", identity)
-        return graphopt.load(cache[key])
-
-    return get
-
-
-def int_feeds(model: onnx.ModelProto, batch: int = 2, seq: int = 10, seed: int = 5):
-    """Token ids in [1, 100) with a ragged mask, for the tiny exports."""
-    from graphopt.ir.inputs import generate_inputs
-
-    feeds = generate_inputs(model, {"input_ids": (batch, seq)}, seed=seed, ragged=True)
-    feeds["input_ids"] = np.maximum(feeds["input_ids"], 1)
-    return feeds
-
-
-@pytest.fixture
-def token_feeds():
-    return int_feeds
+def hf_model(hf_export):
+    """``hf_model(family, identity=((layer, kind), ...))`` -> a fresh ModelProto of the root
+    conftest's tiny export (``hf_export``) at 3 layers; ``FAMILY-dynamo`` at opset 23."""
+    return lambda family, identity=(): hf_export(family, identity, layers=LAYERS,
+                                                 dynamo_opset=23)

@@ -1,82 +1,15 @@
-"""Shared helpers for width-pruning tests: the masked-equivalence oracle and model factories.
-
-The oracle: prune units from a model, and separately zero the same units' consumer-side
-weights in the original (``mask_units``); both run through onnxruntime on the same inputs
-and must agree to ~1e-5. The masked model must also differ from the original, so the
-removed units demonstrably mattered.
-"""
+"""Shared helpers for width-pruning tests: torch model factories and export, with the
+masked-equivalence oracle (``graphopt.testing.masked_equivalence``) in the toolkit."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
 
-import numpy as np
 import onnx
 import pytest
 
 import graphopt
-from graphopt.prune.apply import apply_removal, mask_units
-from graphopt.analysis.coupling import analyze
-from graphopt.ir.inputs import generate_inputs
-from graphopt.core.contract import Context
-from graphopt.core.manager import PassManager
-from graphopt.core.finalize import finalize
-from graphopt.runtime.session import check_model
-from graphopt.testing import run
-
-
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
-
-
-def _compare(expected: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], atol: float):
-    worst = 0.0
-    for name, ref in expected.items():
-        assert got[name].shape == ref.shape, name
-        scale = max(1.0, float(np.abs(ref).max())) if ref.size else 1.0
-        diff = float(np.abs(got[name].astype(np.float64) - ref).max()) if ref.size else 0.0
-        worst = max(worst, diff / scale)
-    assert worst <= atol, f"masked and pruned outputs differ by {worst:.3g} (relative)"
-    return worst
-
-
-def _differs(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
-    return any(not np.allclose(a[k], b[k], atol=1e-6) for k in a)
-
-
-def masked_equivalence(model: onnx.ModelProto, removal: Mapping[int, np.ndarray] | None = None,
-                       *, pass_obj=None, ctx: Context | None = None, atol: float = 1e-5,
-                       feeds=None, must_change: bool = True):
-    """Prune (with ``removal`` through the engine, or ``pass_obj`` through the manager),
-    mask the same units in the original, and assert equal outputs. Returns
-    (pruned model, report or None, removal)."""
-    ctx = ctx or Context()
-    report = None
-    if pass_obj is not None:
-        work = copy_model(model)
-        pruned, report = PassManager([pass_obj]).run(work, ctx)
-        assert report.ok, report.passes[0].error
-        coupling = report.passes[0].plan.coupling
-        removal = report.passes[0].plan.removal
-    else:
-        coupling = analyze(copy_model(model), ctx.input_shapes)
-        pruned = copy_model(model)
-        apply_removal(pruned, coupling, removal)
-        pruned = finalize(pruned)
-        check_model(pruned)
-    masked = copy_model(model)
-    mask_units(masked, coupling, removal)
-    feeds = feeds or generate_inputs(model, ctx.input_shapes, seed=11)
-    original = run(model, feeds)
-    expected = run(masked, feeds)
-    got = run(pruned, feeds)
-    _compare(expected, got, atol)
-    if must_change and any(len(u) for u in removal.values()):
-        assert _differs(original, expected), "masking changed nothing: the oracle is vacuous"
-    return pruned, report, removal
+from graphopt.testing import copy_model, masked_equivalence
 
 
 def export(module, args, *, dynamo: bool = False, opset: int | None = None,
