@@ -13,7 +13,14 @@ rewrites what has one meaning, and refuses the rest with one line (``InvalidMode
    listed;
 4. a main-graph output declared without a shape: it takes the inferred one; one whose rank
    cannot be inferred is refused (the checker requires a shape there, and none can be
-   written for an unknown rank); a main-graph input without a shape is refused likewise.
+   written for an unknown rank); a main-graph input without a shape is refused likewise;
+5. node names used twice in one graph (the checker lets them pass, onnxruntime refuses to
+   load the model): the later ones get a ``_<k>`` suffix, unique in the model.
+
+Then the model must pass the checks every pass's result gets (``check_input``): an
+initializer whose bytes do not fill its dims (truncated), and whatever ``onnx.checker``
+refuses (a dangling edge, a wrong attribute, ...), is refused with one line naming the
+input, before any pass runs, rather than blamed on the first pass that changes something.
 
 Returns what was changed, one line per kind, for the report.
 """
@@ -176,6 +183,10 @@ def normalize(model: onnx.ModelProto) -> list[str]:
         raise InvalidModelError(str(exc)) from None
     if sorted_graphs:
         done.append(f"nodes put in topological order ({sorted_graphs} graph(s))")
+    renamed = _unique_node_names(model)
+    if renamed:
+        done.append(f"node names used more than once made unique ({len(renamed)} renamed: "
+                    f"{', '.join(renamed[:5])}{' ...' if len(renamed) > 5 else ''})")
     listed = _ir3_initializer_inputs(model)
     if listed:
         done.append(f"IR {model.ir_version}: initializers listed as graph inputs, as that IR "
@@ -184,6 +195,70 @@ def normalize(model: onnx.ModelProto) -> list[str]:
     if filled:
         done.append(f"shapes inferred for graph outputs declared without one: "
                     f"{', '.join(filled)}")
+    check_input(model)
     for line in done:
         logger.info("normalized the input: %s", line)
     return done
+
+
+def _unique_node_names(model: onnx.ModelProto) -> list[str]:
+    """Rename the second and later nodes of each repeated name, per graph; returns the new
+    names. Empty names stay empty (onnxruntime names those itself)."""
+    graphs = list(iter_graphs(model.graph))
+    taken = {n.name for g in graphs for n in g.node}
+    renamed = []
+    for g in graphs:
+        seen: set[str] = set()
+        for node in g.node:
+            if not node.name:
+                continue
+            if node.name in seen:
+                k = 1
+                while f"{node.name}_{k}" in taken:
+                    k += 1
+                node.name = f"{node.name}_{k}"
+                taken.add(node.name)
+                renamed.append(node.name)
+            seen.add(node.name)
+    return renamed
+
+
+def check_input(model: onnx.ModelProto) -> None:
+    """Refuse, with one ``InvalidModelError`` line, an input that fails the checks every
+    pass's result gets: truncated initializers (bytes short of their dims), then
+    ``onnx.checker`` (on the weight-less copy the manager checks)."""
+    from graphopt.runtime.session import check_model
+
+    for g in iter_graphs(model.graph):
+        for t in g.initializer:
+            _check_filled(t)
+    try:
+        check_model(model)
+    except onnx.checker.ValidationError as exc:
+        detail = " ".join(str(exc).split())
+        raise InvalidModelError(
+            f"the input model is invalid (onnx.checker: {detail}); fix or re-export it") from None
+
+
+def _check_filled(t: onnx.TensorProto) -> None:
+    if not t.HasField("raw_data") or t.data_location == onnx.TensorProto.EXTERNAL:
+        return
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return  # strings, 4-bit types: the checker judges them
+    if t.data_type in _SUB_BYTE:
+        return
+    n = 1
+    for d in t.dims:
+        n *= d
+    have = len(t.raw_data)  # one tensor's bytes at a time
+    if have != n * itemsize:
+        raise InvalidModelError(
+            f"the input model is invalid: initializer '{t.name}' holds {have} bytes, its "
+            f"dims {list(t.dims)} and type need {n * itemsize} (a truncated or corrupt "
+            "file); re-export or re-download it")
+
+
+_SUB_BYTE = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1")
+             if hasattr(onnx.TensorProto, n)}
