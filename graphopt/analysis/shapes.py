@@ -25,6 +25,7 @@ from pathlib import Path
 import onnx
 
 from graphopt.ir.model import _copy_field, iter_tensors
+from graphopt.ir.model import copy_tensor_without_data as _copy_tensor_without_data
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +75,6 @@ _INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
 def _strip_limit(tensor: onnx.TensorProto) -> int:
     return max(_STRIP_BYTES, _KEEP_INT_BYTES) if tensor.data_type in _INT_TYPES \
         else _STRIP_BYTES
-
-
-def _copy_tensor_without_data(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
-    for field in src.DESCRIPTOR.fields:
-        if field.name == "raw_data":
-            continue
-        if field.is_repeated:
-            values = getattr(src, field.name)
-            if len(values):
-                getattr(dst, field.name).extend(values)
-        elif src.HasField(field.name):
-            _copy_field(dst, field, getattr(src, field.name))
 
 
 def stripped_copy(model: onnx.ModelProto, *, initializers_only: bool = False
