@@ -386,7 +386,7 @@ class _Rewrite:
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    from graphopt.analysis.shapes import stripped_copy
+    from graphopt.ir.strip import stripped_copy
 
     work = stripped_copy(model)
     try:

@@ -2,109 +2,28 @@
 
 1. ORT's symbolic shape inference runs first (it knows ``com.microsoft`` ops and keeps
    symbolic dims); where it fails, onnx's shape inference (with data propagation) runs.
-2. Inference runs on ``stripped_copy(model)``: the graph without the bytes of large
-   weights, built without reading or touching them, so inference costs neither a copy of
-   the weights nor the 2 GB protobuf limit. (Swapping the bytes out of the model and back
-   in, as ``weights_stripped`` does, leaves a dead copy of every weight in the message's
-   upb arena until the model is freed: +1x model size per call.)
+2. Inference runs on ``ir.strip.stripped_copy(model)``: the graph without the bytes of
+   large weights, built without reading or touching them, so inference costs neither a copy
+   of the weights nor the 2 GB protobuf limit.
 3. Stale ``value_info`` is dropped first: after a rewrite an exporter's old shapes are wrong,
    and onnxruntime refuses a model whose value_info disagrees with its graph.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import importlib.util
 import logging
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
 
-from graphopt.ir.model import _copy_field, iter_tensors
-from graphopt.ir.model import copy_tensor_without_data as _copy_tensor_without_data
+from graphopt.ir.strip import stripped_copy
 
 logger = logging.getLogger(__name__)
-
-_STRIP_BYTES = 4096
-
-
-@contextlib.contextmanager
-def weights_stripped(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
-    """Temporarily empty large tensors' raw_data (dims are kept); restore on exit.
-
-    Each use leaves a dead copy of the weights in the model's arena (see the module doc):
-    to work on a copy, use ``stripped_copy`` instead.
-    """
-    moved = []
-    for t in iter_tensors(model.graph):
-        if t.HasField("raw_data") and len(t.raw_data) > _strip_limit(t):
-            moved.append((t, t.raw_data))
-            t.ClearField("raw_data")
-    try:
-        yield model
-    finally:
-        for t, raw in moved:
-            t.raw_data = raw
-
-
-def _large(tensor: onnx.TensorProto) -> bool:
-    """raw_data over _STRIP_BYTES, judged from dims and type: reading ``raw_data`` (or
-    ``ByteSize``/``ListFields``) would copy the bytes."""
-    if not tensor.HasField("raw_data"):
-        return False
-    n = 1
-    for d in tensor.dims:
-        n *= d
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return len(tensor.raw_data) > _STRIP_BYTES
-    return n * itemsize > _strip_limit(tensor)
-
-
-# Integer tensors are shape-like data (position ids, index tables) that shape inference may
-# read (e.g. a Slice of a [1, 512] position-id Constant); they are kept up to this size.
-_KEEP_INT_BYTES = 1 << 16
-_INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
-
-
-def _strip_limit(tensor: onnx.TensorProto) -> int:
-    return max(_STRIP_BYTES, _KEEP_INT_BYTES) if tensor.data_type in _INT_TYPES \
-        else _STRIP_BYTES
-
-
-def stripped_copy(model: onnx.ModelProto, *, initializers_only: bool = False
-                  ) -> onnx.ModelProto:
-    """A copy of ``model`` whose large tensors keep name, type and dims but no data.
-
-    The model is read, never changed, and the large initializers' bytes are never copied;
-    large tensors in ``Constant`` nodes and subgraphs are copied with their node and then
-    emptied, unless ``initializers_only``.
-    """
-    work = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _copy_field(work, field, value)
-    graph = work.graph
-    for field, value in model.graph.ListFields():
-        if field.name != "initializer":
-            _copy_field(graph, field, value)
-    for init in model.graph.initializer:
-        copy = graph.initializer.add()
-        if _large(init):
-            _copy_tensor_without_data(init, copy)
-        else:
-            copy.CopyFrom(init)
-    if not initializers_only:
-        for tensor in iter_tensors(graph):
-            if _large(tensor):
-                tensor.ClearField("raw_data")
-    return work
-
 
 def fix_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Write concrete dims into the graph inputs, in place."""

@@ -511,7 +511,9 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     """Types and shapes of every tensor: the model's own value_info, else inferred on a copy."""
-    from .shapes import infer_shapes, stripped_copy
+    from graphopt.ir.strip import stripped_copy
+
+    from .shapes import infer_shapes
 
     if len(model.graph.value_info) >= len(model.graph.node) // 2:
         return _known_shapes(model)

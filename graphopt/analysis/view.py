@@ -280,7 +280,8 @@ class GraphView:
 def _all_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple]:
     """Shapes from ``tensor_shapes``; where the symbolic inference left a tensor without
     concrete dims, onnx's own inference (with data propagation) fills it in."""
-    from graphopt.analysis.shapes import fix_input_shapes, stripped_copy, tensor_shapes
+    from graphopt.analysis.shapes import fix_input_shapes, tensor_shapes
+    from graphopt.ir.strip import stripped_copy
 
     shapes = dict(tensor_shapes(model, input_shapes))
 

@@ -82,7 +82,8 @@ def _alias_domains(model: onnx.ModelProto) -> int:
 
 def _missing_shapes(model: onnx.ModelProto) -> list[str]:
     """Fill outputs declared without a shape from inference; returns their names."""
-    from graphopt.analysis.shapes import infer_shapes, stripped_copy
+    from graphopt.analysis.shapes import infer_shapes
+    from graphopt.ir.strip import stripped_copy
 
     graph = model.graph
     for vi in graph.input:

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from graphopt.ir.strip import stripped_copy
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,7 +38,6 @@ def check_model(model: onnx.ModelProto) -> None:
     model size. The bytes are checked against the dims by the ORT load that follows in the
     manager. (Checking the model whole serializes it once more: BERT-base, ~2 s and +1x.)
     """
-    from graphopt.analysis.shapes import stripped_copy
     from graphopt.ir.model import iter_tensors
 
     work = stripped_copy(model)
@@ -154,7 +155,6 @@ def session_options(threads: int | None = None):
 def _write_with_external_weights(model: onnx.ModelProto, folder: Path) -> Path:
     """``model.onnx`` + ``weights.bin`` in ``folder``, the weights written tensor by tensor
     (page-aligned), without changing ``model`` (``graphopt.save`` swaps bytes in place)."""
-    from graphopt.analysis.shapes import stripped_copy
     from graphopt.ir.model import max_ir_version
 
     work = stripped_copy(model, initializers_only=True)
@@ -291,8 +291,6 @@ class Snapshot:
     """
 
     def __init__(self, model: onnx.ModelProto, folder: Path):
-        from graphopt.analysis.shapes import stripped_copy
-
         folder.mkdir()
         self.folder = folder
         self.path = _write_with_external_weights(model, folder)
@@ -315,8 +313,6 @@ class Snapshot:
     def matches(self, model: onnx.ModelProto) -> bool:
         """Whether ``model`` equals the snapshot: structure, then the spilled weights' bytes
         compared with the file one tensor at a time."""
-        from graphopt.analysis.shapes import stripped_copy
-
         if stripped_copy(model, initializers_only=True).SerializeToString() != self._outline_bytes:
             return False
         inits = model.graph.initializer

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graphopt.analysis.shapes import infer_shapes, stripped_copy, tensor_shapes
+from graphopt.analysis.shapes import infer_shapes, tensor_shapes
+from graphopt.ir.strip import stripped_copy
 from graphopt.testing import make_model
 
 
