@@ -159,6 +159,21 @@ def token_feeds(model: onnx.ModelProto, seed: int = 5, batch: int = 2, seq: int 
     return feeds
 
 
+def detail_rows(entry, key: str = "layers") -> list:
+    """A pass report's per-layer rows (``entry.details[key]``, JSON-able dicts) as objects
+    with attributes, nested rows too (``row.timings[0].median_ms``)."""
+    from types import SimpleNamespace
+
+    def obj(value):
+        if isinstance(value, dict):
+            return SimpleNamespace(**{k: obj(v) for k, v in value.items()})
+        if isinstance(value, list):
+            return [obj(v) for v in value]
+        return value
+
+    return obj(list(entry.details.get(key, [])))
+
+
 def run_pass(p, model: onnx.ModelProto, ctx=None):
     """``p.run`` on a copy of ``model`` (the original is left as it is); the result must pass
     the checker. Returns the ``PassResult``."""

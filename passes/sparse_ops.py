@@ -25,7 +25,7 @@ unchanged; the file is smaller. Run it last: later passes read dense initializer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -81,8 +81,6 @@ def _first_inputs(model, layers, ctx: Context) -> dict[str, np.ndarray]:
 class SparseOps(Pass[SparseOpsConfig], name="sparse-ops", lossless=True):
     """Sparse kernels for sparse MatMuls where measured faster (see the module doc)."""
 
-    last_choices: ClassVar[list[Choice]] = []
-
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         cfg = self.config
         layers, refused = weight_layers(model, ("MatMul",))
@@ -127,7 +125,6 @@ class SparseOps(Pass[SparseOpsConfig], name="sparse-ops", lossless=True):
             matmul_as_gemm(model, layer.index)
         order = {x.name: i for i, x in enumerate(layers)}
         choices.sort(key=lambda c: order.get(c.layer, 0))
-        self.last_choices = choices
         counters = {"layers": len(layers), "measured": len(measured),
                     "rewritten": len(rewrite), "dense": len(choices) - len(rewrite)}
         return PassResult(model, bool(rewrite), counters, skipped,

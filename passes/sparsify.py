@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -155,8 +154,6 @@ class LayerResult:
 class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
     """Zero weights of MatMul/Gemm/Conv layers, unstructured or N:M (see the module doc)."""
 
-    last_layers: ClassVar[list[LayerResult]] = []
-
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         cfg = self.config
         n, m = parse_pattern(cfg.pattern)
@@ -173,7 +170,6 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
         results: dict[str, LayerResult] = {}
         before = {layer.name: sparsity(read_weight(inits, layer)) for layer in layers}
         if not layers or (not m and cfg.ratio == 0):
-            self.last_layers = []
             return PassResult(model, False, {"layers": 0}, skipped)
         needs_data = cfg.method != "magnitude" or cfg.keep_dense > 0 or \
             cfg.allocation == "sensitivity"
@@ -243,7 +239,6 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
                 results[layer.name].pattern_ok = nm_violations(
                     read_weight(inits, layer), layer.axis, n, m) == 0
         ordered = [results[layer.name] for layer in layers]
-        self.last_layers = ordered
         total = sum(layer.params for layer in layers)
         zeros = sum(r.sparsity * layer.params for r, layer in zip(ordered, layers))
         counters = {"layers": len(layers), "layers_sparsified": len(active),

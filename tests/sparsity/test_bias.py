@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphopt.testing import make_model, run
+from graphopt.testing import detail_rows, make_model, run
 
 from .test_sparsify import _init, _sparsify
 
@@ -50,7 +50,7 @@ def test_mean_shift_goes_into_the_bias_and_lowers_held_out_error():
     rng = np.random.default_rng(0)
     model = _model(rng)
     calib, held = _data(rng, 6), _data(rng, 3)
-    plain, _, p0 = _sparsify(model, calib, pattern="2:4", method="sparsegpt",
+    plain, plain_entry, p0 = _sparsify(model, calib, pattern="2:4", method="sparsegpt",
                              bias_correct=False)
     fixed, entry, p1 = _sparsify(model, calib, pattern="2:4", method="sparsegpt")
     np.testing.assert_array_equal(_init(plain, "w"), _init(fixed, "w"))
@@ -60,7 +60,7 @@ def test_mean_shift_goes_into_the_bias_and_lowers_held_out_error():
     onnx.checker.check_model(fixed)
     for name in ("y", "y2"):
         assert _err(model, fixed, held, name) < 0.9 * _err(model, plain, held, name), name
-    for a, b in zip(p0.last_layers, p1.last_layers):
+    for a, b in zip(detail_rows(plain_entry), detail_rows(entry)):
         assert b.output_error < a.output_error and b.reason is None
 
 
@@ -71,5 +71,5 @@ def test_shift_not_absorbed_is_a_reason():
     model = make_model([N("MatMul", ["x", "w"], ["y"], name="fc")], {"x": ["b", "s", 32]},
                        ["y"], {"w": rng.standard_normal((32, 24)).astype(np.float32)})
     out, entry, p = _sparsify(model, _data(rng, 3), pattern="2:4", method="sparsegpt")
-    (row,) = p.last_layers
+    (row,) = detail_rows(entry)
     assert row.sparsity == 0.5 and "not absorbed" in row.reason

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from graphopt.sparsity.hessian import LayerStats, conv_columns, layer_stats
 from graphopt.sparsity.layers import weight_layers
-from graphopt.testing import make_model, run
+from graphopt.testing import detail_rows, make_model, run
 
 from .test_sparsify import _init, _sparsify
 
@@ -164,7 +164,7 @@ def test_grouped_conv_sparsegpt_beats_magnitude(group):
     errors = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
         out, entry, p = _sparsify(model, calib, ratio=0.5, method=method, include=("c2",))
-        (row,) = p.last_layers
+        (row,) = detail_rows(entry)
         # Wanda compares within a row: 4 of a depthwise row's 9 weights
         assert 4 / 9 - 1e-9 <= row.sparsity <= 0.5 and not entry.skipped, (method, entry.skipped)
         errors[method] = _c2_error(model, out, held, group)
@@ -181,4 +181,4 @@ def test_grouped_conv_nm_along_group_channels():
                               include=("c2",))
     w2 = _init(out, "w2")  # [8, 4, 3, 3]
     assert ((np.moveaxis(w2, 1, -1) != 0).sum(-1) == 2).all()
-    assert p.last_layers[0].pattern_ok is True
+    assert detail_rows(entry)[0].pattern_ok is True

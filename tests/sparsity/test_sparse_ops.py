@@ -17,7 +17,7 @@ from graphopt.core.manager import PassManager
 from graphopt.passes.sparse_ops import SparseOps, StoreSparse, matmul_as_gemm
 from graphopt.sparsity import kernels
 from graphopt.sparsity.kernels import Timing
-from graphopt.testing import assert_equivalent, make_model, run
+from graphopt.testing import assert_equivalent, detail_rows, make_model, run
 
 N = helper.make_node
 RNG = np.random.default_rng(5)
@@ -42,7 +42,7 @@ def test_sparse_ops_keeps_dense_when_the_sparse_kernel_is_slower():
     p = SparseOps(rounds=5, min_time=0.05)
     out, entry = _run(p, model)
     assert entry.status == "unchanged"
-    (choice,) = p.last_choices
+    (choice,) = detail_rows(entry)
     dense, sparse = choice.timings
     assert choice.chosen == "dense" and "no sparse kernel faster" in choice.reason
     assert dense.kind == "dense" and sparse.kind == "sparse_to_dense"
@@ -53,8 +53,8 @@ def test_sparse_ops_keeps_dense_when_the_sparse_kernel_is_slower():
 
 def test_sparse_ops_below_min_sparsity_is_not_measured():
     p = SparseOps(min_sparsity=0.9)
-    _run(p, layer(sparsity=0.5))
-    (choice,) = p.last_choices
+    _, entry = _run(p, layer(sparsity=0.5))
+    (choice,) = detail_rows(entry)
     assert choice.timings == [] and "min_sparsity" in choice.reason
 
 
@@ -96,7 +96,7 @@ def test_tensorrt_candidates_up_to_engine_building():
     assert entry.status == "unchanged"
     lines = [s for s in entry.skipped if "TensorRT" in s.reason]
     assert len(lines) == 1 and "not installed" in lines[0].reason
-    assert all(c.chosen == "dense" for c in p.last_choices)
+    assert all(c.chosen == "dense" for c in detail_rows(entry))
 
 
 def test_matmul_as_gemm_is_lossless_with_dynamic_dims():

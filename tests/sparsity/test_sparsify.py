@@ -18,7 +18,7 @@ from graphopt.core.registry import build_pass
 from graphopt.passes.sparsify import Sparsify
 from graphopt.sparsity.layers import nm_violations
 from graphopt.sparsity.masks import keep_mask, output_error
-from graphopt.testing import make_model, run
+from graphopt.testing import detail_rows, make_model, run
 
 N = helper.make_node
 RNG = np.random.default_rng(7)
@@ -71,9 +71,9 @@ def test_nm_groups_along_matmul_reduction_axis(pattern, n, m, method):
         groups = np.moveaxis(w, 0, -1).reshape(w.shape[1], -1, m)
         assert ((groups != 0).sum(-1) == n).all()
         assert nm_violations(w, 0, n, m) == 0
-    assert [r.target for r in p.last_layers] == [pattern, pattern]
+    assert [r.target for r in detail_rows(entry)] == [pattern, pattern]
     assert [row["target"] for row in entry.details["layers"]] == [pattern, pattern]
-    assert all(abs(r.sparsity - (1 - n / m)) < 1e-9 for r in p.last_layers)
+    assert all(abs(r.sparsity - (1 - n / m)) < 1e-9 for r in detail_rows(entry))
 
 
 def test_nm_groups_for_gemm_trans_b_and_conv():
@@ -102,7 +102,7 @@ def test_reduction_not_divisible_is_skipped_with_reason():
     out, entry, p = _sparsify(mlp(k=30), pattern="2:4")
     reasons = [s.reason for s in entry.skipped if "fc1" in s.site]
     assert reasons and "not a multiple of M=4" in reasons[0]
-    assert [r.layer for r in p.last_layers] == ["fc2"]
+    assert [r.layer for r in detail_rows(entry)] == ["fc2"]
 
 
 def _layer_error(model, sparse, feeds, name, w_name):
@@ -123,7 +123,7 @@ def test_sparsegpt_reconstructs_better_than_magnitude(pattern):
     errors = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
         out, entry, p = _sparsify(model, calib, pattern=pattern, ratio=0.5, method=method)
-        assert abs(p.last_layers[0].sparsity - 0.5) < 1e-9
+        assert abs(detail_rows(entry)[0].sparsity - 0.5) < 1e-9
         errors[method] = _layer_error(model, out, held, "fc", "w")
     assert errors["sparsegpt"] < 0.8 * errors["magnitude"], errors
     assert errors["sparsegpt"] < errors["wanda"], errors
@@ -151,9 +151,9 @@ def test_keep_dense_follows_measured_sensitivity():
     model = mlp()
     out, entry, p = _sparsify(model, _feeds(), pattern="2:4", method="magnitude",
                               keep_dense=0.5)
-    dense = [r for r in p.last_layers if r.target == "dense"]
+    dense = [r for r in detail_rows(entry) if r.target == "dense"]
     assert len(dense) == 1 and entry.counters["layers_dense"] == 1
-    sens = {r.layer: r.sensitivity for r in p.last_layers}
+    sens = {r.layer: r.sensitivity for r in detail_rows(entry)}
     assert sens[dense[0].layer] == max(sens.values())
     assert np.array_equal(_init(out, dense[0].weight), _init(model, dense[0].weight))
 
@@ -162,7 +162,7 @@ def test_sensitivity_allocation_keeps_mean_ratio():
     """allocation=sensitivity: per-layer ratios differ, the weighted mean stays 50%."""
     out, entry, p = _sparsify(mlp(), _feeds(), ratio=0.5, method="wanda",
                               allocation="sensitivity", spread=0.1)
-    ratios = [r.sparsity for r in p.last_layers]
+    ratios = [r.sparsity for r in detail_rows(entry)]
     assert ratios[0] != ratios[1]
     weights = [32 * 48, 48 * 8]
     assert abs(np.average(ratios, weights=weights) - 0.5) < 0.01

@@ -19,7 +19,7 @@ from graphopt.core.manager import PassManager
 from graphopt.passes.sparse_ops import SparseOps
 from graphopt.runtime.providers import ProviderOptions, ort_providers
 from graphopt.sparsity import kernels
-from graphopt.testing import make_model
+from graphopt.testing import detail_rows, make_model
 
 from .test_sparsify import _sparsify
 
@@ -51,7 +51,7 @@ def test_polygraphy_checker_accepts_the_2_4_weights(method):
               "img": RNG.standard_normal((2, 8, 6, 6)).astype(np.float32)} for _ in range(3)]
     out, entry, p = _sparsify(model, feeds if method != "magnitude" else None,
                               pattern="2:4", method=method)
-    assert [r.pattern_ok for r in p.last_layers] == [True] * 3
+    assert [r.pattern_ok for r in detail_rows(entry)] == [True] * 3
     dense = sparse_tool.SparsityPruner(model)
     dense.check()
     assert dense.sparse_tensors == set()
@@ -131,5 +131,5 @@ def test_tensorrt_that_cannot_build_is_one_skip_line(monkeypatch):
     assert entry.status == "unchanged"
     lines = [s for s in entry.skipped if "TensorRT" in s.reason]
     assert len(lines) == 1 and "no CUDA-capable device" in lines[0].reason
-    assert [c.chosen for c in p.last_choices] == ["dense", "dense"]
-    assert all("could not build" in c.reason for c in p.last_choices)
+    assert [c.chosen for c in detail_rows(entry)] == ["dense", "dense"]
+    assert all("could not build" in c.reason for c in detail_rows(entry))
