@@ -48,8 +48,8 @@ import onnx
 from graphopt.prune.apply import apply_removal, mask_units
 from graphopt.analysis.coupling import Coupling, Group, analyze
 from graphopt.errors import ConfigError
-from graphopt.prune.importance import check_selection, group_selected, unit_scores
-from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.prune.importance import check_selection, exclusion, included, unit_scores
+from graphopt.core.contract import Context, Pass, PassResult, Skip, SkipCode
 from graphopt.core.registry import register
 from graphopt.prune.reconstruct import consumer_sites
 from graphopt.prune.scores import data_scores
@@ -276,15 +276,15 @@ class PruneHeads(Pass[HeadsConfig], name="prune-heads", lossless=False):
             if g.unit != "head":
                 if not g.prunable:  # stopped at a fused op it could not see into
                     plan.skipped.append(Skip(_site(g), g.reason or "not prunable",
-                                             "not-prunable"))
+                                             SkipCode.NOT_PRUNABLE))
                 continue
             block = head_block(g)
             plan.blocks.append(block)
-            why, code = group_selected(g, cfg.include, cfg.exclude), "excluded"
-            if why == "not matched by include":
+            if not included(g, cfg.include):
                 continue
+            why, code = exclusion(g, cfg.exclude), SkipCode.EXCLUDED
             if why is None and not g.prunable:
-                why, code = g.reason or "not prunable", "not-prunable"
+                why, code = g.reason or "not prunable", SkipCode.NOT_PRUNABLE
                 out = g.barrier.slot.tensor if g.barrier is not None else None
                 if out in coupling.view.graph_outputs:
                     # a heads axis as a graph output: present keys/values or attentions
@@ -293,7 +293,7 @@ class PruneHeads(Pass[HeadsConfig], name="prune-heads", lossless=False):
                            "without them (use_cache=False, output_attentions=False) to "
                            f"prune heads. {why}")
             if why is None and block.heads <= cfg.min_heads:
-                why, code = f"only {block.heads} head(s)", "too-small"
+                why, code = f"only {block.heads} head(s)", SkipCode.TOO_SMALL
             if why is not None:
                 plan.skipped.append(Skip(_site(g), why, code))
                 continue
@@ -327,7 +327,6 @@ class PruneHeads(Pass[HeadsConfig], name="prune-heads", lossless=False):
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         plan = self.plan(model, ctx)
-        self.last_plan = plan
         refit_counters, refit_skips, details = {}, [], {"importance": plan.importance}
         if plan.removal:
             mode = resolve_mode(self.config.reconstruct, ctx)

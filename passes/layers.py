@@ -42,7 +42,7 @@ from graphopt.analysis.structure import Block, find_structure
 from graphopt.data.calibration import capture
 from graphopt.prune.blocks import remove_blocks
 from graphopt.errors import ConfigError
-from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.contract import Context, Pass, PassResult, Skip, SkipCode
 from graphopt.core.registry import register
 from graphopt.data.gram import token_mask
 from graphopt.prune.reconstruct import frontier_sites
@@ -100,7 +100,7 @@ class PruneLayers(Pass[LayersConfig], name="prune-layers", lossless=False):
                         "read as residuals: run prune-layers before onnxruntime's "
                         "transformer fusion")
             return PassResult(model, False, skipped=[Skip("model", why, "unsupported")])
-        skipped = [Skip(b.site, b.reason, "not-prunable") for b in blocks if not b.removable]
+        skipped = [Skip(b.site, b.reason, SkipCode.NOT_PRUNABLE) for b in blocks if not b.removable]
         wanted = _how_many(cfg, len(blocks))
         if wanted == 0:
             skipped.append(Skip("model", f"ratio {cfg.ratio} of {len(blocks)} {cfg.kind} blocks "

@@ -165,7 +165,6 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         plan = cached if cached is not None and cached.key == _model_key(model) else \
             self.plan(model, ctx)
         self._plan = None
-        self.last_plan = plan
         cfg = self.config
         mode = resolve_mode(cfg.reconstruct, ctx)
         original = keep_original(model, mode) if (plan.removal or plan.blocks) else None
@@ -201,12 +200,15 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                               else 1.0}, "notes": list(plan.notes)}
         skipped = list(plan.skipped)
         if original is not None:
-            more, refit_skips, refit = refit_step(original, model, list(dict.fromkeys(outputs)),
-                                                  ctx, mode, cfg.damping, columns)
+            # sites inside a removed block are gone with it, not sites the refit skipped
+            produced = {n.output[0] for n in model.graph.node if n.output}
+            outputs = [o for o in dict.fromkeys(outputs) if o in produced]
+            more, refit_skips, refit = refit_step(original, model, outputs, ctx, mode,
+                                                  cfg.damping, columns)
             counters.update(more)
             details.update({k: v for k, v in refit.items() if k != "notes"})
             details["notes"] += refit.get("notes", [])
-            skipped += [s for s in refit_skips if "no node produces it" not in s.reason]
+            skipped += refit_skips
         changed = bool(plan.removal or plan.blocks)
         return PassResult(model, changed, counters, skipped, plan, details=details)
 

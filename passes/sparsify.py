@@ -161,10 +161,12 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
         skipped = [Skip(r.site, r.reason) for r in refused]
         layers: list[WeightLayer] = []
         for layer in found:
+            if cfg.include and not matches(layer.name, cfg.include):
+                continue  # left out by include: not reported
             why = self._refusal(model, layer, m)
             if why is None:
                 layers.append(layer)
-            elif why != "not matched by include":
+            else:
                 skipped.append(Skip(layer.describe(), why))
         inits = initializers(model)
         results: dict[str, LayerResult] = {}
@@ -249,10 +251,7 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
 
     def _refusal(self, model, layer: WeightLayer, m: int) -> str | None:
         cfg = self.config
-        names = (layer.name,)
-        if cfg.include and not any(matches(x, cfg.include) for x in names):
-            return "not matched by include"
-        if cfg.exclude and any(matches(x, cfg.exclude) for x in names):
+        if cfg.exclude and matches(layer.name, cfg.exclude):
             return "excluded by pattern"
         if m and layer.reduction % m:
             return (f"reduction size {layer.reduction} is not a multiple of M={m} "

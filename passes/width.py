@@ -30,12 +30,13 @@ from graphopt.errors import ConfigError
 from graphopt.prune.importance import (
     IMPORTANCE,
     check_selection,
-    group_selected,
+    exclusion,
+    included,
     select_units,
     unit_scores,
     zero_units,
 )
-from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.contract import Context, Pass, PassResult, Skip, SkipCode
 from graphopt.core.registry import register
 from graphopt.prune.reconstruct import consumer_sites
 from graphopt.prune.scores import DATA_METHODS, data_scores
@@ -118,10 +119,13 @@ class _WidthPass(Pass[WidthConfig], lossless=False):
     kind: ClassVar[str] = ""
     unit_name: ClassVar[str] = "units"
 
+    def concerns(self, group: Group) -> bool:
+        """The group is this pass's kind of unit: the others are not reported."""
+        return group.kind == self.kind
+
     def eligible(self, group: Group) -> str | None:
-        """None if this pass may prune the group, else the reason it is skipped."""
-        if group.kind != self.kind:
-            return "other kind"
+        """None if this pass may prune a group it ``concerns``, else the reason it is
+        skipped (code ``not-prunable``)."""
         if not group.prunable:
             return group.reason or "not prunable"
         return None
@@ -133,15 +137,15 @@ class _WidthPass(Pass[WidthConfig], lossless=False):
         plan.skipped.extend(Skip(site, why) for site, why in coupling.opaque)
         chosen = []
         for g in coupling.groups:
-            why, code = self.eligible(g), "not-prunable"
-            if why == "other kind":
+            if not self.concerns(g):
                 continue
+            why, code = self.eligible(g), SkipCode.NOT_PRUNABLE
             if why is None:
-                why, code = group_selected(g, cfg.include, cfg.exclude), "excluded"
-                if why == "not matched by include":
+                if not included(g, cfg.include):
                     continue
+                why, code = exclusion(g, cfg.exclude), SkipCode.EXCLUDED
             if why is None and g.size <= cfg.min_keep:
-                why, code = f"only {g.size} unit(s)", "too-small"
+                why, code = f"only {g.size} unit(s)", SkipCode.TOO_SMALL
             if why is not None:
                 plan.skipped.append(Skip(_site(g), why, code))
                 continue
@@ -156,7 +160,6 @@ class _WidthPass(Pass[WidthConfig], lossless=False):
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         plan = self.plan(model, ctx)
-        self.last_plan = plan
         counters = plan.counters(self.unit_name)
         skipped, details = list(plan.skipped), {"importance": plan.importance}
         if plan.removal:
@@ -220,7 +223,15 @@ class PruneNeurons(_WidthPass, name="prune-neurons"):
     kind = "neurons"
     unit_name = "neurons"
 
+    def concerns(self, group: Group) -> bool:
+        return self._not_neurons(group) is not None or super().concerns(group)
+
     def eligible(self, group: Group) -> str | None:
+        return self._not_neurons(group) or super().eligible(group)
+
+    @staticmethod
+    def _not_neurons(group: Group) -> str | None:
+        """Groups that look like MLP widths but whose units are blocks: reported, not cut."""
         if group.unit == "head":
             return (f"units are attention heads ({group.unit_width} channels each); "
                     "prune-heads handles them")
@@ -228,7 +239,7 @@ class PruneNeurons(_WidthPass, name="prune-neurons"):
             return (f"units are blocks of {group.unit_width} channels (a Reshape splits the "
                     "axis) that are not proven attention heads (no QKᵀ→Softmax over them), "
                     "so neither prune-neurons nor prune-heads removes them")
-        return super().eligible(group)
+        return None
 
 
 @register

@@ -21,20 +21,27 @@ import onnx
 from graphopt.core.config import make_config
 
 
+class SkipCode:
+    """The codes a ``Skip`` carries: programs (and passes) test these, never the text."""
+
+    EXCLUDED = "excluded"          # the user's exclude pattern left it out
+    NOT_PRUNABLE = "not-prunable"  # the analysis refused it (the reason says why)
+    TOO_SMALL = "too-small"        # at or under the pass's minimum
+    UNSUPPORTED = "unsupported"    # the pass cannot handle this site (op, pattern, dtype)
+
+
+SKIP_CODES = (SkipCode.EXCLUDED, SkipCode.NOT_PRUNABLE, SkipCode.TOO_SMALL,
+              SkipCode.UNSUPPORTED)
+
+
 @dataclass(frozen=True)
 class Skip:
     """A site a pass looked at and left alone: the reason for people, and a ``code`` for
-    programs (one of ``SKIP_CODES``) so nothing has to parse the text."""
+    programs (a ``SkipCode``) so nothing has to parse the text."""
 
     site: str
     reason: str
-    code: str = "unsupported"
-
-
-# excluded: the user's include/exclude left it out; not-prunable: the analysis refused it
-# (the reason says why); too-small: at or under the pass's minimum; unsupported: the pass
-# cannot handle this site (op, pattern, dtype).
-SKIP_CODES = ("excluded", "not-prunable", "too-small", "unsupported")
+    code: str = SkipCode.UNSUPPORTED
 
 
 @dataclass

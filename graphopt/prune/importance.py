@@ -176,11 +176,16 @@ def check_selection(ratio: float, importance: str, known: Sequence[str], scope: 
     check_patterns(exclude, "exclude")
 
 
-def group_selected(group: Group, include: Sequence[str], exclude: Sequence[str]) -> str | None:
-    """None if the group's source nodes pass include/exclude, else why not."""
+def included(group: Group, include: Sequence[str]) -> bool:
+    """The group's source nodes match ``include`` (or there is none): a group left out by
+    it is not the pass's business and is not reported."""
     names = group.source_nodes or (group.source,)
-    if include and not any(matches(n, include) for n in names):
-        return "not matched by include"
+    return not include or any(matches(n, include) for n in names)
+
+
+def exclusion(group: Group, exclude: Sequence[str]) -> str | None:
+    """Why ``exclude`` leaves the group alone (a skip with code ``excluded``), else None."""
+    names = group.source_nodes or (group.source,)
     if exclude and any(matches(n, exclude) for n in names):
         return "excluded by pattern"
     return None

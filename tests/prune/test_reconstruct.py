@@ -90,7 +90,7 @@ def test_obs_picks_linear_units_and_refit_reproduces_outputs():
     feeds = _feeds((16, 8))
     pruned, entry, pass_obj = _prune(model, "prune-neurons",
                                      {"ratio": 0.34, "damping": 1e-9}, feeds)
-    plan = pass_obj.last_plan
+    plan = entry.plan
     assert plan.importance == "obs"
     (removed,) = [set(u.tolist()) for u in plan.removal.values()]
     assert 4 in removed and len(removed & {0, 1, 5}) == 1, removed
@@ -111,7 +111,7 @@ def test_bias_mode_absorbs_a_constant_unit():
     feeds = _feeds((16, 8))
     pruned, entry, pass_obj = _prune(model, "prune-neurons", {
         "ratio": 0.17, "importance": "obs", "reconstruct": "bias", "damping": 1e-9}, feeds)
-    assert [list(u) for u in pass_obj.last_plan.removal.values()] == [[4]]
+    assert [list(u) for u in entry.plan.removal.values()] == [[4]]
     assert entry.details["reconstruct"] == "bias"
     assert _max_diff(model, pruned, _feeds((16, 8), seed=9)) < 1e-4
 
@@ -123,7 +123,7 @@ def test_conv_refit_im2col_reproduces_outputs():
     feeds = _feeds((2, 3, 8, 8))
     pruned, entry, pass_obj = _prune(model, "prune-channels",
                                      {"ratio": 0.17, "damping": 1e-9}, feeds)
-    (removed,) = [set(u.tolist()) for u in pass_obj.last_plan.removal.values()]
+    (removed,) = [set(u.tolist()) for u in entry.plan.removal.values()]
     assert len(removed) == 1 and removed <= {0, 1, 5}, removed
     assert entry.details["reconstruction"][0]["error_after"] < 1e-9
     assert _max_diff(model, pruned, _feeds((2, 3, 8, 8), seed=9)) < 1e-4
@@ -220,7 +220,7 @@ def test_heads_refit_of_the_output_projection_reproduces_outputs():
     feeds = _feeds((2, 5, 16))
     pruned, entry, pass_obj = _prune(model, "prune-heads", {"ratio": 0.25, "damping": 1e-9},
                                      feeds)
-    (removed,) = [set(u.tolist()) for u in pass_obj.last_plan.removal.values()]
+    (removed,) = [set(u.tolist()) for u in entry.plan.removal.values()]
     assert removed <= {0, 3} and len(removed) == 1, removed
     assert entry.counters["sites_refit"] == 1
     assert _max_diff(model, pruned, _feeds((2, 5, 16), seed=9)) < 1e-4
