@@ -25,6 +25,7 @@ from graphopt.ir.strip import stripped_copy
 
 logger = logging.getLogger(__name__)
 
+
 def fix_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Write concrete dims into the graph inputs, in place."""
     for vi in model.graph.input:
