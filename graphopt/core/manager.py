@@ -141,8 +141,9 @@ class PassManager:
                     rolled_back = True
                     entry.status = "rolled back"
                     entry.error = str(exc)
-                    logger.warning("%s; rolled back", exc)
                     if self.on_error == "stop":
+                        # Raised: the caller reports it (the CLI as its one error line).
+                        logger.info("%s; rolled back", exc)
                         entry.seconds = time.perf_counter() - start
                         entry.params_after, entry.macs_after = cost.params, cost.macs
                         report.passes.append(entry)
@@ -151,6 +152,7 @@ class PassManager:
                                                   entry.status))
                         exc.report = report  # type: ignore[attr-defined]
                         raise
+                    logger.warning("%s; rolled back", exc)
                 finally:
                     store.discard()  # the failed pass's check files, if any
                 if rolled_back:

@@ -57,3 +57,32 @@ def test_config_problem_found_by_a_pass_exits_2(tmp_path, capsys):
     code, lines, written = _optimize(tmp_path, capsys, "bad-option-exit-test")
     assert code == 2 and not written
     assert len(lines) == 1 and "index 5 is out of range" in lines[0]
+
+
+def test_rolled_back_pass_is_one_stderr_line(tmp_path):
+    """In a real process (logging configured by the CLI), a pass rolled back with
+    ``--on-error stop`` shows exactly one stderr line, the ``error:`` line: no warning
+    from the manager before it."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from graphopt.cli.commands import main\n"
+        "from graphopt.core.contract import Pass, PassResult\n"
+        "from graphopt.core.registry import register\n"
+        "@register\n"
+        "class Breaks(Pass):\n"
+        "    name = 'breaks-outputs-subprocess'\n"
+        "    def run(self, model, ctx):\n"
+        "        model.graph.node[-1].op_type = 'Neg'\n"
+        "        return PassResult(model, modified=True)\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "o.onnx"
+    proc = subprocess.run([sys.executable, str(script), "optimize", str(_model(tmp_path)),
+                           "-o", str(out), "--pass", "breaks-outputs-subprocess"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and not out.exists()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
