@@ -92,24 +92,13 @@ def ppocr_inputs(args):
 
 
 def embedding_metrics(original, candidate, feeds):
-    from graphopt.data.text import mean_pooled_embeddings, row_cosines
+    from graphopt.data.text import mean_pooled_embeddings, row_cosines, similarity_spearman
 
     a = mean_pooled_embeddings(original, feeds)
     b = mean_pooled_embeddings(candidate, feeds)
     cos = row_cosines(a, b)
     return {"emb_cosine": float(cos.mean()), "emb_cosine_min": float(cos.min()),
-            "spearman": _spearman(_pair_sims(a), _pair_sims(b))}
-
-
-def _pair_sims(e):
-    e = e / np.linalg.norm(e, axis=1, keepdims=True)
-    sims = e @ e.T
-    return sims[np.triu_indices(len(e), 1)]
-
-
-def _spearman(x, y):
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
+            "spearman": similarity_spearman(a, b)}
 
 
 def mask_metrics(original, candidate, feeds):

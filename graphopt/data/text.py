@@ -225,3 +225,19 @@ def mean_pooled_embeddings(model: Any, feeds: Sequence[Mapping[str, np.ndarray]]
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine between matching rows of two embedding matrices."""
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def similarity_spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation between the pairwise cosine similarities of two embedding
+    matrices (every pair of rows): how well ``b`` keeps ``a``'s similarity ranking, what
+    a search or clustering consumes. Float similarities have no ties in practice."""
+    def pairs(e):
+        unit = e / np.linalg.norm(e, axis=1, keepdims=True)
+        return (unit @ unit.T)[np.triu_indices(len(e), 1)]
+
+    def ranks(v):
+        out = np.empty(len(v))
+        out[np.argsort(v, kind="stable")] = np.arange(len(v))
+        return out
+
+    return float(np.corrcoef(ranks(pairs(a)), ranks(pairs(b)))[0, 1])

@@ -5,7 +5,8 @@
 Both models run on the same token batches through ONNX Runtime (CPU); a sentence's
 embedding is ``last_hidden_state`` averaged over its unmasked tokens (mean pooling, as
 sentence-transformers does for all-MiniLM-L6-v2). Prints the mean and the worst cosine
-over the sentences; 1.0 is identical.
+over the sentences (1.0 is identical) and the Spearman correlation between the two models'
+similarity ranks over every pair of sentences (what a search or clustering consumes).
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import graphopt
     from graphopt.ir.inputs import load_inputs
-    from graphopt.data.text import mean_pooled_embeddings, row_cosines
+    from graphopt.data.text import mean_pooled_embeddings, row_cosines, similarity_spearman
 
     original = graphopt.load(args.original)
     pruned = graphopt.load(args.pruned)
     feeds = load_inputs(args.inputs, original)
-    cos = row_cosines(mean_pooled_embeddings(original, feeds), mean_pooled_embeddings(pruned, feeds))
+    a, b = mean_pooled_embeddings(original, feeds), mean_pooled_embeddings(pruned, feeds)
+    cos = row_cosines(a, b)
     print(f"mean-pooled embedding cosine over {len(cos)} sentences: mean {cos.mean():.4f}, "
-          f"min {cos.min():.4f}")
+          f"min {cos.min():.4f}; similarity-rank Spearman over {len(cos) * (len(cos) - 1) // 2} "
+          f"pairs: {similarity_spearman(a, b):.4f}")
     return 0
 
 
