@@ -88,10 +88,17 @@ class PruneLayers(Pass[LayersConfig], name="prune-layers", lossless=False):
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         cfg = self.config
-        blocks = list(find_structure(model).blocks(cfg.kind))
+        structure = find_structure(model)
+        blocks = list(structure.blocks(cfg.kind))
         if not blocks:
             why = (f"no {cfg.kind} blocks found: no residual Add(x, f(x)) whose branch "
                    "holds weights lies on a stream")
+            parallel = structure.blocks("parallel")
+            if parallel:
+                why = (f"no {cfg.kind} blocks found: the {len(parallel)} layers run attention "
+                       "and MLP in parallel off the same input (x + attn(x) + mlp(x)), so a "
+                       f"{cfg.kind} branch is not a block of its own; remove whole layers "
+                       "(kind=layer)")
             fused = sorted({n.name or n.output[0] for n in model.graph.node
                             if n.op_type.startswith("Skip") and "Normalization" in n.op_type})
             if fused:

@@ -9,7 +9,8 @@ Found on the ONNX graph alone, the same way for every exporter:
    every layer (later layers' scores depend on it through earlier layers). A residual
    nested inside another's branch therefore hides the outer one.
 2. Its branch is classified: ``attention`` (a Softmax, a MatMul of two activations, or a
-   fused attention op), else ``residual`` (a Conv: ResNet), else ``mlp``.
+   fused attention op), else ``residual`` (a Conv: ResNet), else ``mlp``; attention and MLP
+   off the same skip (GPT-J, Falcon) are one ``parallel`` residual (``_merge_parallel``).
 3. Post-norm (BERT, ResNet): the Add output runs through a normalization (LayerNormalization,
    RMS/Simplified forms, BatchNorm, Relu, or a decomposed Reduce/Sub/Div/Mul/Sqrt region) and
    that output is the next residual's skip input, so the norm belongs to the block. Pre-norm
@@ -75,7 +76,7 @@ Dims = tuple
 class Block:
     """A single-entry, single-exit region along the residual stream.
 
-    ``kind``: ``"layer"``, ``"attention"``, ``"mlp"`` or ``"residual"`` (a Conv branch).
+    ``kind``: ``"layer"``, ``"attention"``, ``"mlp"``, ``"residual"`` (Conv), ``"parallel"``.
     ``index``: the layer's position along the stream; a sub-block carries its layer's index.
     ``norm``: ``"post"`` when the normalization after the Add is inside the block.
     """
@@ -334,10 +335,43 @@ def _find_residuals(idx: StructureIndex, shapes: dict[str, tuple]) -> list[_Resi
         if not spans[r.add] & adds:
             accepted.append(r)
             adds.add(r.add)
-    found = accepted
+    found = _merge_parallel(idx, accepted)
     for r in found:
         r.alias = _passthrough(idx, r.out, shapes)
         r.post = _post_norm(idx, r.alias, shapes)
+    return found
+
+
+def _merge_parallel(idx: StructureIndex, found: list[_Residual]) -> list[_Residual]:
+    """Parallel residuals (GPT-J, Falcon, GPT-NeoX, PaLM: ``x + attn(ln x) + mlp(ln' x)``).
+    1. ``Add(x, Add(attn, mlp))``: found as one residual; its kind becomes ``parallel``.
+    2. ``Add(Add(x, attn), mlp)``: the outer Add's other input, a second branch from the same
+       skip, joins the residual, which ends at the outer Add (the inner sum feeding it only)."""
+    by_out = {r.out: r for r in found}
+    adds = {r.add for r in found}
+    for r in found:
+        node = idx.nodes[idx.producer[r.branch]]
+        if r.kind == "attention" and node.op_type == "Add" and all(
+                _branch_kind(idx, idx.between(r.skip, t)) for t in node.input) and not any(
+                idx.is_ancestor(a, b) for a, b in (node.input, node.input[::-1])):
+            r.kind = "parallel"
+    for i in idx.order:
+        node = idx.nodes[i]
+        if node.op_type != "Add" or len(node.input) != 2 or i in adds:
+            continue
+        for p, q in (tuple(node.input), tuple(node.input)[::-1]):
+            r = by_out.get(p)
+            if r is None or not q or q in idx.static or len(idx.consumers.get(p, ())) != 1 \
+                    or not idx.is_ancestor(r.skip, q) or idx.is_ancestor(p, q):
+                continue
+            branch = idx.between(r.skip, q)
+            if not _branch_kind(idx, branch) or branch & adds:
+                continue
+            del by_out[p]
+            r.add, r.out, r.kind = i, node.output[0], "parallel"
+            by_out[r.out] = r
+            adds.add(i)
+            break
     return found
 
 
@@ -487,7 +521,7 @@ def _group_layers(chain: list[tuple[_Residual, str]]) -> list[list[tuple[_Residu
     current: list[tuple[_Residual, str]] = []
     for item in chain:
         current.append(item)
-        if item[0].kind in ("mlp", "residual"):
+        if item[0].kind in ("mlp", "residual", "parallel"):
             layers.append(current)
             current = []
     layers.extend([item] for item in current)
