@@ -31,6 +31,16 @@ def _dtype(vi: onnx.ValueInfoProto) -> str:
         return onnx.TensorProto.DataType.Name(elem).lower()
 
 
+def _formula(model, input_shapes, cost) -> dict[str, Any]:
+    """``macs_formula`` when the MACs were counted at assumed dims (see ``cost_dims``)."""
+    if not cost.assumed:
+        return {}
+    from graphopt.analysis.cost_dims import macs_formula
+
+    formula = macs_formula(model, input_shapes)
+    return {"macs_formula": formula.to_dict()} if formula is not None else {}
+
+
 def inspect_model(source: str | Path | onnx.ModelProto,
                   input_shapes: Mapping[str, tuple[int, ...]] | None = None,
                   *, groups: bool = False) -> dict[str, Any]:
@@ -54,7 +64,7 @@ def inspect_model(source: str | Path | onnx.ModelProto,
         "nodes": sum(ops.values()),
         "subgraphs": sum(1 for _ in iter_graphs(model.graph)) - 1,
         "op_histogram": dict(ops.most_common()),
-        "cost": cost.to_dict(),
+        "cost": {**cost.to_dict(), **_formula(model, input_shapes, cost)},
         "weight_bytes": tensor_bytes(model),
         "metadata": {p.key: p.value for p in model.metadata_props},
     }

@@ -36,9 +36,16 @@ def render_inspect(console: Console, info: dict[str, Any]) -> None:
     console.print(f"params {si_number(cost['params'])}  MACs {macs}  weights "
                   f"{_bytes(info['weight_bytes'])}  file {_bytes(info.get('file_bytes'))}  "
                   f"nodes {info['nodes']}  subgraphs {info['subgraphs']}")
-    if assumed:
+    formula = cost.get("macs_formula") or {}
+    if formula.get("text"):
+        names = "; ".join(f"{v} = {', '.join(axes)}" for v, axes in formula["variables"].items())
+        console.print(f"[yellow]MACs = {escape(formula['text'])}  ({escape(names)}; fitted and "
+                      "checked at batch 1-4, other dims 32-128); give "
+                      "--input-shape for the sizes you run[/]")
+    elif assumed:
+        why = f" ({escape(formula['reason'])})" if formula.get("reason") else ""
         console.print(f"[yellow]MACs assume dynamic input dims {assumed}; they scale with "
-                      "those dims: give --input-shape for the sizes you run[/]")
+                      f"those dims{why}: give --input-shape for the sizes you run[/]")
     io = Table("", "name", "dtype", "shape", title="inputs and outputs", title_justify="left")
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
