@@ -197,14 +197,14 @@ def test_block_influence_scores(make_stack, stack_feeds):
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert", "gpt2", "llama", "llama-dynamo"])
-def test_hf_identity_layer_chosen_and_removed_exactly(hf_model, token_feeds, identity_layer,
+def test_hf_identity_layer_chosen_and_removed_exactly(hf_layers_model, token_feeds, identity_layer,
                                                       family):
     """Tiny HF exports with one layer made identity in torch (output projections zeroed; for
     post-LN also unit/zero LayerNorms around it; DistilBERT's is the last layer, whose exit
     is the graph output): block influence on generated calibration data picks that layer,
     and the pruned model equals the original to ~1e-5."""
     layer = identity_layer[family]
-    model = hf_model(family, ((layer, "layer"),))
+    model = hf_layers_model(family, ((layer, "layer"),))
     out, entry = _prune(model, count=1)
     assert entry.status == "changed", entry.error
     assert _kept(out) == [i for i in range(3) if i != layer]
@@ -215,21 +215,21 @@ def test_hf_identity_layer_chosen_and_removed_exactly(hf_model, token_feeds, ide
 
 
 @pytest.mark.parametrize("family, layer, kind", [("gpt2", 2, "attention"), ("llama", 1, "mlp")])
-def test_hf_identity_sub_block(hf_model, token_feeds, family, layer, kind):
+def test_hf_identity_sub_block(hf_layers_model, token_feeds, family, layer, kind):
     """Pre-LN sub-blocks: a zeroed attention (GPT-2) or mlp (LLaMA) projection is exactly
     x + 0; kind=attention/mlp picks and removes it."""
-    model = hf_model(family, ((layer, kind),))
+    model = hf_layers_model(family, ((layer, kind),))
     out, _ = _prune(model, kind=kind, count=1)
     assert _kept(out, f"graphopt.layers.{kind}") == [i for i in range(3) if i != layer]
     assert_equivalent(model, out, token_feeds(model), atol=1e-5, rtol=1e-4)
 
 
-def test_hf_first_layer_keeps_shape_only_side_products(hf_model, token_feeds):
+def test_hf_first_layer_keeps_shape_only_side_products(hf_layers_model, token_feeds):
     """BERT's TorchScript export builds the attention mask from Shape(embeddings) inside
     layer 0's region; removing an identity layer 0 keeps those nodes and stays exact."""
     from graphopt.analysis.structure import find_structure
 
-    model = hf_model("bert", ((0, "layer"),))
+    model = hf_layers_model("bert", ((0, "layer"),))
     block = find_structure(model).layers[0]
     out, entry = _prune(model, indices=(0,))
     assert 0 < entry.counters["nodes_removed"] < len(block.nodes)

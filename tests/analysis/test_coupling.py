@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphopt.analysis.coupling import Group, analyze, coupled_groups
-from graphopt.testing import make_model
+from graphopt.testing import make_model, masked_equivalence
 
 RNG = np.random.default_rng(0)
 C = 8
@@ -42,10 +42,10 @@ def c1_group(model) -> Group:
     return next(g for g in coupled_groups(model) if g.source == "c1")
 
 
-def check(wt, model, group: Group | None = None, units=(1, 4, 6)):
+def check(model, group: Group | None = None, units=(1, 4, 6)):
     group = group or c1_group(model)
     assert group.prunable, group.reason
-    return wt.masked_equivalence(model, {group.id: np.array(units)})[0]
+    return masked_equivalence(model, {group.id: np.array(units)})[0]
 
 
 N = helper.make_node
@@ -56,32 +56,32 @@ N = helper.make_node
     ("HardSwish", {}), ("Tanh", {}), ("Erf", {}), ("Softplus", {}), ("Mish", {}),
     ("Identity", {}), ("Elu", {}), ("Abs", {}),
 ])
-def test_unary_activations(wt, op, attrs):
+def test_unary_activations(op, attrs):
     """Unary activations carry every axis one to one."""
     model = sandwich([N(op, ["a"], ["b"], **attrs)], opset=18)
-    check(wt, model)
+    check(model)
 
 
-def test_gelu_op_and_dropout_and_clip(wt):
+def test_gelu_op_and_dropout_and_clip():
     """Gelu (opset 20), Dropout (inference) and Clip with scalar bounds."""
     model = sandwich([N("Gelu", ["a"], ["g"]), N("Dropout", ["g"], ["d"]),
                       N("Clip", ["d", "lo", "hi"], ["b"])],
                      {"lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)},
                      opset=20)
-    check(wt, model)
+    check(model)
 
 
-def test_prelu_per_channel_slope_is_sliced(wt):
+def test_prelu_per_channel_slope_is_sliced():
     """PRelu's per-channel slope [C,1,1] is a member and loses the pruned channels."""
     model = sandwich([N("PRelu", ["a", "slope"], ["b"])], {"slope": _w(C, 1, 1)})
     group = c1_group(model)
     assert any("slope" in m and "param" in m for m in group.members)
-    pruned = check(wt, model)
+    pruned = check(model)
     slope = next(i for i in pruned.graph.initializer if i.name.startswith("slope"))
     assert tuple(slope.dims) == (C - 3, 1, 1)
 
 
-def test_decomposed_swish_and_erf_gelu(wt):
+def test_decomposed_swish_and_erf_gelu():
     """x·sigmoid(x) and 0.5·x·(1+erf(x/√2)): the same tensor on both sides of a Mul."""
     k = {"half": np.array(0.5, np.float32), "one": np.array(1.0, np.float32),
          "r2": np.array(1.4142135, np.float32)}
@@ -89,28 +89,28 @@ def test_decomposed_swish_and_erf_gelu(wt):
                       N("Div", ["sw", "r2"], ["t"]), N("Erf", ["t"], ["e"]),
                       N("Add", ["e", "one"], ["e1"]), N("Mul", ["sw", "e1"], ["m"]),
                       N("Mul", ["m", "half"], ["b"])], k)
-    check(wt, model)
+    check(model)
 
 
 @pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Max", "Min", "Pow"])
-def test_broadcast_per_channel_constants(wt, op):
+def test_broadcast_per_channel_constants(op):
     """Elementwise ops slice per-channel constants [C,1,1] and leave scalars alone."""
     const = np.abs(_w(C, 1, 1)) + 0.5
     model = sandwich([N("Relu", ["a"], ["r"]), N(op, ["r", "k"], ["o"]),
                       N("Add", ["o", "s"], ["b"])],
                      {"k": const, "s": np.array(0.25, np.float32)})
-    check(wt, model)
+    check(model)
 
 
-def test_where_with_per_channel_condition(wt):
+def test_where_with_per_channel_condition():
     """Where(cond[C,1,1], a, 0) slices its per-channel condition."""
     cond = (RNG.random((C, 1, 1)) > 0.3)
     model = sandwich([N("Where", ["cond", "a", "zero"], ["b"])],
                      {"cond": cond, "zero": np.array(0.0, np.float32)})
-    check(wt, model)
+    check(model)
 
 
-def test_batchnorm_and_instancenorm_parameters_are_sliced(wt):
+def test_batchnorm_and_instancenorm_parameters_are_sliced():
     """BatchNormalization and InstanceNormalization parameters follow the channels."""
     bn = {"g": _w(C), "be": _w(C), "mu": _w(C), "var": np.abs(_w(C)) + 0.5,
           "ig": _w(C), "ib": _w(C)}
@@ -118,21 +118,21 @@ def test_batchnorm_and_instancenorm_parameters_are_sliced(wt):
                       N("InstanceNormalization", ["n", "ig", "ib"], ["b"])], bn)
     roles = {m.split(" (")[-1] for m in c1_group(model).members if "(" in m}
     assert {"bn_scale)", "param)"} <= roles
-    check(wt, model)
+    check(model)
 
 
-def test_concat_with_another_branch(wt):
+def test_concat_with_another_branch():
     """Concat: each input's channels map to their offset; c2 sees 8 + 5 inputs."""
     model = sandwich([N("Conv", ["x", "w3"], ["o"], name="c3", kernel_shape=[1, 1]),
                       N("Concat", ["o", "a"], ["b"], axis=1)],
                      {"w3": _w(5, 3, 1, 1)}, c2_in=C + 5)
-    pruned = check(wt, model)
+    pruned = check(model)
     c3 = next(g for g in coupled_groups(model) if g.source == "c3")
-    wt.masked_equivalence(model, {c3.id: np.array([0, 2])})
+    masked_equivalence(model, {c3.id: np.array([0, 2])})
     assert any(tuple(i.dims) == (4, C + 5 - 3, 1, 1) for i in pruned.graph.initializer)
 
 
-def test_split_into_two_consumers(wt):
+def test_split_into_two_consumers():
     """Split along channels: sizes shrink per output; each half feeds its own conv."""
     nodes = [N("Conv", ["x", "w1"], ["a"], name="c1", kernel_shape=[1, 1]),
              N("Split", ["a", "sizes"], ["p", "q"], axis=1),
@@ -144,7 +144,7 @@ def test_split_into_two_consumers(wt):
                         "wp": _w(2, 3, 1, 1), "wq": _w(2, 5, 1, 1)})
     first, second = (g for g in coupled_groups(model) if g.source == "c1")
     assert (first.size, second.size) == (3, 5)  # the halves reach different consumers
-    pruned = wt.masked_equivalence(model, {first.id: np.array([0, 2]),
+    pruned = masked_equivalence(model, {first.id: np.array([0, 2]),
                                            second.id: np.array([4])})[0]
     split = next(n for n in pruned.graph.node if n.op_type == "Split")
     sizes = next(i for i in pruned.graph.initializer if i.name == split.input[1])
@@ -154,7 +154,7 @@ def test_split_into_two_consumers(wt):
     assert any(n.op_type == "Conv" for n in pruned.graph.node)
 
 
-def test_split_with_num_outputs_becomes_explicit(wt):
+def test_split_with_num_outputs_becomes_explicit():
     """Split(num_outputs=2) whose halves shrink unequally gets an explicit split input."""
     nodes = [N("Conv", ["x", "w1"], ["a"], name="c1", kernel_shape=[1, 1]),
              N("Split", ["a"], ["p", "q"], axis=1, num_outputs=2),
@@ -164,10 +164,10 @@ def test_split_with_num_outputs_becomes_explicit(wt):
                        {"w1": _w(C, 3, 1, 1), "w2": _w(2, 4, 1, 1)}, opset=18)
     group = c1_group(model)
     assert group.size == 4 and group.index[next(iter(group.index))].shape[1] == 2
-    check(wt, model, units=(1,))
+    check(model, units=(1,))
 
 
-def test_slice_keeps_a_channel_window(wt):
+def test_slice_keeps_a_channel_window():
     """Slice [2:7) of the channels: the window's bounds move; channels outside it are dead."""
     model = sandwich([N("Slice", ["a", "st", "en", "ax"], ["b"])],
                      {"st": np.array([2], np.int64), "en": np.array([7], np.int64),
@@ -176,10 +176,10 @@ def test_slice_keeps_a_channel_window(wt):
     live = next(g for g in groups if any("c2" in m for m in g.members))
     dead = next(g for g in groups if g is not live)
     assert dead.size == 3 and live.size == 5
-    wt.masked_equivalence(model, {live.id: np.array([0, 3]), dead.id: np.array([0, 2])})
+    masked_equivalence(model, {live.id: np.array([0, 3]), dead.id: np.array([0, 2])})
 
 
-def test_transpose_reshape_flatten_squeeze_unsqueeze(wt):
+def test_transpose_reshape_flatten_squeeze_unsqueeze():
     """Layout ops: NCHW→NHWC→NCHW, Flatten/Reshape round trip, Squeeze/Unsqueeze."""
     model = sandwich([N("Transpose", ["a"], ["t"], perm=[0, 2, 3, 1]),
                       N("Transpose", ["t"], ["u"], perm=[0, 3, 1, 2]),
@@ -190,7 +190,7 @@ def test_transpose_reshape_flatten_squeeze_unsqueeze(wt):
                      {"ax0": np.array([0], np.int64),
                       "shape": np.array([2, C, 36], np.int64),
                       "back": np.array([2, C, 6, 6], np.int64)})
-    check(wt, model)
+    check(model)
 
 
 @pytest.mark.parametrize("pool", [
@@ -198,13 +198,13 @@ def test_transpose_reshape_flatten_squeeze_unsqueeze(wt):
     N("AveragePool", ["a"], ["b"], kernel_shape=[2, 2]),
     N("MaxPool", ["a"], ["b"], kernel_shape=[3, 3], strides=[2, 2]),
 ])
-def test_pooling(wt, pool):
+def test_pooling(pool):
     """Pooling carries batch and channels; spatial axes are never coupled."""
-    check(wt, sandwich([pool]))
+    check(sandwich([pool]))
 
 
 @pytest.mark.parametrize("keepdims", [0, 1])
-def test_reduce_over_spatial_axes(wt, keepdims):
+def test_reduce_over_spatial_axes(keepdims):
     """ReduceMean over H, W (squeeze-excite) keeps the channel coupling, with or without
     kept dims."""
     middle = [N("ReduceMean", ["a", "axes"], ["m"], keepdims=keepdims),
@@ -214,46 +214,46 @@ def test_reduce_over_spatial_axes(wt, keepdims):
     else:
         middle += [N("Unsqueeze", ["s", "axes"], ["s4"]), N("Mul", ["a", "s4"], ["b"])]
     model = sandwich(middle, {"axes": np.array([2, 3], np.int64)}, opset=18)
-    check(wt, model)
+    check(model)
 
 
-def test_resize_upsample_and_spatial_pad(wt):
+def test_resize_upsample_and_spatial_pad():
     """Resize ×2 on H, W and a spatial Pad leave the channel axis one to one."""
     model = sandwich([N("Resize", ["a", "", "scales"], ["r"], mode="nearest"),
                       N("Pad", ["r", "pads"], ["b"])],
                      {"scales": np.array([1, 1, 2, 2], np.float32),
                       "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)})
-    check(wt, model)
+    check(model)
 
 
-def test_resize_with_sizes_is_rewritten(wt):
+def test_resize_with_sizes_is_rewritten():
     """Resize given output sizes: the channel entry of sizes follows the pruning."""
     model = sandwich([N("Resize", ["a", "", "", "sizes"], ["b"], mode="nearest")],
                      {"sizes": np.array([2, C, 12, 12], np.int64)})
-    check(wt, model)
+    check(model)
 
 
-def test_cast_roundtrip_and_expand(wt):
+def test_cast_roundtrip_and_expand():
     """Cast to float16 and back, and Expand of a per-channel tensor to full size."""
     model = sandwich([N("Cast", ["a"], ["h"], to=TensorProto.FLOAT16),
                       N("Cast", ["h"], ["f"], to=TensorProto.FLOAT),
                       N("Expand", ["k", "shape"], ["e"]),
                       N("Add", ["f", "e"], ["b"])],
                      {"k": _w(1, C, 1, 1), "shape": np.array([2, C, 6, 6], np.int64)})
-    check(wt, model)
+    check(model)
 
 
-def test_gather_channel_selection(wt):
+def test_gather_channel_selection():
     """Gather with constant indices on the channel axis: indices are renumbered."""
     model = sandwich([N("Gather", ["a", "idx"], ["b"], axis=1)],
                      {"idx": np.array([6, 0, 3, 3, 5], np.int64)}, c2_in=5)
     groups = [g for g in coupled_groups(model) if g.source == "c1"]
     live = [g for g in groups if any("c2" in m for m in g.members)]
     assert live and all(g.prunable for g in live)
-    wt.masked_equivalence(model, {live[0].id: np.array([0])})
+    masked_equivalence(model, {live[0].id: np.array([0])})
 
 
-def test_conv_transpose_producer_and_consumer(wt):
+def test_conv_transpose_producer_and_consumer():
     """ConvTranspose: filters on weight axis 1 when producing, axis 0 when consuming."""
     nodes = [N("ConvTranspose", ["x", "wt1", "bt1"], ["a"], name="c1", kernel_shape=[2, 2],
                strides=[2, 2]),
@@ -261,32 +261,32 @@ def test_conv_transpose_producer_and_consumer(wt):
              N("ConvTranspose", ["r", "wt2"], ["y"], name="c2", kernel_shape=[2, 2])]
     model = make_model(nodes, {"x": [1, 3, 4, 4]}, ["y"],
                        {"wt1": _w(3, C, 2, 2), "bt1": _w(C), "wt2": _w(C, 2, 2, 2)})
-    check(wt, model)
+    check(model)
 
 
-def test_grouped_conv_loses_whole_groups(wt):
+def test_grouped_conv_loses_whole_groups():
     """A grouped conv (group=2) couples channels in blocks; the group attribute shrinks."""
     model = sandwich([N("Conv", ["a", "wg"], ["g"], name="cg", group=2, kernel_shape=[1, 1]),
                       N("Relu", ["g"], ["b"])], {"wg": _w(6, C // 2, 1, 1)}, c2_in=6)
     group = c1_group(model)
     assert group.size == 2 and group.unit_width == C // 2
-    pruned = wt.masked_equivalence(model, {group.id: np.array([1])})[0]
+    pruned = masked_equivalence(model, {group.id: np.array([1])})[0]
     cg = next(n for n in pruned.graph.node if n.op_type == "Conv" and
               any(a.name == "group" for a in n.attribute))
     assert next(a.i for a in cg.attribute if a.name == "group") == 1
 
 
-def test_depthwise_conv_couples_in_and_out(wt):
+def test_depthwise_conv_couples_in_and_out():
     """Depthwise conv (group == channels): c1's filters, the dw filters and c2's inputs."""
     model = sandwich([N("Conv", ["a", "wd", "bd"], ["b"], name="dw", group=C,
                         kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
                      {"wd": _w(C, 1, 3, 3), "bd": _w(C)})
     group = c1_group(model)
     assert group.size == C and any("dw" in m for m in group.members)
-    check(wt, model)
+    check(model)
 
 
-def test_gemm_transposes_and_matmul_with_left_weight(wt):
+def test_gemm_transposes_and_matmul_with_left_weight():
     """Gemm with transA/transB and a MatMul whose constant weight is on the left."""
     nodes = [N("Gemm", ["x", "w1", "b1"], ["h"], name="g1", transB=1),
              N("Relu", ["h"], ["r"]),
@@ -303,10 +303,10 @@ def test_gemm_transposes_and_matmul_with_left_weight(wt):
     groups = {g.source: g for g in coupled_groups(model)}
     for name in ("g1", "g2", "ml"):
         assert groups[name].prunable, (name, groups[name].reason)
-        wt.masked_equivalence(model, {groups[name].id: np.array([0, 2])})
+        masked_equivalence(model, {groups[name].id: np.array([0, 2])})
 
 
-def test_batched_matmul_on_3d_activations(wt):
+def test_batched_matmul_on_3d_activations():
     """MatMul on [batch, seq, hidden] with a 2-D weight, plus a bias Add."""
     nodes = [N("MatMul", ["x", "w1"], ["h"], name="up"), N("Add", ["h", "b1"], ["hb"]),
              N("Relu", ["hb"], ["r"]), N("MatMul", ["r", "w2"], ["y"], name="down")]
@@ -314,20 +314,20 @@ def test_batched_matmul_on_3d_activations(wt):
                        {"w1": _w(6, 12), "b1": _w(12), "w2": _w(12, 4)})
     group = next(g for g in coupled_groups(model) if g.source == "up")
     assert group.kind == "neurons"
-    check(wt, model, group)
+    check(model, group)
 
 
-def test_weights_as_constant_nodes_and_identity_chains(wt):
+def test_weights_as_constant_nodes_and_identity_chains():
     """Weights from Constant nodes and behind Identity are constants (sliced per use)."""
     w1 = helper.make_tensor("w1c", TensorProto.FLOAT, [C, 3, 1, 1], _w(C, 3, 1, 1).ravel())
     nodes = [N("Constant", [], ["w1"], value=w1), N("Identity", ["w1"], ["w1i"]),
              N("Conv", ["x", "w1i"], ["a"], name="c1", kernel_shape=[1, 1]),
              N("Conv", ["a", "w2"], ["y"], name="c2", kernel_shape=[1, 1])]
     model = make_model(nodes, {"x": [1, 3, 4, 4]}, ["y"], {"w2": _w(2, C, 1, 1)})
-    check(wt, model)
+    check(model)
 
 
-def test_shared_constant_is_copied_on_write(wt):
+def test_shared_constant_is_copied_on_write():
     """Two nodes sharing one per-channel constant: each use is sliced on its own."""
     nodes = [N("Conv", ["x", "w1"], ["a"], name="c1", kernel_shape=[1, 1]),
              N("Mul", ["a", "k"], ["am"]),
@@ -340,7 +340,7 @@ def test_shared_constant_is_copied_on_write(wt):
                         "w2": _w(2, C, 1, 1), "w4": _w(2, C, 1, 1)})
     groups = {g.source: g for g in coupled_groups(model)}
     assert groups["c1"].id != groups["c3"].id  # the shared constant does not couple them
-    pruned = wt.masked_equivalence(model, {groups["c1"].id: np.array([1])})[0]
+    pruned = masked_equivalence(model, {groups["c1"].id: np.array([1])})[0]
     dims = sorted(tuple(i.dims) for i in pruned.graph.initializer if i.name.startswith("k"))
     assert dims == [(C - 1, 1, 1), (C, 1, 1)]
 

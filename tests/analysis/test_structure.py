@@ -98,11 +98,11 @@ def test_tensor_used_by_a_later_layer_makes_the_block_unremovable(make_stack):
 
 
 @pytest.mark.parametrize("family", list(FAMILY_NORM))
-def test_hf_exports_layer_count(hf_model, identity_layer, family):
+def test_hf_exports_layer_count(hf_layers_model, identity_layer, family):
     """Tiny BERT/DistilBERT (post-LN), GPT-2 and LLaMA (pre-LN; TorchScript, and dynamo opset
     23 with Attention/RMSNormalization/RotaryEmbedding ops): 3 removable layers of attention
     + mlp each (the exports shared with the identity-layer tests)."""
-    s = find_structure(hf_model(family, ((identity_layer[family], "layer"),)))
+    s = find_structure(hf_layers_model(family, ((identity_layer[family], "layer"),)))
     assert s.norm == FAMILY_NORM[family]
     assert len(s.layers) == 3
     assert all(b.removable for b in s.layers + s.sublayers), [b.reason for b in s.layers]
