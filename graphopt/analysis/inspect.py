@@ -11,7 +11,7 @@ import onnx
 
 from graphopt.analysis.cost import count_cost
 from graphopt.ir.inputs import check_input_shapes, input_specs
-from graphopt.ir.model import iter_graphs, load, tensor_bytes
+from graphopt.ir.model import iter_graphs, load, open_for_run, stored_bytes
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list[Any]:
@@ -44,7 +44,10 @@ def _formula(model, input_shapes, cost) -> dict[str, Any]:
 def inspect_model(source: str | Path | onnx.ModelProto,
                   input_shapes: Mapping[str, tuple[int, ...]] | None = None,
                   *, groups: bool = False) -> dict[str, Any]:
-    model = load(source)
+    # Without --groups, a file over 2 GB is read as its outline (the big tensors stay on
+    # disk): costs need dims, not values.
+    model = load(source) if groups or isinstance(source, onnx.ModelProto) else \
+        open_for_run(source).model
     check_input_shapes(model, input_shapes or {})
     cost = count_cost(model, input_shapes)
     ops: Counter[str] = Counter()
@@ -65,7 +68,7 @@ def inspect_model(source: str | Path | onnx.ModelProto,
         "subgraphs": sum(1 for _ in iter_graphs(model.graph)) - 1,
         "op_histogram": dict(ops.most_common()),
         "cost": {**cost.to_dict(), **_formula(model, input_shapes, cost)},
-        "weight_bytes": tensor_bytes(model),
+        "weight_bytes": stored_bytes(model),
         "metadata": {p.key: p.value for p in model.metadata_props},
     }
     if not isinstance(source, onnx.ModelProto):

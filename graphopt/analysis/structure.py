@@ -345,8 +345,8 @@ def _find_residuals(idx: StructureIndex, shapes: dict[str, tuple]) -> list[_Resi
 def _merge_parallel(idx: StructureIndex, found: list[_Residual]) -> list[_Residual]:
     """Parallel residuals (GPT-J, Falcon, GPT-NeoX, PaLM: ``x + attn(ln x) + mlp(ln' x)``).
     1. ``Add(x, Add(attn, mlp))``: found as one residual; its kind becomes ``parallel``.
-    2. ``Add(Add(x, attn), mlp)``: the outer Add's other input, a second branch from the same
-       skip, joins the residual, which ends at the outer Add (the inner sum feeding it only)."""
+    2. ``Add(Add(x, attn), mlp)``: the outer Add's other input, a branch from the same skip,
+       joins the residual, then ending at the outer Add (the inner sum feeding it only)."""
     by_out = {r.out: r for r in found}
     adds = {r.add for r in found}
     for r in found:
@@ -364,8 +364,7 @@ def _merge_parallel(idx: StructureIndex, found: list[_Residual]) -> list[_Residu
             if r is None or not q or q in idx.static or len(idx.consumers.get(p, ())) != 1 \
                     or not idx.is_ancestor(r.skip, q) or idx.is_ancestor(p, q):
                 continue
-            branch = idx.between(r.skip, q)
-            if not _branch_kind(idx, branch) or branch & adds:
+            if not _branch_kind(idx, branch := idx.between(r.skip, q)) or branch & adds:
                 continue
             del by_out[p]
             r.add, r.out, r.kind = i, node.output[0], "parallel"
@@ -546,7 +545,6 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     """Types and shapes of every tensor: the model's own value_info, else inferred on a copy."""
     from graphopt.ir.strip import stripped_copy
-
     from .shapes import infer_shapes
 
     if len(model.graph.value_info) >= len(model.graph.node) // 2:

@@ -154,3 +154,19 @@ def test_api_keeps_one_copy_of_a_large_file(large, monkeypatch):
                                           validate={"atol": 1e3, "rtol": 1e3})
     assert report.validation is not None and report.validation.ok
     assert len(loads) == 1, loads
+
+
+def test_inspect_reads_a_large_file_as_its_outline(large, monkeypatch):
+    """inspect (without --groups) reports the same for a file over the threshold without
+    loading its weights."""
+    from graphopt.analysis import inspect as inspect_module
+
+    os.environ[model_io.EXTERNAL_ENV] = str(2**31)
+    whole = inspect_module.inspect_model(large)
+    os.environ[model_io.EXTERNAL_ENV] = str(64 * 1024)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("inspect loaded the whole model")
+
+    monkeypatch.setattr(inspect_module, "load", refuse)
+    assert inspect_module.inspect_model(large) == whole
