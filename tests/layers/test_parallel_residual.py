@@ -14,6 +14,8 @@ outer Add's inputs: ``Add(mlp, Add(x, attn))``.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -140,3 +142,39 @@ def test_sub_block_kinds_say_the_layers_are_parallel(kind):
     assert entry.status == "unchanged"
     (skip,) = entry.skipped
     assert "in parallel off the same input" in skip.reason and "kind=layer" in skip.reason
+
+
+@pytest.fixture(scope="module")
+def neox_identity(tmp_path_factory):
+    """A tiny Hugging Face GPT-NeoX (use_parallel_residual=True, 3 layers, TorchScript export)
+    whose layer 1 has its attention and MLP output projections zeroed: x + 0 + 0."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from graphopt.exporters import export_hf
+
+    torch.manual_seed(0)
+    config = transformers.GPTNeoXConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, use_parallel_residual=True,
+        bos_token_id=0, eos_token_id=0)
+    model = transformers.AutoModel.from_config(config).eval()
+    layer = model.layers[1]
+    with torch.no_grad():
+        for linear in (layer.attention.dense, layer.mlp.dense_4h_to_h):
+            linear.weight.zero_()
+            linear.bias.zero_()
+    path = export_hf(model, tmp_path_factory.mktemp("neox") / "neox.onnx",
+                     exporter="torchscript")
+    return graphopt.load(path)
+
+
+def test_hf_gpt_neox_parallel_layers(neox_identity, token_feeds):
+    """GPT-NeoX's parallel layers are three removable parallel blocks; block influence
+    picks the zeroed layer 1 and the pruned model equals the original."""
+    structure = find_structure(neox_identity)
+    assert [b.kind for b in structure.sublayers] == ["parallel"] * 3
+    assert all(b.removable for b in structure.layers)
+    out, entry = _prune(neox_identity, count=1)
+    assert entry.counters["blocks_removed"] == 1
+    assert json.loads({p.key: p.value for p in out.metadata_props}["graphopt.layers"]) == [0, 2]
+    assert_equivalent(neox_identity, out, token_feeds(neox_identity))
