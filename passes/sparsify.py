@@ -77,8 +77,11 @@ class SparsifyConfig:
     held-out data, MiniLM 2:4 held-out Spearman 0.937 -> 0.946).
     ``block``: SparseGPT's lazy-update block of columns. ``correct`` (sparsegpt): refit
     each layer toward the original outputs first (dense layers too), damped by
-    ``refit_damp``. ``bias_correct`` (sparsegpt): add each layer's mean output shift on the
-    calibration inputs to its bias (``graphopt.sparsity.bias``). ``ops``: which op types.
+    ``refit_damp``. ``bias`` (sparsegpt, where a layer has a bias to take it): ``off``;
+    ``shift`` adds each layer's mean output shift on the calibration inputs to its bias
+    (``graphopt.sparsity.bias``); ``joint`` also refits and prunes the weights on centered
+    statistics (``XᵀX − n·μμᵀ``), the least-squares solution for weights and bias
+    together. ``ops``: which op types.
     ``include``/``exclude``: node-name patterns (glob or ``re:REGEX``).
     """
 
@@ -92,7 +95,7 @@ class SparsifyConfig:
     block: int = 128
     correct: bool = True
     refit_damp: float = 0.1
-    bias_correct: bool = True
+    bias: str = "joint"
     ops: tuple[str, ...] = OPS
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -119,6 +122,8 @@ class SparsifyConfig:
             raise ConfigError(f"keep_dense must be in [0, 1), got {self.keep_dense}")
         if not 0.0 < self.damp < 1.0:
             raise ConfigError(f"damp must be in (0, 1), got {self.damp}")
+        if self.bias not in ("off", "shift", "joint"):
+            raise ConfigError(f"bias must be off, shift or joint, got '{self.bias}'")
         if not 0.0 < self.refit_damp:
             raise ConfigError(f"refit_damp must be above 0, got {self.refit_damp}")
         if self.block < 1:
@@ -284,7 +289,7 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
     def _shift(self, model, layer: WeightLayer, wt: np.ndarray, st):
         """With ``bias_correct``: the layer's mean output shift ``c`` added to its bias
         (returned), or why it could not be (a string); None when not asked."""
-        if not self.config.bias_correct or st.mean_t is None:
+        if self.config.bias == "off" or st.mean_t is None:
             return None
         c = st.mean_t - wt @ st.mean_x
         why = absorb_shift(model, layer, c)
@@ -308,10 +313,15 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
         for stage in _stages(model, todo):
             for layer, st in layer_stats(model, stage, feeds, reference=reference):
                 w0 = layer.to_matrix(read_weight(ref_inits, layer)).astype(np.float64)
-                wt, h = w0, st.h
-                if cfg.correct and st.xt is not None:
+                wt, h, xt = w0, st.h, st.xt
+                if cfg.bias == "joint" and st.mean_t is not None and \
+                        absorb_shift(model, layer, None) is None:
+                    # the bias takes the means: what remains to fit is the centered part
+                    h = h - np.outer(st.mean_x, st.mean_x)
+                    xt = xt - np.outer(st.mean_x, st.mean_t)
+                if cfg.correct and xt is not None:
                     lam = cfg.refit_damp * float(np.mean(np.diag(h)) or 1.0)
-                    wt = np.linalg.solve(h + lam * np.eye(h.shape[0]), st.xt + lam * w0.T).T
+                    wt = np.linalg.solve(h + lam * np.eye(h.shape[0]), xt + lam * w0.T).T
                 if layer.name in dense:
                     if wt is not w0:
                         write_weight(inits, layer.weight, layer.from_matrix(wt))

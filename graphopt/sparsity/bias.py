@@ -33,13 +33,10 @@ def _uses(model: onnx.ModelProto, name: str) -> int:
         sum(1 for o in model.graph.output if o.name == name)
 
 
-def _added(old: np.ndarray, c: np.ndarray) -> np.ndarray | None:
-    n = c.shape[0]
+def _added(old: np.ndarray, c: np.ndarray) -> np.ndarray:
     if old.size == 1:
         return (old.reshape(-1)[0] + c).astype(old.dtype)
-    if old.shape and old.shape[-1] == n and old.size == n:
-        return (old + c.reshape(old.shape)).astype(old.dtype)
-    return None
+    return (old + c.reshape(old.shape)).astype(old.dtype)
 
 
 def _replace(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
@@ -49,9 +46,10 @@ def _replace(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
             return
 
 
-def absorb_shift(model: onnx.ModelProto, layer: WeightLayer, c: np.ndarray) -> str | None:
+def absorb_shift(model: onnx.ModelProto, layer: WeightLayer, c: np.ndarray | None
+                 ) -> str | None:
     """Add ``c`` ([N] output shift) to the layer's bias (module doc); None when done, else
-    why not."""
+    why not. ``c=None`` only checks (nothing is written)."""
     node = model.graph.node[layer.index]
     inits = initializers(model)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[layer.weight].data_type)
@@ -60,10 +58,14 @@ def absorb_shift(model: onnx.ModelProto, layer: WeightLayer, c: np.ndarray) -> s
             name = node.input[2]
             if name not in inits or _uses(model, name) > 1:
                 return f"its bias '{name}' is not an initializer of its own"
-            new = _added(numpy_helper.to_array(inits[name]), c)
-            if new is None:
+            old = numpy_helper.to_array(inits[name])
+            n = layer.rows
+            if old.size != 1 and (old.size != n or old.shape[-1] != n):
                 return f"its bias '{name}' is not one value per output"
-            _replace(model, name, new)
+            if c is not None:
+                _replace(model, name, _added(old, c))
+            return None
+        if c is None:
             return None
         name = f"{layer.weight}__bias"
         taken = {t.name for t in model.graph.initializer} | {
@@ -85,7 +87,9 @@ def absorb_shift(model: onnx.ModelProto, layer: WeightLayer, c: np.ndarray) -> s
     if len(other) != 1 or other[0] not in inits or _uses(model, other[0]) > 1:
         return "the Add after it has no bias initializer of its own"
     old = numpy_helper.to_array(inits[other[0]])
-    if old.size != c.shape[0] or (old.shape and old.shape[-1] != c.shape[0]):
+    n = layer.rows
+    if old.size != n or (old.shape and old.shape[-1] != n):
         return f"the bias '{other[0]}' is not one value per output"
-    _replace(model, other[0], (old + c.reshape(old.shape)).astype(old.dtype))
+    if c is not None:
+        _replace(model, other[0], (old + c.reshape(old.shape)).astype(old.dtype))
     return None
