@@ -53,6 +53,7 @@ from graphopt.sparsity.layers import (
 from graphopt.sparsity.masks import (
     METHODS,
     keep_mask,
+    masked_refit,
     output_error,
     parse_pattern,
     scores,
@@ -81,7 +82,9 @@ class SparsifyConfig:
     ``shift`` adds each layer's mean output shift on the calibration inputs to its bias
     (``graphopt.sparsity.bias``); ``joint`` also refits and prunes the weights on centered
     statistics (``XᵀX − n·μμᵀ``), the least-squares solution for weights and bias
-    together. ``ops``: which op types.
+    together. ``mask_refit`` (sparsegpt, with ``correct``): after SparseGPT chose the mask,
+    the kept weights of each row are the damped least-squares fit to the original outputs
+    (``graphopt.sparsity.masks.masked_refit``). ``ops``: which op types.
     ``include``/``exclude``: node-name patterns (glob or ``re:REGEX``).
     """
 
@@ -96,6 +99,7 @@ class SparsifyConfig:
     correct: bool = True
     refit_damp: float = 0.1
     bias: str = "joint"
+    mask_refit: bool = True
     ops: tuple[str, ...] = OPS
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -287,7 +291,7 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
         return sparsegpt(wt, h, ratio=ratio, n=n, m=m, damp=cfg.damp, block=cfg.block)
 
     def _shift(self, model, layer: WeightLayer, wt: np.ndarray, st):
-        """With ``bias_correct``: the layer's mean output shift ``c`` added to its bias
+        """With ``bias`` (shift, joint): the layer's mean output shift ``c`` added to its bias
         (returned), or why it could not be (a string); None when not asked."""
         if self.config.bias == "off" or st.mean_t is None:
             return None
@@ -331,6 +335,8 @@ class Sparsify(Pass[SparsifyConfig], name="sparsify", lossless=False):
                             f"; {note}" if isinstance(note, str) else "")
                     continue
                 new = self._prune(wt, h, target[layer.name], n, m)
+                if cfg.correct and cfg.mask_refit and xt is not None:
+                    new = masked_refit(new, h, xt, cfg.refit_damp)
                 write_weight(inits, layer.weight, layer.from_matrix(new))
                 note = self._shift(model, layer, new, st) if st.xt is not None else \
                     "grouped convolution: SparseGPT per group, without the refit"

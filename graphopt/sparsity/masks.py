@@ -150,6 +150,24 @@ def sparsegpt(wt: np.ndarray, hessian: np.ndarray, *, ratio: float = 0.0, n: int
     return w
 
 
+def masked_refit(wt: np.ndarray, h: np.ndarray, xt: np.ndarray, damp: float) -> np.ndarray:
+    """``wt`` with its zeros kept and every row's other weights the least-squares fit
+    ``min ‖X w − t‖² + λ‖w − w_now‖²`` on those columns (``h`` = XᵀX/n, ``xt`` = XᵀT/n
+    [K, rows], λ = ``damp`` × mean diag ``h``): SparseGPT's column-by-column updates only
+    approximate this optimum for its mask. Damping toward the current weights keeps the
+    fit from chasing the calibration rows."""
+    out = wt.astype(np.float64).copy()
+    lam = damp * float(np.mean(np.diag(h)) or 1.0)
+    with _one_blas_thread():
+        for r in range(out.shape[0]):
+            keep = np.flatnonzero(out[r])
+            if not keep.size:
+                continue
+            a = h[np.ix_(keep, keep)] + lam * np.eye(keep.size)
+            out[r, keep] = np.linalg.solve(a, xt[keep, r] + lam * out[r, keep])
+    return out
+
+
 def output_error(wt: np.ndarray, new: np.ndarray, hessian: np.ndarray) -> float:
     """Relative squared output error of the layer on its calibration inputs."""
     wt = wt.astype(np.float64)
