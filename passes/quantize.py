@@ -43,20 +43,11 @@ import onnx
 import onnx.version_converter
 
 from graphopt.errors import ConfigError, UnsupportedModelError
+from graphopt.analysis.precision import LOW_PRECISION, QUANTIZED_OPS, quantized_ops
 from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.needs import Need, check_needs
 from graphopt.core.registry import register
 
-# Op types that only appear in a model something has already quantized.
-QUANTIZED_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-    "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulNBits",
-    "QAttention", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
-    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSoftmax",
-    "DynamicQuantizeLSTM", "QEmbedLayerNormalization", "MatMulIntegerToFloat",
-    "QOrderedMatMul", "QOrderedAttention", "QuantizeBFP", "DequantizeBFP",
-})
-_LOW_PRECISION = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8,
-                  onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 _STATIC_OPS = ("Conv", "MatMul", "Gemm")
 # Above this many bytes of weights, onnxruntime's quantizers write external data.
 _EXTERNAL_BYTES = 1536 * 2**20
@@ -90,19 +81,6 @@ class QuantizeConfig:
             raise ConfigError("per_channel and reduce_range apply to the int8 modes, not fp16")
 
 
-def quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
-    """Op types (and low-precision weights) showing ``model`` is already quantized."""
-    found: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type in QUANTIZED_OPS:
-            found[node.op_type] = found.get(node.op_type, 0) + 1
-    low = sum(1 for t in model.graph.initializer
-              if t.data_type in _LOW_PRECISION and np.prod(t.dims, dtype=np.int64) > 16)
-    if low:
-        found["int8/float16 weights"] = low
-    return found
-
-
 class _Feeds:
     """A ``CalibrationDataReader`` over feed dicts (onnxruntime calls ``get_next`` until
     None); each feed keeps only the inputs the model reads."""
@@ -132,17 +110,11 @@ class Quantize(Pass[QuantizeConfig], name="quantize", lossless=False):
     """Quantize with onnxruntime's tools: dynamic int8, static int8 QDQ (calibrated,
     per-channel) or fp16; runs last in a recipe. See the module docstring."""
 
-    def check(self, model: onnx.ModelProto, ctx: Context) -> None:
-        found = quantized_ops(model)
-        if found:
-            what = ", ".join(f"{n} {op}" for op, n in sorted(found.items()))
-            raise UnsupportedModelError(
-                f"pass 'quantize': the model is already quantized ({what}); quantize the "
-                "float model it came from")
+    requires = (Need.FLOAT_MODEL,)
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         cfg = self.config
-        self.check(model, ctx)  # a quantize before this one in the same recipe
+        check_needs(self, model, ctx)  # a quantize before this one in the same recipe
         skipped: list[Skip] = []
         inputs = [i.name for i in model.graph.input]
         with tempfile.TemporaryDirectory(prefix="graphopt-quantize-") as tmp:
@@ -344,7 +316,7 @@ def _count(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, int]:
     for n in after.graph.node:
         if n.op_type in QUANTIZED_OPS:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    low = sum(1 for t in after.graph.initializer if t.data_type in _LOW_PRECISION)
+    low = sum(1 for t in after.graph.initializer if t.data_type in LOW_PRECISION)
     counters = {f"{op}_nodes": c for op, c in sorted(ops.items())}
     counters["low_precision_weights"] = low
     counters["quantized_nodes"] = sum(ops.values()) or low
@@ -359,9 +331,9 @@ def _carry_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
 
 
 def _large(model: onnx.ModelProto) -> bool:
-    from graphopt.runtime.session import _weight_bytes
+    from graphopt.ir.model import initializer_bytes
 
-    return _weight_bytes(model) >= _EXTERNAL_BYTES
+    return initializer_bytes(model) >= _EXTERNAL_BYTES
 
 
 def _first_line(exc: BaseException) -> str:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import onnx
 
 from graphopt.errors import GraphoptError
+from graphopt.ir.graph import GraphIndex
 
 logger = logging.getLogger(__name__)
 
@@ -119,41 +120,20 @@ class Structure:
 # --------------------------------------------------------------------------- graph index
 
 
-def _subgraph_refs(node: onnx.NodeProto) -> list[str]:
-    """Outer-scope names a node's subgraphs read (implicit inputs)."""
-    refs: list[str] = []
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else (
-            list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
-        for g in graphs:
-            local = {i.name for i in g.input} | {i.name for i in g.initializer}
-            for inner in g.node:
-                local.update(inner.output)
-            for inner in g.node:
-                for name in list(inner.input) + _subgraph_refs(inner):
-                    if name and name not in local:
-                        refs.append(name)
-    return refs
-
-
 class StructureIndex:
     """Producers, consumers, topological positions and static (input-free) tensors."""
 
     def __init__(self, graph: onnx.GraphProto):
-        self.nodes = list(graph.node)
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = {}
-        self.inputs: list[list[str]] = []
-        for i, node in enumerate(self.nodes):
-            for out in node.output:
-                if out:
-                    self.producer[out] = i
-            names = [n for n in node.input if n] + _subgraph_refs(node)
-            self.inputs.append(names)
-            for name in dict.fromkeys(names):
-                self.consumers.setdefault(name, []).append(i)
+        index = GraphIndex(graph)
+        self.nodes = index.nodes
+        self.producer: dict[str, int] = index.position
+        self.inputs: list[list[str]] = index.reads
+        self.consumers: dict[str, list[int]] = {
+            name: index.reader_positions(name) for name in index.slots}
         self.outputs = {o.name for o in graph.output}
-        self.order = self._toposort()
+        self.order = index.topological_order()
+        if len(self.order) != len(self.nodes):
+            raise GraphoptError("the graph has a cycle; run the cleanup pass or re-export it")
         self.position = {n: p for p, n in enumerate(self.order)}
         inits = {t.name for t in graph.initializer} | {t.values.name for t in
                                                          graph.sparse_initializer}
@@ -165,22 +145,6 @@ class StructureIndex:
             if node.op_type == "Constant" or (
                     ins and all(n in self.static and n not in graph_inputs for n in ins)):
                 self.static.update(o for o in node.output if o)
-
-    def _toposort(self) -> list[int]:
-        pending = [len({n for n in ins if n in self.producer}) for ins in self.inputs]
-        ready = deque(i for i, p in enumerate(pending) if p == 0)
-        order = []
-        while ready:
-            i = ready.popleft()
-            order.append(i)
-            for out in self.nodes[i].output:
-                for c in self.consumers.get(out, ()):
-                    pending[c] -= 1
-                    if pending[c] == 0:
-                        ready.append(c)
-        if len(order) != len(self.nodes):
-            raise GraphoptError("the graph has a cycle; run the cleanup pass or re-export it")
-        return order
 
     def _floor(self, tensor: str) -> int:
         """Position of the tensor's producer (-1 for inputs and initializers): everything

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from graphopt.ir.graph import GraphIndex
 
 logger = logging.getLogger(__name__)
 
@@ -82,24 +83,17 @@ class GraphView:
 
         self.model = model
         self.graph = model.graph
-        self.nodes = list(model.graph.node)
+        self.index = index = GraphIndex(model.graph)
+        self.nodes = index.nodes
         self.opsets = {o.domain or "": o.version for o in model.opset_import}
-        self.initializers = {i.name: i for i in model.graph.initializer}
+        self.initializers = index.initializers
         self.constant_nodes = {n.output[0]: n for n in self.nodes
                                if n.op_type == "Constant" and n.output}
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[tuple[int, int]]] = {}
-        for idx, node in enumerate(self.nodes):
-            for o in node.output:
-                if o:
-                    self.producer[o] = idx
-            for i, name in enumerate(node.input):
-                if name:
-                    self.consumers.setdefault(name, []).append((idx, i))
-            for name in _subgraph_inputs(node):
-                self.consumers.setdefault(name, []).append((idx, -1))
-        self.graph_inputs = {vi.name for vi in model.graph.input} - set(self.initializers)
-        self.graph_outputs = {vi.name for vi in model.graph.output}
+        # positions: producing node index; (node index, input slot), -1 = a subgraph read
+        self.producer: dict[str, int] = index.position
+        self.consumers: dict[str, list[tuple[int, int]]] = index.slots
+        self.graph_inputs = index.graph_inputs - set(self.initializers)
+        self.graph_outputs = index.graph_outputs
         if shapes is None:
             try:
                 shapes = _all_shapes(model, resolve_shapes(model, input_shapes))
@@ -328,22 +322,6 @@ def _doubled_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple]:
     except Exception as exc:  # noqa: BLE001 - without it, reshapes fall back to the default
         logger.debug("second shape inference failed: %s", exc)
         return {}
-
-
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope names a node's subgraphs read (If/Loop/Scan bodies)."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else \
-            list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
-        for g in graphs:
-            defined = {i.name for i in g.input} | {i.name for i in g.initializer}
-            for n in g.node:
-                for name in list(n.input) + sorted(_subgraph_inputs(n)):
-                    if name and name not in defined:
-                        names.add(name)
-                defined.update(n.output)
-    return names
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:

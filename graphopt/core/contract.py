@@ -133,10 +133,18 @@ class Pass(Generic[C]):
             if args and isinstance(args[0], type):
                 cls.Config = args[0]
 
+    # What the pass needs before it runs (``graphopt.core.needs.Need`` values), checked by
+    # the manager before any pass runs; ``needs()`` may make them depend on the config.
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def needs(self) -> tuple[str, ...]:
+        return tuple(self.requires)
+
     def check(self, model: onnx.ModelProto, ctx: Context) -> None:
         """Refuse the run before any pass starts (raise a ``GraphoptError`` naming the fix)
-        when this pass can never apply to ``model``, the manager's input: a user error is
-        then one line, with no pass run and nothing rolled back. Default: accept."""
+        when this pass can never apply to ``model``, the manager's input, for reasons its
+        ``requires`` cannot say: a user error is then one line, with no pass run and
+        nothing rolled back. Default: accept."""
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:  # pragma: no cover
         raise NotImplementedError

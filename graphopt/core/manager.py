@@ -21,12 +21,13 @@ import onnx
 from graphopt.core.config import config_dict
 from graphopt.core.contract import Context, Pass
 from graphopt.core.finalize import finalize
+from graphopt.core.needs import check_needs
+from graphopt.ir.model import initializer_bytes
 from graphopt.core.report import PassReport, Report
 from graphopt.errors import ConfigError, GraphoptError, InputSpecError, PassError
 from graphopt.core.observe import Event, Observer, Observers
 from graphopt.core.rollback import Kept, Where, rollback_store
 from graphopt.runtime.session import (
-    _weight_bytes,
     check_model,
     max_difference,
     release_memory,
@@ -97,6 +98,7 @@ class PassManager:
         """
         ctx = ctx or Context()
         for p in self.passes:
+            check_needs(p, model, ctx)
             p.check(model, ctx)
         report = Report()
         done: list[str] = []
@@ -104,7 +106,7 @@ class PassManager:
         self._feeds, self._not_run = None, []
         cost = self._cost(model, ctx)
         report.cost_before = cost
-        large = _weight_bytes(model) >= _RELEASE_BYTES
+        large = initializer_bytes(model) >= _RELEASE_BYTES
         # value_info inferred by finalize() serves the passes and their verification only:
         # kept in a model whose exporter wrote none, it lets onnxruntime apply fusions the
         # original does not get (MiniLM: SkipLayerNormalization, slower on some CPUs), so

@@ -27,7 +27,8 @@ from typing import Literal, Protocol
 
 import onnx
 
-from graphopt.runtime.session import Snapshot, _weight_bytes, file_session, ort_session
+from graphopt.ir.model import initializer_bytes
+from graphopt.runtime.session import Snapshot, file_session, ort_session
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,6 @@ def rollback_store(model: onnx.ModelProto, where: Where = "auto",
                    on_write: Callable[[], None] | None = None) -> MemoryStore | DiskStore:
     """The store for a run on ``model``: ``auto`` puts models with ``DISK_ROLLBACK_BYTES`` of
     weights or more on disk."""
-    if where == "disk" or (where == "auto" and _weight_bytes(model) >= DISK_ROLLBACK_BYTES):
+    if where == "disk" or (where == "auto" and initializer_bytes(model) >= DISK_ROLLBACK_BYTES):
         return DiskStore(on_write)
     return MemoryStore()

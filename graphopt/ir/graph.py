@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -79,13 +79,27 @@ class GraphIndex:
 
     def __init__(self, graph: onnx.GraphProto, ir_version: int | None = None):
         self.graph = graph
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in graph.node:
+        # The same by position: the producing node's index, and every (node index, input
+        # slot) that reads a name, slot -1 for a read by the node's subgraphs.
+        self.position: dict[str, int] = {}
+        self.slots: dict[str, list[tuple[int, int]]] = {}
+        self.reads: list[list[str]] = []  # per node: its inputs, then its subgraphs' reads
+        for idx, node in enumerate(self.nodes):
             for out in node.output:
                 if out:
                     self.producer[out] = node
-            for name in node_reads(node):
+                    self.position[out] = idx
+            hidden = sorted(subgraph_refs(node))
+            for slot, name in enumerate(node.input):
+                if name:
+                    self.slots.setdefault(name, []).append((idx, slot))
+            for name in hidden:
+                self.slots.setdefault(name, []).append((idx, -1))
+            self.reads.append([n for n in node.input if n] + hidden)
+            for name in dict.fromkeys(self.reads[-1]):
                 self.consumers[name].append(node)
         self.graph_inputs = {i.name for i in graph.input}
         self.graph_outputs = {o.name for o in graph.output}
@@ -96,6 +110,26 @@ class GraphIndex:
             n.output[0]: n for n in graph.node
             if n.op_type == "Constant" and n.domain in ONNX_DOMAINS and n.output
         }
+
+    def reader_positions(self, name: str) -> list[int]:
+        """Indices of the nodes reading ``name`` (each once), in graph order."""
+        return list(dict.fromkeys(idx for idx, _ in self.slots.get(name, ())))
+
+    def topological_order(self) -> list[int]:
+        """Node indices in an order where every node comes after its producers (Kahn,
+        stable: ties keep graph order); nodes on a cycle are left out."""
+        pending = [len({n for n in ins if n in self.position}) for ins in self.reads]
+        ready = deque(i for i, p in enumerate(pending) if p == 0)
+        order = []
+        while ready:
+            i = ready.popleft()
+            order.append(i)
+            for out in self.nodes[i].output:
+                for c in self.reader_positions(out) if out else ():
+                    pending[c] -= 1
+                    if pending[c] == 0:
+                        ready.append(c)
+        return order
 
     def is_initializer(self, name: str) -> bool:
         """An initializer the caller cannot override."""

@@ -112,7 +112,7 @@ def _load_external(model: onnx.ModelProto, base: Path, max_bytes: int | None = N
     for tensor in iter_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        if max_bytes is not None and _typed_bytes(tensor) <= max_bytes:
+        if max_bytes is not None and typed_bytes(tensor) <= max_bytes:
             small.append(tensor)
         location = _external_location(tensor)
         if location is None:
@@ -277,7 +277,7 @@ def stored_bytes(model: onnx.ModelProto) -> int:
     for t in iter_tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             where = {e.key: e.value for e in t.external_data}
-            total += int(where["length"]) if where.get("length", "").isdigit() else _typed_bytes(t)
+            total += int(where["length"]) if where.get("length", "").isdigit() else typed_bytes(t)
     return total
 
 
@@ -287,17 +287,27 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     for t in iter_tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             continue
-        total += len(t.raw_data) if t.HasField("raw_data") else _typed_bytes(t)
+        total += len(t.raw_data) if t.HasField("raw_data") else typed_bytes(t)
     return total
 
 
-def _typed_bytes(t: onnx.TensorProto) -> int:
-    n = int(np.prod(t.dims)) if len(t.dims) else 1
+def typed_bytes(t: onnx.TensorProto) -> int:
+    """Bytes a tensor's dims and type call for, without reading its data (reading
+    ``raw_data`` would copy it); an unknown type counts 4 bytes an element."""
+    n = 1
+    for d in t.dims:
+        n *= int(d)
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         itemsize = 4
     return n * itemsize
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the main graph's initializers, from dims and types (``typed_bytes``): the
+    size that decides external data, lean sessions and memory release."""
+    return sum(typed_bytes(t) for t in model.graph.initializer)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -463,7 +473,7 @@ def _save_external(model: onnx.ModelProto, path: Path, folder: Path) -> None:
     sources: list[tuple[onnx.TensorProto, onnx.TensorProto]] = []
     for t in model.graph.initializer:
         copy = shell.graph.initializer.add()
-        if t.HasField("raw_data") and _typed_bytes(t) >= _EXTERNAL_MIN_BYTES:
+        if t.HasField("raw_data") and typed_bytes(t) >= _EXTERNAL_MIN_BYTES:
             copy_tensor_without_data(t, copy)
             sources.append((copy, t))
         else:
@@ -493,7 +503,7 @@ def _save_external(model: onnx.ModelProto, path: Path, folder: Path) -> None:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 continue
             if not t.HasField("raw_data"):
-                if _typed_bytes(t) < _EXTERNAL_MIN_BYTES:
+                if typed_bytes(t) < _EXTERNAL_MIN_BYTES:
                     continue
                 t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
             raw = t.raw_data

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx
 
-from graphopt.ir.model import _copy_field, copy_tensor_without_data, iter_tensors
+from graphopt.ir.model import _copy_field, copy_tensor_without_data, iter_tensors, typed_bytes
 
 _STRIP_BYTES = 4096
 
@@ -21,14 +21,11 @@ def _large(tensor: onnx.TensorProto) -> bool:
     ``ByteSize``/``ListFields``) would copy the bytes."""
     if not tensor.HasField("raw_data"):
         return False
-    n = 1
-    for d in tensor.dims:
-        n *= d
     try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     except (KeyError, TypeError, ValueError):
         return len(tensor.raw_data) > _STRIP_BYTES
-    return n * itemsize > _strip_limit(tensor)
+    return typed_bytes(tensor) > _strip_limit(tensor)
 
 
 # Integer tensors are shape-like data (position ids, index tables) that shape inference may

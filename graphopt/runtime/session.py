@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from graphopt.ir.model import initializer_bytes
 from graphopt.ir.strip import stripped_copy
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def session_source(model: Runnable, *, external: bool | None = None) -> Iterator
         yield os.fspath(model)
         return
     if external is None:
-        external = _weight_bytes(model) > external_threshold()
+        external = initializer_bytes(model) > external_threshold()
     if not external:
         yield serialized(model)
         return
@@ -240,20 +241,6 @@ def _malloc_trim():
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc (musl, ...)
         return None
-
-
-def _weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the main graph's initializers, from dims (reading raw_data would copy it)."""
-    total = 0
-    for t in model.graph.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        try:
-            total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        except (KeyError, TypeError, ValueError):
-            total += n
-    return total
 
 
 def release_memory() -> None:

@@ -31,10 +31,11 @@ MAX_RATIO = 0.95
 
 
 def _session(model: onnx.ModelProto):
-    from graphopt.runtime.session import _weight_bytes, ort_session
+    from graphopt.ir.model import initializer_bytes
+    from graphopt.runtime.session import ort_session
 
     # Large models go through a temporary external-data file (one copy of the weights).
-    return ort_session(model, lean=_weight_bytes(model) >= 256 * 2**20)
+    return ort_session(model, lean=initializer_bytes(model) >= 256 * 2**20)
 
 
 def run_outputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]
