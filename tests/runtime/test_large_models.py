@@ -170,3 +170,20 @@ def test_inspect_reads_a_large_file_as_its_outline(large, monkeypatch):
 
     monkeypatch.setattr(inspect_module, "load", refuse)
     assert inspect_module.inspect_model(large) == whole
+
+
+def test_a_file_newer_than_onnxruntime_reads_is_loaded_and_lowered(large, tmp_path):
+    """A file whose IR version onnxruntime does not read cannot be given to it by path: it
+    is loaded (whole, even over the threshold) and written lowered; validate runs."""
+    from graphopt.runtime.validate import validate
+
+    newer = tmp_path / "newer" / "mlp.onnx"
+    model = graphopt.load(large)
+    model.ir_version = model_io.max_ir_version() + 1
+    graphopt.save(model, newer, external_data=True)
+    raw = onnx.load(str(newer), load_external_data=False)
+    raw.ir_version = model_io.max_ir_version() + 1  # save lowers it; put it back
+    newer.write_bytes(raw.SerializeToString())
+    opened = open_for_run(newer)
+    assert isinstance(opened.runnable, onnx.ModelProto) and not is_outline(opened.model)
+    assert validate(newer, large, count=1).ok
