@@ -420,7 +420,9 @@ def run_sweep(
             cand.params, cand.macs = cost.params, cost.macs
             path = folder / f"{_file_name(plan.name)}.onnx"
             save(model_out, path)
-            cand.path, cand.size_bytes = str(path), path.stat().st_size
+            cand.path = str(path)
+            cand.size_bytes = sum(f.stat().st_size for f in (  # with its external data file
+                path, path.with_name(path.name + ".data")) if f.exists())
             tick(f"validating {plan.name}")
             cand.fidelity = _fidelity(original, model_out, val, provider, mask)
             tick(f"timing {plan.name} against the original")
