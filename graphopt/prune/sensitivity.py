@@ -13,7 +13,8 @@ with a task loss's Fisher information:
    the OBS-compensated weights (the units' rows zeroed, the rest updated as the optimal
    damped refit on the calibration Gram would, the bias absorbing the mean), or the
    layer bypassed; the calibration feeds run through it; the relative squared error of
-   every output against the original's (padding tokens left out) is the probe's damage.
+   every output against the original's (padding tokens left out; a softmax output is
+   read before its softmax, as logits) is the probe's damage.
 3. The caller divides it by the local prediction (the sum of the units' scores) and
    scales the group's scores by that factor before allocating again.
 
@@ -42,11 +43,23 @@ class Probe:
     block: object | None = None  # a structure block (layer)
 
 
-def _outputs(model: onnx.ModelProto, feeds) -> list[dict[str, np.ndarray]]:
-    from ..runtime.session import ort_session, run_model
+def measured_tensors(model: onnx.ModelProto) -> list[str]:
+    """The graph outputs, with a ``Softmax``/``LogSoftmax`` output replaced by its input:
+    a confident classifier's probabilities hide how far its logits moved."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for o in model.graph.output:
+        node = producer.get(o.name)
+        out.append(node.input[0] if node is not None and
+                   node.op_type in ("Softmax", "LogSoftmax") else o.name)
+    return list(dict.fromkeys(out))
 
-    session = ort_session(model)
-    return [run_model(session, f) for f in feeds]
+
+def _outputs(model: onnx.ModelProto, feeds, names) -> list[dict[str, np.ndarray]]:
+    from ..data.gram import _run, _session
+
+    session = _session(model, names, ("CPUExecutionProvider",))
+    return [dict(zip(names, _run(session, f, names))) for f in feeds]
 
 
 def _relative_error(feeds, ref, out) -> float:
@@ -89,7 +102,8 @@ def measure(model: onnx.ModelProto, coupling, probes: Sequence[Probe],
     from .blocks import remove_blocks
 
     feeds = list(feeds)
-    ref = _outputs(model, feeds)
+    names = measured_tensors(model)
+    ref = _outputs(model, feeds, names)
     sites = {s.output: s for p in probes if p.units is not None
              for s, _ in consumers.get(p.key[1], [])}
     grams = accumulate(model, list(sites.values()), feeds) if sites else {}
@@ -107,7 +121,7 @@ def measure(model: onnx.ModelProto, coupling, probes: Sequence[Probe],
                 v = _compensated(st.xtx, v, rows[p.units], damping)
                 edit.write(v[:-1], v[-1], moved_bias=True)
         try:
-            out[p.key] = _relative_error(feeds, ref, _outputs(work, feeds))
+            out[p.key] = _relative_error(feeds, ref, _outputs(work, feeds, names))
         except Exception as exc:  # noqa: BLE001 - a probe that does not run is not measured
             logger.info("probe %s not measured: %s", p.key, exc)
     return out

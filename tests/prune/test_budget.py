@@ -157,3 +157,14 @@ def test_overlapping_groups_are_counted_as_cut_and_shapes_come_from_the_calibrat
     assert before - after - need < 2 * 6912
     budget = report.passes[0].details["budget"]
     assert budget["removed"] == pytest.approx(before - after)
+
+
+def test_search_rescales_by_measured_damage_and_still_meets_the_budget():
+    """search=1 probes the hidden group, scales its damages by the measured output damage
+    (the note says by how much), and the budget is still met within one unit."""
+    model, report = optimize(_mlp(), ["prune:macs=0.7,search=1,target=stream"],
+                             calibration=_feeds(), input_shapes={"x": (16, 8)})
+    entry = report.passes[0]
+    before, after = report.metadata["cost_before"]["macs"], report.metadata["cost_after"]["macs"]
+    assert 0 <= before - after - 0.3 * before < 11 * 16
+    assert any("measured output damage" in n for n in entry.details["notes"])
