@@ -32,7 +32,9 @@ execution provider runs the result:
    summation order aside). Refused, with the reason as a note, when the sequence length is
    fixed, a side computation reads a learned table (a position bias) or a tensor computed
    at the compact length leaves attention other than into a token-wise op; attention then
-   runs at ``S``, as in 4.
+   runs at ``S``, as in 4. ``buckets=K`` (K > 1) goes further for batches padded to the
+   longest: rows sorted by real length are cut into K groups and attention runs once per
+   group at that group's longest length (``passes/_unpad_buckets.py``).
 6. Outputs keep their names, shapes and dtypes; batch and sequence stay dynamic. On real
    tokens (``mask != 0``) they equal the original's to float rounding; **padded rows of
    per-token outputs are zeros** (the original's values there are meaningless). Any mask
@@ -60,7 +62,10 @@ from graphopt.analysis.tokens import (CompactPlan, TokenAnalysis, analyze_tokens
 from graphopt.ir.graph import unique_name
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
+from graphopt.errors import ConfigError
 from graphopt.runtime.validate import real_token_outputs
+
+from . import _unpad_buckets as buckets
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +77,12 @@ _FLOAT_MASKS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE,
 @dataclass(frozen=True)
 class UnpadConfig:
     """``mask``: the attention-mask input (found by the analysis when empty);
-    ``compact``: run attention at the batch's longest real length (module doc, 5)."""
+    ``compact``: run attention at the batch's longest real length (module doc, 5);
+    ``buckets``: with ``compact``, attention once per group of rows of similar length."""
 
     mask: str = ""
     compact: bool = True
+    buckets: int = 1
 
 
 @register
@@ -110,7 +117,10 @@ class UnpadTokens(Pass[UnpadConfig], name="unpad-tokens", lossless=True):
         plan = compact_plan(model, found) if self.config.compact else "compact=false"
         notes = [Skip("attention compaction", plan)] if isinstance(plan, str) else []
         self._selected = selected_outputs(model, found)
-        rewrite = _Rewrite(model, found, opset, None if isinstance(plan, str) else plan)
+        if self.config.buckets < 1:
+            raise ConfigError(f"buckets must be >= 1, not {self.config.buckets}")
+        rewrite = _Rewrite(model, found, opset, None if isinstance(plan, str) else plan,
+                           self.config.buckets)
         counters = rewrite.apply()
         self._mask = found.mask
         self._zeroed = tuple(rewrite.zeroed_outputs)
@@ -140,8 +150,11 @@ class _Rewrite:
     """The rewrite of one analysed model (module doc, 2-4)."""
 
     def __init__(self, model: onnx.ModelProto, found: TokenAnalysis, opset: int,
-                 plan: CompactPlan | None):
+                 plan: CompactPlan | None, groups: int = 1):
         self.model = model
+        self.bucket_count = groups if plan is not None else 1
+        self.groups: list[tuple[str, str, str]] = []
+        self.clones: dict[tuple[str, int], str] = {}
         self.plan = plan
         self.region = plan.region if plan is not None else set()
         self.graph = model.graph
@@ -152,6 +165,8 @@ class _Rewrite:
             {i.name for i in self.graph.input} | {t.name for t in self.graph.initializer}
         self.packed: dict[str, str] = {}  # padded name -> packed name
         self.rest: dict[str, str] = {}    # packed name -> Shape(p)[2:]
+        self.padded_shapes: dict = {}     # static trailing dims (or packed name) -> [B, S, ...]
+        self.rests: dict[str, tuple[int, ...]] = {}
         self.zeroed_outputs: list[str] = []
         self.counters = {"tokenwise_nodes": 0, "packs": 0, "repads": 0, "repads_zero": 0,
                          "shapes_redirected": 0, "attention_compacted": int(plan is not None)}
@@ -223,9 +238,12 @@ class _Rewrite:
         in_row = self._op("Gather", [self._op("Reshape", [rank, self._const(
             "minus_one", np.array([-1], np.int64))], "rank_flat"), nzf], "token_slot", axis=0)
         seq = self._op("Gather", [self.shape_bs, one_s], "seq_len", axis=0)
-        slot = self._op("Add", [self._op("Mul", [self._op("Div", [nzf, seq], "token_row"),
-                                                 longest], "row_start"), in_row],
-                        "compact_slot")
+        self.token_row = self._op("Div", [nzf, seq], "token_row")
+        slot = self._op("Add", [self._op("Mul", [self.token_row, longest], "row_start"),
+                                in_row], "compact_slot")
+        self.counts, self.offsets, self.in_row = counts, offsets, in_row
+        if self.bucket_count > 1:
+            buckets.indices(self, self.bucket_count)
         first = self._op("Slice", [self._op("Concat", [slot, zero], "slot_or_zero", axis=0),
                                    zero, one], "first_slot")
         self.pidx_c = self._op("Concat", [first, slot], "compact_pack_index", axis=0)
@@ -261,10 +279,11 @@ class _Rewrite:
         return self.packed[tensor]
 
     def _repad(self, packed: str, output: str, zero_dtype: int | None, rank: int,
-               compact: bool = False) -> None:
+               compact: bool = False, index: str | None = None) -> None:
         rows = self._op("Squeeze", [packed, self.axis0], "rows")
         if zero_dtype is None:
-            self._op("Gather", [rows, self.rep_c if compact else self.rep], "repad",
+            index = index or (self.rep_c if compact else self.rep)
+            self._op("Gather", [rows, index], "repad",
                      output=output, axis=0)
             self.counters["repads"] += 1
             return
@@ -285,6 +304,7 @@ class _Rewrite:
     # ----------------------------------------------------------------- the rewrite
     def apply(self) -> dict[str, int]:
         graph, found = self.graph, self.found
+        types, self.rests = _inferred(self.model)
         self._indices()
         tokenwise = set(found.tokenwise)
         originals = list(graph.node)
@@ -296,13 +316,14 @@ class _Rewrite:
                 if name in renamed:
                     node.input[k] = renamed[name]
                 elif found.is_token_layout(name):
-                    node.input[k] = self._pack(name, producer.get(name) in self.region)
+                    inside = producer.get(name) in self.region
+                    node.input[k] = (buckets.pack(self, name) if inside and self.groups
+                                     else self._pack(name, inside))
             for k, name in enumerate(node.output):
                 if name:
                     renamed[name] = self._name(f"{name}/packed")
                     node.output[k] = renamed[name]
             self.counters["tokenwise_nodes"] += 1
-        types = _elem_types(self.model)
         outputs = {o.name for o in graph.output}
         consumers: dict[str, list[int]] = {}
         for i, node in enumerate(originals):
@@ -312,13 +333,15 @@ class _Rewrite:
                 if name in renamed:
                     consumers.setdefault(name, []).append(i)
         drop: set[int] = set()
-        if self.plan is not None:
+        if self.groups:
+            drop |= buckets.clone_region(self, originals, renamed, consumers)
+        elif self.plan is not None:
             self._compact_region(originals, renamed, consumers)
         for name, packed in renamed.items():
             users = [i for i in consumers.get(name, []) if i not in self.region]
             shapes = [i for i in users if originals[i].op_type == "Shape"]
             for i in shapes:
-                self._redirect_shape(originals[i], packed)
+                self._redirect_shape(originals[i], packed, name)
                 drop.add(i)
             others = [i for i in users if i not in drop]
             if not others and name not in outputs:
@@ -377,15 +400,21 @@ class _Rewrite:
                                       [end if end is not None else 2**62], np.int64))],
                         base, output=output)
 
-    def _redirect_shape(self, node: onnx.NodeProto, packed: str) -> None:
-        """``Shape(x)`` of a packed ``x`` -> the padded shape, with the same start/end."""
-        full = self._op("Concat", [self.shape_bs, self._shape_rest(packed)], "padded_shape",
-                        axis=0)
+    def _redirect_shape(self, node: onnx.NodeProto, packed: str, original: str) -> None:
+        """``Shape(x)`` of a packed ``x`` -> the padded shape, with the same start/end;
+        computed once for all tensors whose trailing dims are the same known sizes (the
+        TorchScript export asks it of every layer's hidden states)."""
+        key = self.rests.get(original) or packed
+        if key not in self.padded_shapes:
+            self.padded_shapes[key] = self._op(
+                "Concat", [self.shape_bs, self._shape_rest(packed)], "padded_shape", axis=0)
+        full = self.padded_shapes[key]
         self._slice_shape(node, full, "shape", node.output[0])
         self.counters["shapes_redirected"] += 1
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+def _inferred(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, tuple[int, ...]]]:
+    """Element types, and the trailing dims (after batch and sequence) where all are known."""
     from graphopt.ir.strip import stripped_copy
 
     work = stripped_copy(model)
@@ -393,11 +422,15 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
         inferred = onnx.shape_inference.infer_shapes(work, strict_mode=False)
     except Exception:  # noqa: BLE001 - then the declared types must do
         inferred = work
-    out = {}
+    types, rests = {}, {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        if vi.type.tensor_type.elem_type:
-            out[vi.name] = vi.type.tensor_type.elem_type
-    return out
+        t = vi.type.tensor_type
+        if t.elem_type:
+            types[vi.name] = t.elem_type
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+        if len(dims) >= 3 and all(d > 0 for d in dims[2:]):
+            rests[vi.name] = tuple(dims[2:])
+    return types, rests
 
 
 def _toposort(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:

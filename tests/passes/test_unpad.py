@@ -315,3 +315,34 @@ def test_cli_validate_left_padding_with_a_pooler(exported, tmp_path):
     np.savez(feed, **feeds_for(before, ragged_mask()[[1, 1, 0, 3]], 100))
     assert main(["validate", str(src), str(dst), "--inputs", str(feed)]) == 0
     assert main(["validate", str(src), str(dst), "--inputs", str(feed), "--mask", "none"]) == 1
+
+
+@pytest.mark.parametrize("groups", [2, 3, 4])
+def test_bucketed_attention_equal(groups):
+    """Attention once per group of rows of similar length (``buckets=K``): equal on real
+    tokens, zeros elsewhere, for batches smaller than K (groups overlap), not divisible by
+    K, with left padding, holes and a row with no real token."""
+    before, after, entry = unpad(_encoder(), buckets=groups)
+    assert entry.status == "changed", entry.skipped
+    assert entry.counters["attention_buckets"] == groups
+    rng = np.random.default_rng(groups)
+    for batch, seq in [(1, 6), (2, 9), (5, 9), (7, 11)]:
+        mask = (rng.random((batch, seq)) < rng.random((batch, 1))).astype(np.int64)
+        mask[:min(batch, 5)] = ragged_mask(min(batch, 5), seq)
+        feed = {"ids": rng.integers(0, 20, (batch, seq)), "mask": mask}
+        assert_real_tokens_equal(before, after, feed, "mask", atol=1e-5)
+
+
+@pytest.mark.parametrize("name,vocab", [("minilm-torchscript", 30522),
+                                        ("minilm-dynamo", 30522), ("distilbert", 100)])
+def test_bucketed_attention_real_exports(exported, name, vocab):
+    """``buckets=3`` on real exports (the TorchScript export's per-layer shape arithmetic,
+    the dynamo export's NaN guard, DistilBERT's own mask path): equal on real tokens."""
+    before, after, entry = unpad(exported(name), verify=False, buckets=3)
+    assert entry.status == "changed", (entry.skipped, entry.error)
+    assert entry.counters["attention_buckets"] == 3
+    assert_real_tokens_equal(before, after, feeds_for(before, ragged_mask(), vocab))
+    mask = np.ones((7, 13), np.int64)
+    for row, length in enumerate([13, 2, 9, 1, 5, 13, 4]):
+        mask[row, length:] = 0
+    assert_real_tokens_equal(before, after, feeds_for(before, mask, vocab, seed=2))
