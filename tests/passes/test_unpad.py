@@ -215,11 +215,11 @@ def _encoder(*, mask_in_scores=True, mask_type=TensorProto.INT64, tail=None, hid
     return make_model(nodes, inputs, [out], w)
 
 
-@pytest.mark.parametrize("compact", [True, False])
-def test_hand_built_encoder_equal(compact):
-    """The smallest encoder, attention compacted or at the padded length: equal on real
-    tokens, zeros elsewhere."""
-    before, after, entry = unpad(_encoder(), compact=compact)
+@pytest.mark.parametrize("compact,groups", [(True, 1), (True, 4), (False, 1)])
+def test_hand_built_encoder_equal(compact, groups):
+    """The smallest encoder, attention compacted (in one layout or per group of rows) or at
+    the padded length: equal on real tokens, zeros elsewhere."""
+    before, after, entry = unpad(_encoder(), compact=compact, buckets=groups)
     assert entry.status == "changed", entry.skipped
     assert entry.counters["attention_compacted"] == int(compact)
     feed = {"ids": np.random.default_rng(0).integers(0, 20, (B, S)), "mask": ragged_mask()}
