@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE=1
 OUT="${1:-build/sample-minilm}"
 CALIBRATION="${CALIBRATION:-128}"      # shipped sentences that calibrate pruning and int8
 VALIDATION="${VALIDATION:-82}"         # the rest of the 210, held apart for fidelity and timing
-BUDGET="${BUDGET:-macs=1,0.8,0.6}"     # fractions of the original's MACs to keep (1 = lossless)
+BUDGET="${BUDGET:-macs=1,0.8}"         # fractions of the original's MACs to keep (1 = lossless)
 QUANTIZE="${QUANTIZE:-none,dynamic}"   # float and int8 of every budget
 PICK="${PICK:-min_cosine=0.95}"        # the floor the picked model must meet
 MIN_TIME="${MIN_TIME:-1}"              # seconds of timed runs per model and batch
