@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphopt.core.report import si_number
+from graphopt.core.report import macs_after, si_number
 
 from .htmlparts import escape as _e
 from .htmlparts import pyplot as _pyplot
@@ -253,7 +253,8 @@ def _pass_rows(data: Mapping[str, Any]) -> list[list[str]]:
                 status += f'<br><span class="err">{_e(p["error"])}</span>'
             rows.append([_e(c["name"]), _e(p["name"]), _e(options), status,
                          f"{_num(p.get('params_before'))} → {_num(p.get('params_after'))}",
-                         f"{_num(p.get('macs_before'))} → {_num(p.get('macs_after'))}",
+                         f"{_num(p.get('macs_before'))} → "
+                         f"{_e(macs_after(p.get('macs_after'), p.get('macs_uncounted'), '–'))}",
                          f"{float(p.get('seconds') or 0):.2f}", _e(counters)])
     return rows
 
@@ -356,7 +357,10 @@ def page_for_run(report: Any, original: onnx.ModelProto, optimized: onnx.ModelPr
     if validation:
         fidelity = fidelity_summary(validation["outputs"])
     candidate = {"name": name, "passes": [_spec(p) for p in data["passes"]],
-                 "params": after.get("params"), "macs": after.get("macs"),
+                 "params": after.get("params"),
+                 # None where the result has ops whose shapes depend on the data
+                 "macs": after.get("macs") if len(after.get("unknown_shapes", []))
+                 <= len(before.get("unknown_shapes", [])) else None,
                  "fidelity": fidelity, "report": data["passes"],
                  "kept": kept_units(original, optimized)}
     return {"title": f"graphopt optimize: {model or 'model'}", "model": model,

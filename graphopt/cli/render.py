@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from graphopt.core.report import si_number
+from graphopt.core.report import macs_after, si_number
 
 
 def _bytes(n: int | None) -> str:
@@ -94,7 +94,8 @@ def render_report(console: Console, report: Any) -> None:
         counters = ", ".join(f"{k}={v}" for k, v in p.counters.items() if v) or "-"
         table.add_row(p.name, status, counters,
                       f"{si_number(p.params_before)} → {si_number(p.params_after)}",
-                      f"{si_number(p.macs_before)} → {si_number(p.macs_after)}",
+                      f"{si_number(p.macs_before)} → "
+                      f"{macs_after(p.macs_after, p.macs_uncounted)}",
                       str(len(p.skipped)) if p.skipped else "-", f"{p.seconds:.2f}s")
     console.print(table)
     for p in report.passes:
@@ -112,10 +113,16 @@ def render_report(console: Console, report: Any) -> None:
     before = report.metadata.get("cost_before")
     after = report.metadata.get("cost_after")
     if before and after:
+        uncounted = len(after.get("unknown_shapes", [])) - len(before.get("unknown_shapes", []))
+        macs = (f"{si_number(after['macs'])} ({_ratio(after['macs'], before['macs'])})"
+                if uncounted <= 0 else
+                f"not counted ({uncounted} MatMul/Conv/attention ops have shapes that depend "
+                f"on the data, e.g. the packed token count after unpad-tokens: time it with "
+                f"graphopt bench)")
         console.print(
             f"params {si_number(before['params'])} → {si_number(after['params'])} "
             f"({_ratio(after['params'], before['params'])}), MACs {si_number(before['macs'])} → "
-            f"{si_number(after['macs'])} ({_ratio(after['macs'], before['macs'])}), weights "
+            f"{macs}, weights "
             f"{_bytes(before['weight_bytes'])} → {_bytes(after['weight_bytes'])}")
     _render_fidelity(console, report.metadata.get("fidelity"))
     if report.validation is not None:

@@ -148,6 +148,7 @@ class PassManager:
                         logger.info("%s; rolled back", exc)
                         entry.seconds = time.perf_counter() - start
                         entry.params_after, entry.macs_after = cost.params, cost.macs
+                        entry.macs_uncounted = max(0, len(cost.unknown) - len(report.cost_before.unknown))
                         report.passes.append(entry)
                         report.cost_after = cost
                         self.observers.emit(Event("pass", "end", p.name, entry.seconds,
@@ -168,6 +169,7 @@ class PassManager:
                         self._known = (model, *known[1:])
                 entry.seconds = time.perf_counter() - start
                 entry.params_after, entry.macs_after = cost.params, cost.macs
+                entry.macs_uncounted = max(0, len(cost.unknown) - len(report.cost_before.unknown))
                 report.passes.append(entry)
                 done.append(p.name)
                 self.observers.emit(Event("pass", "end", p.name, entry.seconds, entry.status))

@@ -37,6 +37,10 @@ class PassReport:
     params_after: int = 0
     macs_before: int = 0
     macs_after: int = 0
+    # MatMul/Conv/attention ops whose MACs could not be counted after the pass, beyond those
+    # of the input model (shapes that depend on the data, e.g. unpad-tokens' packed token
+    # count): macs_after leaves them out, so it is not a measure of the cut
+    macs_uncounted: int = 0
     max_abs_diff: float | None = None
     plan: Any = field(default=None, repr=False)  # the pass's PassResult.plan (not serialized)
     checked_at: list[str] = field(default_factory=list)  # input sizes the check ran at
@@ -83,3 +87,9 @@ class Report:
         if self.validation is not None:
             out["validation"] = self.validation.to_dict()
         return out
+
+
+def macs_after(macs: int | None, uncounted: int | None, missing: str = "-") -> str:
+    """A pass's MACs after it, or ``?`` where it left ops whose shapes depend on the data:
+    their MACs are not in ``macs``, so the number alone would read as a cut."""
+    return f"? ({uncounted} ops not sized)" if uncounted else si_number(macs, missing=missing)
