@@ -78,9 +78,14 @@ def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,
     running = 0.0
     removed = 0
     limit = min(limit, units - 1)
+    # hinv and v are kept on the rows not yet removed only (``kept``: their original
+    # indices; ``at``: original index -> position): a removed row is never read again, so
+    # dropping it leaves the other entries as they are and each update costs O(kept²).
+    kept = np.arange(k + 1)
+    at = np.arange(k + 1)
     while removed < limit:
         idx = np.flatnonzero(alive)
-        r = rows[idx]
+        r = at[rows[idx]]
         if q == 1:
             dmg = (v[r[:, 0]] ** 2).sum(1) / np.maximum(hinv[r[:, 0], r[:, 0]], 1e-300)
         else:
@@ -92,16 +97,22 @@ def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,
         for j, dj in zip(idx[order], dmg[order]):
             running = max(running, float(dj))
             score[j] = running
-        chosen = rows[idx[order]].ravel()
+        chosen = at[rows[idx[order]].ravel()]
         block_inv = np.linalg.inv(hinv[np.ix_(chosen, chosen)])
         hq = hinv[:, chosen]
         v -= hq @ (block_inv @ v[chosen])
         hinv -= hq @ block_inv @ hq.T
         alive[idx[order]] = False
         removed += take
+        stay = np.ones(len(kept), bool)
+        stay[chosen] = False
+        kept = kept[stay]
+        hinv = hinv[np.ix_(stay, stay)]
+        v = v[stay]
+        at[kept] = np.arange(len(kept))
     rest = np.flatnonzero(alive)
     if len(rest):
-        r = rows[rest]
+        r = at[rows[rest]]
         blocks = hinv[r[:, :, None], r[:, None, :]]
         vq = v[r]
         tail = np.einsum("uqn,uqn->u", vq, np.linalg.solve(blocks, vq))
