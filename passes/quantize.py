@@ -22,7 +22,12 @@ and checks what came back:
 5. A model that is already quantized (QDQ pairs, integer MatMul/Conv, QLinear ops,
    float16 weights) is refused with one error naming what was found: quantize the float
    model it came from.
-6. ``exclude`` (node-name globs) keeps matching nodes in float. ``graphopt.*`` metadata
+6. ``exclude`` (node-name globs) keeps matching nodes in float; ``keep_float=N`` (or a
+   fraction) in dynamic mode keeps the N MatMul/Gemm/Conv nodes in float whose outputs
+   suffer most when each alone is quantized (measured on the calibration feeds through
+   quantize_dynamic's ``nodes_to_exclude``), each listed as a skip with its damage.
+   ``per_channel=true`` is what matters most on all-MiniLM-L6-v2 (embedding cosine 0.964
+   per-tensor, 0.993 per-channel; benchmarks/FRONTIER.md). ``graphopt.*`` metadata
    (head counts, kept layers) is carried over. The pass measures its own fidelity on one
    sample feed (cosine and max abs difference per output against its input) and reports
    it in its counters as parts per million (``cosine_ppm_<output>``), since the manager
@@ -44,7 +49,7 @@ import onnx.version_converter
 
 from graphopt.errors import ConfigError, UnsupportedModelError
 from graphopt.analysis.precision import LOW_PRECISION, QUANTIZED_OPS, quantized_ops
-from graphopt.core.contract import Context, Pass, PassResult, Skip
+from graphopt.core.contract import Context, Pass, PassResult, Skip, SkipCode
 from graphopt.core.needs import Need, check_needs
 from graphopt.core.registry import register
 
@@ -64,7 +69,10 @@ class QuantizeConfig:
     LayerNorm inputs included, takes all-MiniLM-L6-v2 to cosine 0.53, weights-only 0.89). ``exclude``: node-name globs kept in float. ``calibrate``: how
     static mode turns activations into ranges (minmax, entropy, percentile).
     ``block_ops``: fp16, more op types kept in float32. ``preprocess``: run shape inference
-    and onnxruntime's ``quant_pre_process`` first (int8 modes).
+    and onnxruntime's ``quant_pre_process`` first (int8 modes). ``keep_float`` (dynamic):
+    N >= 1 nodes, or a fraction in (0, 1) of the MatMul/Gemm/Conv nodes with a constant
+    weight, kept in float: the ones whose output damage is largest when each is quantized
+    alone (``_sensitivity``, on up to ``sensitivity_feeds`` calibration feeds).
     """
 
     mode: Literal["dynamic", "static", "fp16"] = "dynamic"
@@ -75,8 +83,13 @@ class QuantizeConfig:
     calibrate: Literal["minmax", "entropy", "percentile"] = "minmax"
     block_ops: tuple[str, ...] = ()
     preprocess: bool = True
+    keep_float: float = 0.0
+    sensitivity_feeds: int = 4
 
     def __post_init__(self) -> None:
+        if self.keep_float < 0 or (self.keep_float and self.mode != "dynamic"):
+            raise ConfigError("keep_float is a count (>= 1) or a fraction (0-1) of nodes, "
+                              "for mode=dynamic")
         if self.mode == "fp16" and (self.per_channel or self.reduce_range):
             raise ConfigError("per_channel and reduce_range apply to the int8 modes, not fp16")
 
@@ -132,6 +145,8 @@ class Quantize(Pass[QuantizeConfig], name="quantize", lossless=False):
                                 "mode (no supported op with float weights)"))
             return PassResult(model, False, counters, skipped)
         counters.update(self._fidelity(model, out, ctx, skipped))
+        if cfg.keep_float:
+            counters["kept_float_nodes"] = sum(s.reason.startswith("kept float") for s in skipped)
         return PassResult(out, True, counters, skipped)
 
     # ------------------------------------------------------------------ steps
@@ -178,6 +193,8 @@ class Quantize(Pass[QuantizeConfig], name="quantize", lossless=False):
         op_types = list(cfg.op_types) if cfg.op_types else None
         if cfg.mode == "static" and cfg.op_types is None:
             op_types = list(_STATIC_OPS)
+        if cfg.keep_float:
+            excluded += self._least_robust(src, model, folder, ctx, excluded, skipped)
         common = dict(
             op_types_to_quantize=op_types,
             reduce_range=cfg.reduce_range,
@@ -215,6 +232,30 @@ class Quantize(Pass[QuantizeConfig], name="quantize", lossless=False):
                 "offending nodes with exclude=NAME_GLOB, or set preprocess=false)") from exc
         return load(out)
 
+    def _least_robust(self, src, model: onnx.ModelProto, folder: Path, ctx: Context,
+                      excluded: list[str], skipped: list[Skip]) -> list[str]:
+        """The ``keep_float`` nodes most damaged by quantization, each listed in a skip
+        with its measured damage (``_sensitivity``)."""
+        cfg = self.config
+        init = {t.name for t in model.graph.initializer}
+        cands = [n.name for n in model.graph.node if n.name and n.name not in excluded
+                 and n.op_type in _STATIC_OPS and any(i in init for i in n.input[1:2])]
+        if not cands:
+            return []
+        count = int(cfg.keep_float) if cfg.keep_float >= 1 else \
+            max(1, int(np.ceil(cfg.keep_float * len(cands))))
+        feeds = ctx.calibration_feeds(model)[:max(1, cfg.sensitivity_feeds)]
+        damage = _sensitivity(src, model, cands, excluded, feeds, folder,
+                              per_channel=bool(cfg.per_channel), reduce_range=cfg.reduce_range)
+        ranked = sorted(cands, key=lambda n: -damage[n])[:count]
+        source = "calibration" if ctx.calibration else "generated"
+        for rank, name in enumerate(ranked, 1):
+            skipped.append(Skip(name, f"kept float (keep_float): damage {damage[name]:.2e} "
+                                f"(1 - output cosine, quantized alone, on {len(feeds)} "
+                                f"{source} feeds), {rank} of {len(cands)}",
+                                SkipCode.EXCLUDED))
+        return ranked
+
     def _fp16(self, model: onnx.ModelProto) -> onnx.ModelProto:
         from onnxruntime.transformers import float16
 
@@ -251,6 +292,38 @@ class Quantize(Pass[QuantizeConfig], name="quantize", lossless=False):
                 continue
             counters[f"cosine_ppm_{name}"] = int(round(1e6 * _cosine(r, g)))
         return counters
+
+
+def _sensitivity(src, model: onnx.ModelProto, cands: list[str], excluded: list[str],
+                 feeds, folder: Path, **options) -> dict[str, float]:
+    """Per node of ``cands``: 1 - the mean cosine of the outputs against float when only
+    that node is quantized (onnxruntime's quantize_dynamic, every other candidate and
+    ``excluded`` in ``nodes_to_exclude``)."""
+    from onnxruntime import quantization as q
+
+    from graphopt.ir.model import load
+    from graphopt.runtime.session import ort_session, run_model
+
+    names = {i.name for i in model.graph.input}
+    feeds = [{k: v for k, v in f.items() if k in names} for f in feeds]
+    float_model = model if isinstance(src, onnx.ModelProto) else load(src)
+    sess = ort_session(float_model, lean=True)
+    ref = [run_model(sess, f) for f in feeds]
+    ops = {n.name: n.op_type for n in model.graph.node}
+    source = str(src) if isinstance(src, Path) else src
+    out = folder / "one.onnx"
+    damage = {}
+    for name in cands:
+        others = [c for c in cands if c != name] + excluded
+        q.quantize_dynamic(source, out, per_channel=options["per_channel"],
+                           reduce_range=options["reduce_range"], weight_type=q.QuantType.QInt8,
+                           op_types_to_quantize=[ops[name]], nodes_to_exclude=others,
+                           use_external_data_format=_large(float_model))
+        sess = ort_session(load(out), lean=True)
+        cos = [_cosine(r[k], g[k]) for r, f in zip(ref, feeds)
+               for g in [run_model(sess, f)] for k in r if r[k].dtype.kind == "f"]
+        damage[name] = 1.0 - float(np.mean(cos)) if cos else 0.0
+    return damage
 
 
 def _constants_as_initializers(model: onnx.ModelProto, skipped: list[Skip]

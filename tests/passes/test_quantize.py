@@ -197,3 +197,42 @@ def test_weights_from_constant_nodes_are_quantized():
     assert op_types(out).count("ConvInteger") == 2
     assert any("Constant nodes made initializers" in s.reason for s in entry.skipped)
     _close(model, out, _feeds(model, 1), 0.99, 0.1)
+
+
+def _mlp3_with_outlier() -> onnx.ModelProto:
+    """x[batch, 64] -> fc1 -> Relu -> fc2 -> Relu -> fc3 -> y; fc2's weight has one outlier
+    (per-tensor int8 then rounds its other weights to a few levels): the sensitive node."""
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h1"], name="fc1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "W2"], ["h2"], name="fc2"),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+             helper.make_node("MatMul", ["r2", "W3"], ["y"], name="fc3")]
+    w2 = (rng.standard_normal((128, 128)) * 0.1).astype(F32)
+    w2[0, 0] = 20.0
+    inits = {"W1": (rng.standard_normal((64, 128)) * 0.1).astype(F32), "W2": w2,
+             "W3": (rng.standard_normal((128, 32)) * 0.1).astype(F32)}
+    return make_model(nodes, {"x": ["batch", 64]}, ["y"], inits)
+
+
+def test_keep_float_excludes_the_most_sensitive_matmul():
+    """keep_float=1 measures each MatMul quantized alone on the calibration feeds and keeps
+    the most damaged one (fc2, the outlier weight) float; the skip lists its damage."""
+    model = _mlp3_with_outlier()
+    feeds = _feeds(model)
+    full, _ = _quantize(model, Context(calibration=feeds), mode="dynamic")
+    out, entry = _quantize(model, Context(calibration=feeds), mode="dynamic", keep_float=1)
+    kept = [n.name for n in out.graph.node if n.op_type == "MatMul"]
+    assert kept == ["fc2"]
+    assert op_types(out).count("MatMulInteger") == 2
+    assert entry.counters["kept_float_nodes"] == 1
+    skip = next(s for s in entry.skipped if s.site == "fc2")
+    assert "kept float" in skip.reason and "damage" in skip.reason and "1 of 3" in skip.reason
+
+    def cos(m):
+        return min(float(np.dot(a := run(model, f)["y"].ravel(), b := run(m, f)["y"].ravel())
+                         / np.linalg.norm(a) / np.linalg.norm(b)) for f in feeds)
+
+    assert cos(out) > 0.999 and cos(out) > cos(full)  # keeping fc2 float is what helps
+    with pytest.raises(Exception):
+        build_pass("quantize", {"mode": "fp16", "keep_float": 1})
