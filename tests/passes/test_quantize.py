@@ -217,11 +217,14 @@ def _mlp3_with_outlier() -> onnx.ModelProto:
 
 def test_keep_float_excludes_the_most_sensitive_matmul():
     """keep_float=1 measures each MatMul quantized alone on the calibration feeds and keeps
-    the most damaged one (fc2, the outlier weight) float; the skip lists its damage."""
+    the most damaged one (fc2, the outlier weight) float; the skip lists its damage. Per-tensor
+    scales: an outlier spoils its whole tensor's scale (per-channel, the default, confines it
+    to one column, and fc2 is then not the worst)."""
     model = _mlp3_with_outlier()
     feeds = _feeds(model)
-    full, _ = _quantize(model, Context(calibration=feeds), mode="dynamic")
-    out, entry = _quantize(model, Context(calibration=feeds), mode="dynamic", keep_float=1)
+    full, _ = _quantize(model, Context(calibration=feeds), mode="dynamic", per_channel=False)
+    out, entry = _quantize(model, Context(calibration=feeds), mode="dynamic", keep_float=1,
+                           per_channel=False)
     kept = [n.name for n in out.graph.node if n.op_type == "MatMul"]
     assert kept == ["fc2"]
     assert op_types(out).count("MatMulInteger") == 2
