@@ -100,18 +100,10 @@ def _embeddings(model, feeds):
 
 
 def _text_fidelity(original, pruned, val):
-    from scipy.stats import spearmanr
-
-    from graphopt.data.text import row_cosines
+    from graphopt.data.text import row_cosines, similarity_spearman
 
     e0, e1 = _embeddings(original, val), _embeddings(pruned, val)
-    iu = np.triu_indices(len(e0), 1)
-
-    def sims(e):
-        n = e / np.linalg.norm(e, axis=1, keepdims=True)
-        return (n @ n.T)[iu]
-    return {"cos": float(row_cosines(e0, e1).mean()),
-            "spearman": float(spearmanr(sims(e0), sims(e1)).statistic)}
+    return {"cos": float(row_cosines(e0, e1).mean()), "spearman": similarity_spearman(e0, e1)}
 
 
 def _output_fidelity(original, pruned, val):

@@ -53,24 +53,6 @@ ROWS: list[tuple[str, list[str]]] = [
 ]
 
 
-def _ranks(v: np.ndarray) -> np.ndarray:
-    order = np.argsort(v, kind="stable")
-    ranks = np.empty(len(v))
-    ranks[order] = np.arange(len(v))
-    return ranks
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation (no ties among float similarities)."""
-    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
-
-
-def pair_similarities(emb: np.ndarray) -> np.ndarray:
-    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    sims = unit @ unit.T
-    return sims[np.triu_indices(len(emb), k=1)]
-
-
 def nm_layers(model, n: int = 2, m: int = 4) -> tuple[int, int]:
     from graphopt.sparsity.layers import nm_violations, read_weight, weight_layers
 
@@ -90,7 +72,7 @@ def run_row(name, specs, path, calibration, held_feeds, reference, timing_feed, 
     from graphopt.core.manager import PassManager
     from graphopt.core.registry import build_pass
     from graphopt.core.config import parse_pass_spec
-    from graphopt.data.text import mean_pooled_embeddings, row_cosines
+    from graphopt.data.text import mean_pooled_embeddings, row_cosines, similarity_spearman
 
     passes = [build_pass(*parse_pass_spec(spec)) for spec in specs]
     start = time.perf_counter()
@@ -98,7 +80,7 @@ def run_row(name, specs, path, calibration, held_feeds, reference, timing_feed, 
     seconds = time.perf_counter() - start
     emb = mean_pooled_embeddings(sparse, held_feeds)
     cos = row_cosines(reference, emb)
-    rho = spearman(pair_similarities(reference), pair_similarities(emb))
+    rho = similarity_spearman(reference, emb)
     nm_ok, n_layers = nm_layers(sparse)
     with tempfile.TemporaryDirectory() as tmp:
         dense_path = Path(tmp) / "sparse.onnx"
