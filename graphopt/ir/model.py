@@ -484,18 +484,7 @@ def _save_external(model: onnx.ModelProto, path: Path, folder: Path) -> None:
 
         def put(target: onnx.TensorProto, raw: bytes) -> None:
             nonlocal offset
-            pad = (-offset) % 4096  # page-aligned, so runtimes can mmap tensors
-            fh.write(b"\0" * pad)
-            offset += pad
-            fh.write(raw)
-            target.ClearField("raw_data")
-            target.data_location = onnx.TensorProto.EXTERNAL
-            del target.external_data[:]
-            for key, value in (("location", location), ("offset", str(offset)),
-                               ("length", str(len(raw)))):
-                entry = target.external_data.add()
-                entry.key, entry.value = key, value
-            offset += len(raw)
+            offset = spill_tensor(fh, offset, target, raw, location)
 
         for target, source in sources:
             put(target, source.raw_data)
@@ -512,6 +501,24 @@ def _save_external(model: onnx.ModelProto, path: Path, folder: Path) -> None:
 
     _atomic_write(folder, folder / location, None, writer=write_data)
     _atomic_write(folder, path, shell.SerializeToString())
+
+
+def spill_tensor(fh, offset: int, target: onnx.TensorProto, raw: bytes, location: str) -> int:
+    """Write ``raw`` to the data file ``fh`` (now at ``offset``) from the next page boundary,
+    so runtimes can mmap it, and point ``target`` at it as external data in ``location``;
+    returns the offset after it. One layout for saved models and session/rollback files."""
+    pad = (-offset) % 4096
+    fh.write(b"\0" * pad)
+    offset += pad
+    fh.write(raw)
+    target.ClearField("raw_data")
+    target.data_location = onnx.TensorProto.EXTERNAL
+    del target.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)),
+                       ("length", str(len(raw)))):
+        entry = target.external_data.add()
+        entry.key, entry.value = key, value
+    return offset + len(raw)
 
 
 def copy_tensor_without_data(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:

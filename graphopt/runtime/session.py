@@ -155,8 +155,11 @@ def session_options(threads: int | None = None):
 
 def _write_with_external_weights(model: onnx.ModelProto, folder: Path) -> Path:
     """``model.onnx`` + ``weights.bin`` in ``folder``, the weights written tensor by tensor
-    (page-aligned), without changing ``model`` (``graphopt.save`` swaps bytes in place)."""
-    from graphopt.ir.model import max_ir_version
+    (page-aligned, ``ir.model.spill_tensor``), without changing ``model``. Not
+    ``graphopt.save``: only the main graph's initializers the strip emptied are spilled, in
+    their order, and tensors already external stay as they are (``Snapshot`` restores by
+    index; save moves Constant and subgraph tensors out too and refuses external ones)."""
+    from graphopt.ir.model import max_ir_version, spill_tensor
 
     work = stripped_copy(model, initializers_only=True)
     work.ir_version = min(work.ir_version, max_ir_version())
@@ -167,18 +170,7 @@ def _write_with_external_weights(model: onnx.ModelProto, folder: Path) -> Path:
             source = originals[t.name]
             if t.HasField("raw_data") or not source.HasField("raw_data"):
                 continue
-            raw = source.raw_data
-            pad = (-offset) % 4096
-            fh.write(b"\0" * pad)
-            offset += pad
-            fh.write(raw)
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            for key, value in (("location", "weights.bin"), ("offset", str(offset)),
-                               ("length", str(len(raw)))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
-            offset += len(raw)
+            offset = spill_tensor(fh, offset, t, source.raw_data, "weights.bin")
     path = folder / "model.onnx"
     path.write_bytes(work.SerializeToString())
     return path
