@@ -129,8 +129,9 @@ def _run(console, run_sweep, *args, **kwargs):
 
 def _short(specs: list[str]) -> str:
     """The passes that make a candidate differ: pruning, unpadding, quantization."""
-    lossless = {"cleanup", "fold-batchnorm", "fold-pad"}
-    kept = [s for s in specs if s.split(":")[0] not in lossless]
+    from graphopt.sweep import LOSSLESS
+
+    kept = [s for s in specs if s.split(":")[0] not in LOSSLESS]
     return " + ".join(kept) or "lossless passes"
 
 
