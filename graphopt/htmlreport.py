@@ -218,26 +218,38 @@ def _f(x: Any, digits: int = 4) -> str:
     return "–" if x is None else f"{float(x):.{digits}f}"
 
 
+def fidelity_columns(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The fidelity columns beyond cosine that some candidate has: top-1 (classifier-like
+    outputs only, ``graphopt.sweep.classifier_outputs``) and the similarity-rank Spearman
+    of sentence embeddings (benchmarks add it), as (key, header)."""
+    fids = [c.get("fidelity") or {} for c in data.get("candidates", [])]
+    return [(k, h) for k, h in (("top1", "top-1"), ("spearman", "Spearman"))
+            if any(f.get(k) is not None for f in fids)]
+
+
 def _candidate_rows(data: Mapping[str, Any]) -> list[list[str]]:
     original = data.get("original", {})
     chosen = (data.get("pick") or {}).get("chosen")
+    extra = fidelity_columns(data)
     rows = [["<b>original</b>", "–", _num(original.get("params")), _num(original.get("macs")),
-             _f(original.get("latency_ms"), 2), "1.00×", "1.0000", "–", "–"]]
+             _f(original.get("latency_ms"), 2), "1.00×", "1.0000"]
+            + ["1.0000" if k == "spearman" else "–" for k, _ in extra] + ["–"]]
     for c in data.get("candidates", []):
         fid = c.get("fidelity") or {}
         name = _e(c["name"]) + (" ★" if c["name"] == chosen else "")
         passes = "<br>".join(_e(p) for p in c.get("passes", []))
         if c.get("error"):
-            rows.append([name, passes, "–", "–", "–", "–", "–", "–",
-                         f'<span class="err">{_e(c["error"])}</span>'])
+            rows.append([name, passes] + ["–"] * (5 + len(extra))
+                        + [f'<span class="err">{_e(c["error"])}</span>'])
             continue
         macs = c.get("macs")
         frac = f" ({macs / original['macs']:.2f})" if macs and original.get("macs") else ""
         rows.append([name, passes, _num(c.get("params")), _num(macs) + frac,
                      _f(c.get("latency_ms"), 2),
                      f"{c['speedup']:.2f}×" if c.get("speedup") else "–",
-                     _f(fid.get("cosine")), _f(fid.get("top1"), 3),
-                     _e(", ".join(fid.get("notes", [])))])
+                     _f(fid.get("cosine"))]
+                    + [_f(fid.get(k), 3 if k == "top1" else 4) for k, _ in extra]
+                    + [_e(", ".join(fid.get("notes", [])))])
     return rows
 
 
@@ -332,7 +344,8 @@ def render_html(data: Mapping[str, Any]) -> str:
     parts += sparsity_section(data)
     parts.append("<h2>Candidates</h2>")
     parts.append(_table(["candidate", "passes", "params", "MACs (fraction)", "latency ms",
-                         "speedup", "cosine", "top-1", "notes"], _candidate_rows(data)))
+                         "speedup", "cosine"] + [h for _, h in fidelity_columns(data)]
+                        + ["notes"], _candidate_rows(data)))
     parts.append("<h2>Passes</h2>")
     parts.append(_table(["candidate", "pass", "options", "status", "params", "MACs",
                          "seconds", "counters"], _pass_rows(data)))

@@ -11,7 +11,9 @@
    ``OUT/candidates/NAME.onnx``.
 3. Fidelity: ``graphopt.validate`` of the candidate against the original on the
    validation feeds (``validation``, else the last quarter of the calibration batches, kept
-   out of calibration): the worst cosine and top-1 agreement over the outputs.
+   out of calibration): the worst cosine over the outputs, and the worst top-1 agreement
+   over the classifier-like ones (``classifier_outputs``: logits or probabilities; an
+   embedding's argmax means nothing, so it gets none).
 4. Latency: ``graphopt.benchmark`` of the candidate against the original, A/B interleaved
    in one process on ``provider``, on ``bench_batches`` validation batches (ratios of summed
    medians); ``speedup = original / candidate``.
@@ -291,10 +293,37 @@ def _fidelity(original, candidate, feeds, provider, mask) -> dict[str, Any]:
     from .runtime.validate import validate
 
     result = validate(original, candidate, feeds, providers=provider, mask=mask)
-    summary = fidelity_summary([o.to_dict() for o in result.outputs])
+    heads = classifier_outputs(original)
+    rows = [o.to_dict() for o in result.outputs]
+    for row in rows:
+        if row["name"] not in heads:
+            row["top1_agreement"] = None
+    summary = fidelity_summary(rows)
     if mask:
         summary["notes"] = [f"per-token outputs compared on real tokens ({mask})"]
     return summary
+
+
+_HEAD_PASSTHROUGH = {"Add", "Identity", "Reshape", "Flatten", "Squeeze", "Cast"}
+
+
+def classifier_outputs(model: onnx.ModelProto) -> set[str]:
+    """The outputs whose top-1 agreement means something: logits (a ``Gemm``/``MatMul``/
+    ``Conv`` head, through bias adds and reshapes) or probabilities (``Softmax``,
+    ``LogSoftmax``). An embedding (a ``LayerNormalization`` hidden state, a ``Tanh``
+    pooler) is not one: the argmax of its features is noise (module doc, 3)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    heads = set()
+    for out in model.graph.output:
+        node = producer.get(out.name)
+        for _ in range(8):
+            if node is None or node.op_type not in _HEAD_PASSTHROUGH:
+                break
+            node = producer.get(node.input[0]) if node.input else None
+        if node is not None and node.op_type in {"Gemm", "MatMul", "Conv", "Softmax",
+                                                 "LogSoftmax"}:
+            heads.add(out.name)
+    return heads
 
 
 def _mask_input(model: onnx.ModelProto) -> str | None:

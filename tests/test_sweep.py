@@ -321,3 +321,27 @@ def test_cli_optimize_html_report(cli_inputs, tmp_path, capsys):
     assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 2
     assert "prune-channels:ratio=0.5" in page
     assert json.loads(json_path.read_text())["passes"][0]["name"] == "prune-channels"
+
+
+def test_top1_only_for_classifier_like_outputs():
+    """Logits (MatMul + bias) and probabilities get top-1; a LayerNorm hidden state and a
+    Tanh pooler (MiniLM's two outputs) do not, and the table then shows no top-1 column but
+    the Spearman column when a benchmark added it."""
+    from graphopt.htmlreport import fidelity_columns
+    from graphopt.sweep import classifier_outputs
+
+    w = np.ones((8, 4), np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]),
+             helper.make_node("Add", ["mm", "b"], ["logits"]),
+             helper.make_node("Softmax", ["mm"], ["probs"]),
+             helper.make_node("LayerNormalization", ["x", "g", "b8"], ["hidden"]),
+             helper.make_node("Gemm", ["x", "w"], ["pre"]),
+             helper.make_node("Tanh", ["pre"], ["pooled"])]
+    model = make_model(nodes, {"x": [2, 8]}, ["logits", "probs", "hidden", "pooled"],
+                       {"w": w, "b": np.zeros(4, np.float32), "g": np.ones(8, np.float32),
+                        "b8": np.zeros(8, np.float32)})
+    assert classifier_outputs(model) == {"logits", "probs"}
+    rows = {"candidates": [{"fidelity": {"cosine": 0.99, "top1": None, "spearman": 0.98}}]}
+    assert fidelity_columns(rows) == [("spearman", "Spearman")]
+    rows["candidates"].append({"fidelity": {"cosine": 0.9, "top1": 0.8}})
+    assert [k for k, _ in fidelity_columns(rows)] == ["top1", "spearman"]

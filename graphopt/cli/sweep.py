@@ -140,22 +140,24 @@ def render_sweep(console, data: dict[str, Any]) -> None:
     from rich.table import Table
 
     from graphopt.core.report import si_number
+    from graphopt.htmlreport import fidelity_columns
 
     from .render import _bytes
 
     original = data["original"]
     chosen = (data.get("pick") or {}).get("chosen")
+    extra = fidelity_columns(data)
     table = Table("candidate", "passes", "params", "MACs", "size", "latency ms", "speedup",
-                  "cosine", "top-1", title=f"sweep of {data['model']} on {data['provider']}",
-                  title_justify="left")
+                  "cosine", *[h for _, h in extra],
+                  title=f"sweep of {data['model']} on {data['provider']}", title_justify="left")
     table.add_row("original", "-", si_number(original.get("params")), si_number(original.get("macs")),
                   _bytes(original.get("size_bytes")), _fmt(original.get("latency_ms"), 2),
-                  "1.00x", "1.0000", "-")
+                  "1.00x", "1.0000", *["1.0000" if k == "spearman" else "-" for k, _ in extra])
     for c in data["candidates"]:
         name = escape(c["name"]) + (" [bold red]*[/]" if c["name"] == chosen else "")
         if c.get("error"):
             table.add_row(name, escape(_short(c["passes"])), "", "", "", "", "",
-                          "", f"[red]{escape(c['error'][:120])}[/]")
+                          f"[red]{escape(c['error'][:120])}[/]", *[""] * len(extra))
             continue
         fid = c.get("fidelity") or {}
         frac = (f" ({c['macs'] / original['macs']:.2f})" if c.get("macs") and
@@ -164,7 +166,8 @@ def render_sweep(console, data: dict[str, Any]) -> None:
                       si_number(c.get("macs")) + frac, _bytes(c.get("size_bytes")),
                       _fmt(c.get("latency_ms"), 2),
                       f"{c['speedup']:.2f}x" if c.get("speedup") else "-",
-                      _fmt(fid.get("cosine"), 4), _fmt(fid.get("top1"), 3))
+                      _fmt(fid.get("cosine"), 4),
+                      *[_fmt(fid.get(k), 3 if k == "top1" else 4) for k, _ in extra])
     console.print(table)
     for note in data.get("notes", []):
         console.print(f"note: {escape(note)}")
