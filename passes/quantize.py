@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import fnmatch
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,6 +52,8 @@ from graphopt.analysis.precision import LOW_PRECISION, QUANTIZED_OPS, quantized_
 from graphopt.core.contract import Context, Pass, PassResult, Skip, SkipCode
 from graphopt.core.needs import Need, check_needs
 from graphopt.core.registry import register
+
+from . import _quantize_static as static
 
 _STATIC_OPS = ("Conv", "MatMul", "Gemm")
 # Above this many bytes of weights, onnxruntime's quantizers write external data.
@@ -72,10 +73,14 @@ class QuantizeConfig:
     LayerNorm inputs included, takes all-MiniLM-L6-v2 to cosine 0.53, weights-only 0.89). ``exclude``: node-name globs kept in float. ``calibrate``: how
     static mode turns activations into ranges (minmax, entropy, percentile).
     ``block_ops``: fp16, more op types kept in float32. ``preprocess``: run shape inference
-    and onnxruntime's ``quant_pre_process`` first (int8 modes). ``keep_float`` (dynamic):
+    and onnxruntime's ``quant_pre_process`` first (int8 modes). ``keep_float`` (int8 modes):
     N >= 1 nodes, or a fraction in (0, 1) of the MatMul/Gemm/Conv nodes with a constant
     weight, kept in float: the ones whose output damage is largest when each is quantized
-    alone (``_sensitivity``, on up to ``sensitivity_feeds`` calibration feeds).
+    alone (``_sensitivity``, on up to ``sensitivity_feeds`` calibration feeds; static mode
+    reuses one calibration for every trial). Static only (``passes/_quantize_static.py``):
+    ``activations``/``weights`` int8 or uint8, ``act_symmetric``/``weight_symmetric``,
+    ``moving_average`` (calibration ranges as moving averages over the feeds),
+    ``percentile`` (with calibrate=percentile), ``format`` qdq or qoperator.
     """
 
     mode: Literal["dynamic", "static", "fp16"] = "dynamic"
@@ -88,37 +93,28 @@ class QuantizeConfig:
     preprocess: bool = True
     keep_float: float = 0.0
     sensitivity_feeds: int = 4
+    activations: Literal["int8", "uint8"] = "int8"
+    weights: Literal["int8", "uint8"] = "int8"
+    act_symmetric: bool = False
+    weight_symmetric: bool = True
+    moving_average: bool = False
+    percentile: float = 99.999
+    format: Literal["qdq", "qoperator"] = "qdq"
 
     def __post_init__(self) -> None:
-        if self.keep_float < 0 or (self.keep_float and self.mode != "dynamic"):
+        if self.keep_float < 0 or (self.keep_float and self.mode == "fp16"):
             raise ConfigError("keep_float is a count (>= 1) or a fraction (0-1) of nodes, "
-                              "for mode=dynamic")
+                              "for the int8 modes")
+        static_only = {"activations": "int8", "weights": "int8", "act_symmetric": False,
+                       "weight_symmetric": True, "moving_average": False,
+                       "percentile": 99.999, "format": "qdq"}
+        changed = [k for k, v in static_only.items() if getattr(self, k) != v]
+        if changed and self.mode != "static":
+            raise ConfigError(f"{changed[0]} applies to mode=static only")
+        if not 0 < self.percentile <= 100:
+            raise ConfigError("percentile is in (0, 100]")
         if self.mode == "fp16" and (self.per_channel or self.reduce_range):
             raise ConfigError("per_channel and reduce_range apply to the int8 modes, not fp16")
-
-
-class _Feeds:
-    """A ``CalibrationDataReader`` over feed dicts (onnxruntime calls ``get_next`` until
-    None); each feed keeps only the inputs the model reads."""
-
-    def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]):
-        self._feeds = [{k: np.asarray(v) for k, v in f.items() if k in names} for f in feeds]
-        self._it: Iterator[dict[str, np.ndarray]] = iter(self._feeds)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:
-        self._it = iter(self._feeds)
-
-
-def _reader(feeds, names):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(_Feeds, CalibrationDataReader):
-        pass
-
-    return Reader(feeds, names)
 
 
 @register
@@ -196,15 +192,15 @@ class Quantize(Pass[QuantizeConfig], name="quantize", lossless=False):
         op_types = list(cfg.op_types) if cfg.op_types else None
         if cfg.mode == "static" and cfg.op_types is None:
             op_types = list(_STATIC_OPS)
-        if cfg.keep_float:
-            excluded += self._least_robust(src, model, folder, ctx, excluded, skipped)
         common = dict(
             op_types_to_quantize=op_types,
             reduce_range=cfg.reduce_range,
-            nodes_to_exclude=excluded or None,
             use_external_data_format=_large(model) if isinstance(src, onnx.ModelProto)
             else any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer),
         )
+        if cfg.keep_float:
+            excluded += self._least_robust(src, model, folder, ctx, excluded, skipped, common)
+        common["nodes_to_exclude"] = excluded or None
         out = folder / "quantized.onnx"
         source = str(src) if isinstance(src, Path) else src
         try:
@@ -216,27 +212,22 @@ class Quantize(Pass[QuantizeConfig], name="quantize", lossless=False):
                     skipped.append(Skip("calibration", "no calibration data given: activation "
                                         "ranges come from generated inputs, which only test "
                                         "structure; give --calibration for real ranges"))
-                names = [i.name for i in model.graph.input]
-                feeds = ctx.calibration_feeds(model if isinstance(src, onnx.ModelProto)
-                                              else onnx.load(str(src), load_external_data=False))
-                method = {"minmax": q.CalibrationMethod.MinMax,
-                          "entropy": q.CalibrationMethod.Entropy,
-                          "percentile": q.CalibrationMethod.Percentile}[cfg.calibrate]
-                per_channel = True if cfg.per_channel is None else cfg.per_channel
-                q.quantize_static(source, out, _reader(feeds, names),
-                                  quant_format=q.QuantFormat.QDQ, per_channel=per_channel,
-                                  activation_type=q.QuantType.QInt8,
-                                  weight_type=q.QuantType.QInt8, calibrate_method=method,
-                                  extra_options={"MatMulConstBOnly": True},
-                                  **common)
+                static.quantize_static(source, out, cfg, *self._static_data(src, model, ctx),
+                                       folder / "ranges.json", common)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises anything
             raise UnsupportedModelError(
                 f"onnxruntime's {cfg.mode} quantizer failed: {_first_line(exc)} (exclude the "
                 "offending nodes with exclude=NAME_GLOB, or set preprocess=false)") from exc
         return load(out)
 
+    def _static_data(self, src, model: onnx.ModelProto, ctx: Context):
+        """(calibration feeds, the model's input names) for static mode."""
+        feeds = ctx.calibration_feeds(model if isinstance(src, onnx.ModelProto)
+                                      else onnx.load(str(src), load_external_data=False))
+        return feeds, [i.name for i in model.graph.input]
+
     def _least_robust(self, src, model: onnx.ModelProto, folder: Path, ctx: Context,
-                      excluded: list[str], skipped: list[Skip]) -> list[str]:
+                      excluded: list[str], skipped: list[Skip], common: dict) -> list[str]:
         """The ``keep_float`` nodes most damaged by quantization, each listed in a skip
         with its measured damage (``_sensitivity``)."""
         cfg = self.config
@@ -248,9 +239,13 @@ class Quantize(Pass[QuantizeConfig], name="quantize", lossless=False):
         count = int(cfg.keep_float) if cfg.keep_float >= 1 else \
             max(1, int(np.ceil(cfg.keep_float * len(cands))))
         feeds = ctx.calibration_feeds(model)[:max(1, cfg.sensitivity_feeds)]
-        damage = _sensitivity(src, model, cands, excluded, feeds, folder,
-                              per_channel=cfg.per_channel is not False,
-                              reduce_range=cfg.reduce_range)
+        if cfg.mode == "static":
+            quantize_one = static.one_node_quantizer(src, cfg, *self._static_data(src, model, ctx),
+                                                     folder / "ranges.json", common)
+        else:
+            quantize_one = _dynamic_one(src, model, per_channel=cfg.per_channel is not False,
+                                        reduce_range=cfg.reduce_range)
+        damage = _sensitivity(src, model, cands, excluded, feeds, folder, quantize_one)
         ranked = sorted(cands, key=lambda n: -damage[n])[:count]
         source = "calibration" if ctx.calibration else "generated"
         for rank, name in enumerate(ranked, 1):
@@ -298,13 +293,28 @@ class Quantize(Pass[QuantizeConfig], name="quantize", lossless=False):
         return counters
 
 
-def _sensitivity(src, model: onnx.ModelProto, cands: list[str], excluded: list[str],
-                 feeds, folder: Path, **options) -> dict[str, float]:
-    """Per node of ``cands``: 1 - the mean cosine of the outputs against float when only
-    that node is quantized (onnxruntime's quantize_dynamic, every other candidate and
-    ``excluded`` in ``nodes_to_exclude``)."""
+def _dynamic_one(src, model: onnx.ModelProto, **options):
+    """``quantize(node, others, out)``: ``src`` through quantize_dynamic with only ``node``
+    quantized (``others`` in ``nodes_to_exclude``)."""
     from onnxruntime import quantization as q
 
+    ops = {n.name: n.op_type for n in model.graph.node}
+    source = str(src) if isinstance(src, Path) else src
+    large = _large(model)
+
+    def quantize(node: str, others: list[str], out: Path) -> None:
+        q.quantize_dynamic(source, out, per_channel=options["per_channel"],
+                           reduce_range=options["reduce_range"], weight_type=q.QuantType.QInt8,
+                           op_types_to_quantize=[ops[node]], nodes_to_exclude=others,
+                           use_external_data_format=large)
+    return quantize
+
+
+def _sensitivity(src, model: onnx.ModelProto, cands: list[str], excluded: list[str],
+                 feeds, folder: Path, quantize_one) -> dict[str, float]:
+    """Per node of ``cands``: 1 - the mean cosine of the outputs against float when only
+    that node is quantized (``quantize_one(node, others, out)`` writes that model: every
+    other candidate and ``excluded`` in ``nodes_to_exclude``)."""
     from graphopt.ir.model import load
     from graphopt.runtime.session import ort_session, run_model
 
@@ -313,16 +323,10 @@ def _sensitivity(src, model: onnx.ModelProto, cands: list[str], excluded: list[s
     float_model = model if isinstance(src, onnx.ModelProto) else load(src)
     sess = ort_session(float_model, lean=True)
     ref = [run_model(sess, f) for f in feeds]
-    ops = {n.name: n.op_type for n in model.graph.node}
-    source = str(src) if isinstance(src, Path) else src
     out = folder / "one.onnx"
     damage = {}
     for name in cands:
-        others = [c for c in cands if c != name] + excluded
-        q.quantize_dynamic(source, out, per_channel=options["per_channel"],
-                           reduce_range=options["reduce_range"], weight_type=q.QuantType.QInt8,
-                           op_types_to_quantize=[ops[name]], nodes_to_exclude=others,
-                           use_external_data_format=_large(float_model))
+        quantize_one(name, [c for c in cands if c != name] + excluded, out)
         sess = ort_session(load(out), lean=True)
         cos = [_cosine(r[k], g[k]) for r, f in zip(ref, feeds)
                for g in [run_model(sess, f)] for k in r if r[k].dtype.kind == "f"]

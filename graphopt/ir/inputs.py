@@ -11,7 +11,10 @@ Generated inputs follow what an input is for, judged from its type and name:
 4. booleans: True; floats (images, features): N(0, 1).
 
 Dynamic dims stay dynamic in the model; to run it they take the user's value, else the
-value a same-named dim got on another input, else 1 for the first axis and 16 otherwise.
+value a same-named dim got on another input, else 1 for the first axis and 16 otherwise,
+rounded up on the spatial axes of an image-like input to the multiple the model's strides
+need (``graphopt.ir.strides``: 32 for a stride-32 detector with skip connections, which does
+not run at 16).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import onnx
 
 from graphopt.errors import InputSpecError
+from graphopt.ir.strides import free_dim_multiple, spatial_strides
 
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 16
@@ -124,6 +128,7 @@ def resolve_shapes(
                 if isinstance(dim, str):
                     symbols.setdefault(dim, value)
     resolved = {}
+    strides = spatial_strides(model) if any(s.is_dynamic for s in specs) else ()
     for spec in specs:
         if spec.name in input_shapes:
             resolved[spec.name] = tuple(input_shapes[spec.name])
@@ -135,12 +140,17 @@ def resolve_shapes(
             elif isinstance(dim, str) and dim in symbols:
                 shape.append(symbols[dim])
             else:
-                value = DEFAULT_BATCH if axis == 0 else DEFAULT_DIM
+                value = DEFAULT_BATCH if axis == 0 else _round_up(
+                    DEFAULT_DIM, free_dim_multiple(strides, len(spec.dims), axis))
                 if isinstance(dim, str):
                     symbols[dim] = value
                 shape.append(value)
         resolved[spec.name] = tuple(shape)
     return resolved
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _embedding_rows(model: onnx.ModelProto, input_name: str) -> int | None:

@@ -8,8 +8,9 @@ changes it:
 1. the user's data (calibration) if any, and the inputs generated at the user's
    ``--input-shape`` (else the defaults of ``graphopt.ir.inputs``);
 2. *small*: every dynamic dim (batch axes at 1) at the smallest of 1, 2, 3, S, 2S that runs,
-   where S is the model's total stride (the largest product of Conv/pooling strides along
-   any path, a guess at the multiple its sides must be);
+   where S is the model's total stride (``graphopt.ir.strides``: the largest product of
+   Conv/pooling strides along any path, upsampling divided out, a guess at the multiple its
+   sides must be);
 3. *large*: batch axes at 2 and the other dynamic dims at an odd size above small
    (2*small + 1, then 3S, 4S, 16, 32) that runs.
 
@@ -27,6 +28,7 @@ import numpy as np
 import onnx
 
 from graphopt.ir.inputs import generate_inputs, input_specs
+from graphopt.ir.strides import total_stride
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +39,6 @@ _SMALL_TRIES = 5
 _LARGE_TRIES = 4
 
 Feed = dict[str, np.ndarray]
-
-
-def total_stride(model: onnx.ModelProto) -> int:
-    """The largest product of strides along any path from the inputs (at least 1)."""
-    stride: dict[str, int] = {}
-    best = 1
-    for node in model.graph.node:
-        here = max((stride.get(i, 1) for i in node.input if i), default=1)
-        if node.op_type in _STRIDED:
-            for a in node.attribute:
-                if a.name == "strides" and a.ints:
-                    here *= max(1, max(a.ints))
-        best = max(best, here)
-        for out in node.output:
-            stride[out] = here
-    return min(best, 1024)
 
 
 def _shapes(model: onnx.ModelProto, batch: int, size: int) -> dict[str, tuple[int, ...]]:

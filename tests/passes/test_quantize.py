@@ -239,3 +239,60 @@ def test_keep_float_excludes_the_most_sensitive_matmul():
     assert cos(out) > 0.999 and cos(out) > cos(full)  # keeping fc2 float is what helps
     with pytest.raises(Exception):
         build_pass("quantize", {"mode": "fp16", "keep_float": 1})
+
+
+def test_static_keep_float_calibrates_once(monkeypatch):
+    """Static keep_float=1: each MatMul is quantized alone with the ranges of one calibration
+    (onnxruntime's calibration cache; its calibrator is built once for 3 trials and the final
+    model) and the outlier's fc2 stays float, its input and weight without DequantizeLinear."""
+    import importlib
+
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")
+
+    made = []
+    real = ort_quantize.create_calibrator
+    monkeypatch.setattr(ort_quantize, "create_calibrator",
+                        lambda *a, **k: made.append(1) or real(*a, **k))
+    model = _mlp3_with_outlier()
+    feeds = _feeds(model)
+    out, entry = _quantize(model, Context(calibration=feeds), mode="static", keep_float=1,
+                           per_channel=False)
+    assert len(made) == 1
+    producer = {o: n.op_type for n in out.graph.node for o in n.output}
+    matmuls = {n.name: [producer.get(i) for i in n.input] for n in out.graph.node
+               if n.op_type == "MatMul"}
+    assert "DequantizeLinear" not in matmuls["fc2"]
+    assert matmuls["fc1"] == matmuls["fc3"] == ["DequantizeLinear", "DequantizeLinear"]
+    assert entry.counters["kept_float_nodes"] == 1
+    assert "1 of 3" in next(s.reason for s in entry.skipped if s.site == "fc2")
+
+
+@pytest.mark.parametrize("options, check", [
+    ({"activations": "uint8"}, lambda zp, ops: zp == {onnx.TensorProto.UINT8}),
+    ({"act_symmetric": True}, lambda zp, ops: zp == {onnx.TensorProto.INT8}),
+    ({"format": "qoperator", "activations": "uint8"},
+     lambda zp, ops: "QLinearConv" in ops and "DequantizeLinear" in ops),
+])
+def test_static_options_reach_onnxruntime(options, check):
+    """activations/act_symmetric/format change what onnxruntime writes: the activation
+    zero points' type, all-zero zero points, QLinearConv (QOperator) instead of QDQ pairs."""
+    model = _cnn()
+    feeds = _feeds(model, n=2)
+    out, _ = _quantize(model, Context(calibration=feeds), mode="static", **options)
+    inits = {t.name: t for t in out.graph.initializer}
+    acts = [n for n in out.graph.node if n.op_type == "QuantizeLinear"]
+    zp = {inits[n.input[2]].data_type for n in acts if len(n.input) > 2}
+    if options.get("act_symmetric"):
+        assert all(not numpy_helper.to_array(inits[n.input[2]]).any() for n in acts)
+    assert check(zp, op_types(out)), (zp, op_types(out))
+    _close(model, out, feeds, 0.99, 0.15)
+
+
+def test_static_options_refused_elsewhere():
+    """Static-only options on mode=dynamic are one ConfigError, before any work."""
+    from graphopt.errors import ConfigError
+
+    for options in ({"activations": "uint8"}, {"format": "qoperator"}, {"percentile": 0}):
+        with pytest.raises(ConfigError):
+            build_pass("quantize", {"mode": "dynamic" if "percentile" not in options
+                                    else "static", **options})

@@ -350,3 +350,25 @@ def test_bucketed_attention_real_exports(exported, name, vocab):
     for row, length in enumerate([13, 2, 9, 1, 5, 13, 4]):
         mask[row, length:] = 0
     assert_real_tokens_equal(before, after, feeds_for(before, mask, vocab, seed=2))
+
+
+@pytest.mark.parametrize("mask,says", [
+    (np.ones((1, S), np.int64), "hold no padding (100% real tokens)"),
+    (ragged_mask(), "real tokens (at most"),
+])
+def test_report_says_what_a_batch_without_padding_costs(mask, says):
+    """The report states that batches without padding run slower, and reads the
+    calibration batches' real-token share: all real (a batch of one) says so plainly."""
+    model = _encoder()
+    feed = {"ids": np.random.default_rng(0).integers(0, 20, mask.shape), "mask": mask}
+    _, report = PassManager([build_pass("unpad-tokens", {})]).run(
+        model, Context(calibration=[feed]))
+    entry = report.passes[0]
+    assert entry.status == "changed", entry.error
+    note = next(s.reason for s in entry.skipped if s.site == "no padding")
+    assert says in note and "runs slower" in note, note
+    if mask.all():
+        assert note.startswith("the calibration batches hold no padding")
+    else:
+        share = np.count_nonzero(mask) / mask.size
+        assert f"{share:.0%} real tokens" in note and f"{1 / share:.2f}x" in note
