@@ -82,8 +82,10 @@ def quantize_static(source, out: Path, cfg, feeds: Sequence[Mapping[str, np.ndar
 def one_node_quantizer(source, cfg, feeds, names, cache: Path, common: Mapping
                        ) -> Callable[[str, list[str], Path], None]:
     """For ``keep_float``: ``quantize(node, others, out)`` writes ``source`` with only
-    ``node`` quantized (``others`` excluded), from the cached ranges (module doc, 3)."""
+    ``node`` quantized (``nodes_to_quantize``: with ``op_types`` beyond Conv/MatMul/Gemm the
+    Adds and Muls stay float too, so each trial measures its node alone), from the cached
+    ranges (module doc, 3)."""
     def quantize(node: str, others: list[str], out: Path) -> None:
-        opts = {**common, "nodes_to_exclude": others or None}
+        opts = {**common, "nodes_to_quantize": [node], "nodes_to_exclude": None}
         quantize_static(source, out, cfg, feeds, names, cache, opts)
     return quantize
