@@ -49,8 +49,8 @@ def keep_original(model: onnx.ModelProto, mode: str) -> onnx.ModelProto | None:
 def refit_step(original: onnx.ModelProto | None, model: onnx.ModelProto,
                outputs: Sequence[str], ctx: Context, mode: str, damping: float,
                columns: Mapping[str, np.ndarray] | None = None,
-               max_levels: int | None = None, streams: bool = False
-               ) -> tuple[dict, list[Skip], dict]:
+               max_levels: int | None = None, streams: bool = False,
+               postnorm: bool = False) -> tuple[dict, list[Skip], dict]:
     """Refit ``outputs`` (site output tensors) of ``model`` toward ``original``."""
     details: dict = {"reconstruct": mode}
     if mode == "none" or original is None or not outputs:
@@ -62,7 +62,7 @@ def refit_step(original: onnx.ModelProto | None, model: onnx.ModelProto,
             "synthetic activations")
     fits, skipped = reconstruct(original, model, outputs, feeds, mode=mode, damping=damping,
                                 target_columns=columns, max_levels=max_levels,
-                                streams=streams)
+                                streams=streams, postnorm=postnorm)
     details["reconstruction"] = [f.to_dict() for f in fits]
     counters = {"sites_refit": len(fits)}
     if fits:

@@ -108,6 +108,7 @@ class PruneConfig:
     refit: str = "cut"
     target: str = "output"
     search: int = 0
+    postnorm: bool = False
 
     def __post_init__(self):
         given = [(k, v) for k, v in (("macs", self.macs), ("params", self.params),
@@ -224,7 +225,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             outputs = [o for o in dict.fromkeys(outputs) if o in produced]
             more, refit_skips, refit = refit_step(original, model, outputs, ctx, mode,
                                                   cfg.damping, columns,
-                                                  streams=cfg.target == "stream")
+                                                  streams=cfg.target == "stream",
+                                                  postnorm=cfg.postnorm)
             counters.update(more)
             details.update({k: v for k, v in refit.items() if k != "notes"})
             details["notes"] += refit.get("notes", [])
@@ -348,7 +350,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                 block = next(b for b, i in blocks if i == c.key)
                 probes.append(Probe(("layer", c.key), block=block))
                 predicted[("layer", c.key)] = c.damage
-        measured = measure(model, coupling, probes, feeds, consumers, self.config.damping)
+        measured = measure(model, coupling, probes, feeds, consumers, self.config.damping,
+                           weights=self._weights(model, coupling, groups))
         ratio = {k: measured[k] / predicted[k] for k in measured}
         kind_of = {k: ("layers" if k[0] == "layer" else plan.kinds[k[1]]) for k in ratio}
         median = {kind: float(np.median([r for k, r in ratio.items() if kind_of[k] == kind]))
@@ -363,6 +366,14 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             f"{plan.kinds.get(k[1], 'layer') if k[0] == 'group' else 'layer'} {k[1]} "
             f"×{r:.2g}" for k, r in sorted(ratio.items())))
         return out
+
+    def _weights(self, model, coupling, groups) -> dict[str, str] | None:
+        """``postnorm``: consumer site output -> the residual sum its LayerNorm reads."""
+        if not self.config.postnorm:
+            return None
+        from graphopt.prune.postnorm import norm_streams
+
+        return norm_streams(model, _consumer_outputs(model, groups))
 
     def _groups(self, coupling: Coupling, plan: PrunePlan) -> list:
         from .width import PruneNeurons
@@ -411,10 +422,11 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                 if g.position in nodes:
                     layer_of[g.id] = i
         if data:
-            norms = _stream_norms(model, coupling, groups, feeds)
+            weights = self._weights(model, coupling, groups)
+            norms = _stream_norms(model, coupling, groups, feeds, weights)
             scores, fallback = data_scores(model, coupling, groups, cfg.score, feeds,
                                            damping=cfg.damping, max_ratio=cfg.max_ratio,
-                                           norms=norms)
+                                           norms=norms, weights=weights)
             if fallback:
                 scores.update(unit_scores(coupling, fallback, "activation", feeds=feeds))
         else:
@@ -465,8 +477,20 @@ def _stream_tensor(model: onnx.ModelProto, name: str, consts: set[str]) -> str:
     return current
 
 
-def _stream_norms(model, coupling, groups, feeds) -> dict[str, float]:
-    """Mean row energy of the stream each consumer of ``groups`` joins."""
+def _consumer_outputs(model, groups) -> list[str]:
+    inits = constants(model)
+    out = []
+    for g in groups:
+        for m in g.members_with_role("in"):
+            site, _ = site_for(model, m.slot.use[0], inits)
+            if site is not None:
+                out.append(site.output)
+    return list(dict.fromkeys(out))
+
+
+def _stream_norms(model, coupling, groups, feeds, weights=None) -> dict[str, float]:
+    """Mean row energy of the stream each consumer of ``groups`` joins; ``weights``
+    (site output -> stream): that stream's rows weighted by 1 / their variance."""
     consts = set(constants(model))
     inits = constants(model)
     streams: dict[str, str] = {}
@@ -475,18 +499,21 @@ def _stream_norms(model, coupling, groups, feeds) -> dict[str, float]:
             site, _ = site_for(model, m.slot.use[0], inits)
             if site is not None:
                 streams[site.output] = _stream_tensor(model, site.output, consts)
+    streams.update(weights or {})
     names = sorted(set(streams.values()))
-    reducer = _RowEnergy(names, feeds)
+    reducer = _RowEnergy(names, feeds, set((weights or {}).values()))
     capture(model, feeds, names, reducer, batch_outputs=max(len(names), 1))
     return {s: reducer.mean(t) for s, t in streams.items()}
 
 
 class _RowEnergy:
     """Mean over rows (tokens, pixels; padding left out) of the squared norm along the
-    channel axis, for tensors captured in one session (feed by feed, ``names`` order)."""
+    channel axis, for tensors captured in one session (feed by feed, ``names`` order);
+    rows of the ``weighted`` tensors count by 1 / their variance over the last axis."""
 
-    def __init__(self, names, feeds):
+    def __init__(self, names, feeds, weighted=()):
         self.names = list(names)
+        self.weighted = set(weighted)
         self.feeds = list(feeds)
         self.calls = 0
         self.sums: dict[str, float] = {}
@@ -497,6 +524,9 @@ class _RowEnergy:
         self.calls += 1
         v = np.asarray(value, dtype=np.float64)
         energy = (v * v).sum(1 if v.ndim == 4 else -1)
+        if name in self.weighted:
+            var = v.var(-1)
+            energy = energy / np.maximum(var, 1e-6 * max(float(var.mean()), 1e-30))
         mask = token_mask(feed)
         w = np.ones_like(energy)
         if mask is not None and energy.ndim >= 2 and energy.shape[:2] == mask.shape:

@@ -213,16 +213,20 @@ class GramStats:
         """Input features (without the ones column)."""
         return self.xtx.shape[0] - 1
 
-    def add(self, x: np.ndarray, t: np.ndarray | None = None) -> None:
+    def add(self, x: np.ndarray, t: np.ndarray | None = None,
+            w: np.ndarray | None = None) -> None:
+        """Add rows ``x`` (and targets ``t``); ``w``: a weight per row (sums of w·x̃x̃ᵀ)."""
         x = np.asarray(x, dtype=np.float64)
         ones = np.ones((x.shape[0], 1))
         xa = np.concatenate([x, ones], axis=1)
-        self.xtx += xa.T @ xa
+        xw = xa if w is None else xa * np.asarray(w, np.float64)[:, None]
+        self.xtx += xw.T @ xa
         self.n += x.shape[0]
         if t is not None and self.xty is not None:
             t = np.asarray(t, dtype=np.float64)
-            self.xty += xa.T @ t
-            self.tt += float((t * t).sum())
+            self.xty += xw.T @ t
+            tt = (t * t).sum(1)
+            self.tt += float(tt.sum() if w is None else (tt * w).sum())
 
     def error(self, weight: np.ndarray, bias: np.ndarray | None = None) -> float:
         """‖X W + b − T‖² on the accumulated rows (``weight`` [K, N], ``bias`` [N])."""
@@ -331,6 +335,7 @@ def accumulate(
     max_bytes: int = 512 * 2**20,
     max_rows: int | None = 4096,
     streams: Mapping[str, str] | None = None,
+    weights: Mapping[str, str] | None = None,
 ) -> dict[str, GramStats]:
     """Gram sums of every site's input in ``model`` (and targets from ``reference``).
 
@@ -344,7 +349,10 @@ def accumulate(
     (``y + bias + r``, unit coefficients): the target is then ``y + (S_ref − S)``, what
     the site must output for the stream S to match the reference's S_ref, so the site
     also absorbs the stream's error from the layers before it (where the shapes do not
-    line up, the plain target). Returns ``{site.output: GramStats}``.
+    line up, the plain target). ``weights[site.output]`` names a tensor holding the
+    site's output rows (a residual sum a LayerNormalization reads): each row is weighted
+    by 1 / its variance over the last axis, as the norm will scale its error (read from
+    ``reference`` when the targets come from it). Returns ``{site.output: GramStats}``.
     """
     feeds = list(feeds)
     if not feeds:
@@ -365,8 +373,13 @@ def accumulate(
                   if targets and not same and streams and s.output in streams}
         extra = list(dict.fromkeys([o for o in routed] + list(routed.values())))
         t_names = list(dict.fromkeys(t_names + list(routed.values())))
-        names = x_names + [n for n in t_names if n not in x_names] if same else \
-            x_names + [n for n in extra if n not in x_names]
+        weighed = {s.output: weights[s.output] for s in chunk if weights and s.output in weights}
+        if targets and not same:
+            t_names = list(dict.fromkeys(t_names + list(weighed.values())))
+        else:
+            extra = list(dict.fromkeys(extra + list(weighed.values())))
+        names = x_names + [n for n in dict.fromkeys(t_names + extra) if n not in x_names] \
+            if same else x_names + [n for n in extra if n not in x_names]
         sess = _session(model, names, providers)
         ref_sess = _session(other, t_names, providers) if targets and not same else None
         for f_idx, feed in enumerate(feeds):
@@ -387,21 +400,35 @@ def accumulate(
                     t = _stream_target(s, t, values[s.output], values[routed[s.output]],
                                        values_t[routed[s.output]],
                                        (target_columns or {}).get(s.output))
+                w = _row_weights(s, (values_t if targets and not same else values)
+                                 [weighed[s.output]], rows) if s.output in weighed else None
                 if keep is not None:
                     rows = rows[keep]
                     t = t[keep] if t is not None else None
+                    w = w[keep] if w is not None else None
                 if max_rows and rows.shape[0] > max_rows:
                     pick = np.sort(np.random.default_rng(f_idx).choice(
                         rows.shape[0], max_rows, replace=False))
                     rows = rows[pick]
                     t = t[pick] if t is not None else None
+                    w = w[pick] if w is not None else None
                 if t is not None and t.shape[0] != rows.shape[0]:
                     raise InputSpecError(f"site '{s.output}': {rows.shape[0]} input rows but "
                                          f"{t.shape[0]} target rows")
-                stats[s.output].add(rows, t)
+                stats[s.output].add(rows, t, w)
         del sess, ref_sess
         out.update(stats)
     return out
+
+
+def _row_weights(site: LinearSite, stream: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+    """1 / variance over the last axis of each row of ``stream`` (``accumulate``'s
+    ``weights``); None where its rows do not line up with the site's."""
+    s = site.target_rows(stream).astype(np.float64)
+    if s.shape[0] != rows.shape[0]:
+        return None
+    var = s.var(axis=1)
+    return 1.0 / np.maximum(var, 1e-6 * max(float(var.mean()), 1e-30))
 
 
 def _stream_target(site: LinearSite, plain: np.ndarray, y: np.ndarray, stream: np.ndarray,

@@ -62,9 +62,8 @@ def solve(stats: GramStats, w0: np.ndarray, b0: np.ndarray, mode: str, damping: 
           ) -> tuple[np.ndarray, np.ndarray]:
     """The refit (W, b) from the Gram sums (module doc); ``w0`` [K, N], ``b0`` [N]."""
     h, c = stats.xtx, stats.xty
-    n = stats.n
     if mode == "bias" or stats.k == 0:
-        b = (c[-1] - h[-1, :-1] @ w0) / max(n, 1)
+        b = (c[-1] - h[-1, :-1] @ w0) / max(h[-1, -1], 1e-30)  # Σ row weights (n)
         return w0, b
     k = stats.k
     scale = float(np.mean(np.diag(h)[:k])) if k else 0.0
@@ -227,6 +226,7 @@ def reconstruct(
     target_columns: Mapping[str, np.ndarray] | None = None,
     max_levels: int | None = None,
     streams: bool = False,
+    postnorm: bool = False,
 ) -> tuple[list[SiteFit], list[tuple[str, str]]]:
     """Refit the sites named by ``outputs`` (node output tensors) in ``pruned``, in place.
 
@@ -235,7 +235,9 @@ def reconstruct(
     fewer passes over the calibration data). ``streams=True``: a site whose output is
     added into a residual sum (``y + bias + r``) is fit so that the *sum* matches the
     original's (``stream_sums``; ``accumulate``'s ``streams``): it also absorbs the error
-    the layers before it left in the stream, not only its own.
+    the layers before it left in the stream, not only its own. ``postnorm=True``: a site
+    whose residual sum goes straight into a LayerNormalization is fit on the error the
+    norm sees (rows weighted by 1 / the original sum's variance, ``graphopt.prune.postnorm``).
     """
     if mode not in MODES:
         raise ValueError(f"reconstruct must be one of {', '.join(MODES)}, not {mode!r}")
@@ -274,13 +276,18 @@ def reconstruct(
         sites = _matching_targets(original, pruned, sites, target_columns, skipped)
         if not sites:
             continue
-        routes = None
+        routes = weights = None
+        made = {o for n in original.graph.node for o in n.output}
         if streams:
-            made = {o for n in original.graph.node for o in n.output}
             routes = {k: v for k, v in stream_sums(pruned, [x.output for x in sites]).items()
                       if v in made}
+        if postnorm:
+            from .postnorm import norm_streams
+
+            weights = {k: v for k, v in norm_streams(pruned, [x.output for x in sites]).items()
+                       if v in made}
         stats = accumulate(pruned, sites, feeds, targets=True, reference=original,
-                           target_columns=target_columns, streams=routes)
+                           target_columns=target_columns, streams=routes, weights=weights)
         for site in sites:
             st, ed = stats[site.output], edits[site.output]
             if st.n == 0 or st.tt <= 0:

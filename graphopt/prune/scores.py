@@ -126,13 +126,16 @@ def _energy(h: np.ndarray, v: np.ndarray) -> float:
 
 def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
                 feeds: Sequence[Mapping[str, np.ndarray]], *, damping: float = 0.1,
-                max_ratio: float = 0.9, norms: Mapping[str, float] | None = None
+                max_ratio: float = 0.9, norms: Mapping[str, float] | None = None,
+                weights: Mapping[str, str] | None = None
                 ) -> tuple[dict[int, np.ndarray], list]:
     """Scores per group id by ``method`` (module doc), and the groups it cannot score.
 
     ``obs`` damage is squared error per row (token, pixel) of the consumer's output, divided
     by ``norms[site]`` when given (the mean row energy of the stream that output joins), else
-    by the consumer's own output energy for a conv (relative) and by 1 otherwise."""
+    by the consumer's own output energy for a conv (relative) and by 1 otherwise.
+    ``weights``: rows weighted as ``graphopt.data.gram.accumulate``'s (post-norm error,
+    ``graphopt.prune.postnorm``); ``norms`` should then be weighted the same way."""
     inits = constants(model)
     plan: dict[int, list[tuple[LinearSite, np.ndarray]]] = {}
     fallback = []
@@ -153,7 +156,7 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
             readers.setdefault(site.output, []).append((gid, rows))
     dims = {name: site_dims(model, s, inits) for name, s in sites.items()}
     for chunk in chunked(list(sites.values()), dims):  # one chunk of Gram sums at a time
-        stats = accumulate(model, chunk, feeds)
+        stats = accumulate(model, chunk, feeds, weights=weights)
         for site in chunk:
             st = stats[site.output]
             v = site.matrix(onnx.numpy_helper.to_array(inits[site.weight])).astype(np.float64)

@@ -96,9 +96,11 @@ def _compensated(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float)
 
 def measure(model: onnx.ModelProto, coupling, probes: Sequence[Probe],
             feeds: Sequence[Mapping[str, np.ndarray]], consumers: Mapping[int, list],
-            damping: float = 0.1) -> dict[tuple, float]:
+            damping: float = 0.1, weights: Mapping[str, str] | None = None
+            ) -> dict[tuple, float]:
     """Relative output error of each probe (module doc, 2). ``consumers[gid]``: the
-    (site, [units, q] rows) pairs of ``graphopt.prune.scores._consumers``."""
+    (site, [units, q] rows) pairs of ``graphopt.prune.scores._consumers``; ``weights``:
+    the compensation's Gram rows weighted as ``accumulate``'s (post-norm error)."""
     from .blocks import remove_blocks
 
     feeds = list(feeds)
@@ -106,7 +108,7 @@ def measure(model: onnx.ModelProto, coupling, probes: Sequence[Probe],
     ref = _outputs(model, feeds, names)
     sites = {s.output: s for p in probes if p.units is not None
              for s, _ in consumers.get(p.key[1], [])}
-    grams = accumulate(model, list(sites.values()), feeds) if sites else {}
+    grams = accumulate(model, list(sites.values()), feeds, weights=weights) if sites else {}
     out: dict[tuple, float] = {}
     for p in probes:
         work = onnx.ModelProto()
