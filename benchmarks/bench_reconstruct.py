@@ -14,7 +14,10 @@ original model.
    the extra ones made from the even lines only (``graphopt.data.text.augment_sentences``).
    Fidelity: mean cosine of mean-pooled embeddings (as
    sentence-transformers makes them) and the Spearman correlation of the pairwise
-   similarities between validation sentences, original vs pruned.
+   similarities between validation sentences, original vs pruned. ``--traffic N``: the
+   same figures on a second held-apart set too, the first N prose sentences of the Python
+   reference (``benchmarks/traffic.py``, the traffic issue 11's frontier is timed on:
+   another domain, longer sentences).
 2. ``cnn``: a PP-OCR model shipped by ``rapidocr_onnxruntime`` (default the MobileNetV3
    direction classifier). ``--images textlines`` (default): 128 rendered text lines,
    upright or turned 180° (``benchmarks/textlines.py``: what the classifier sees in
@@ -135,6 +138,9 @@ def main() -> None:
     parser.add_argument("--augment", type=float, default=1.0,
                         help="minilm: calibrate on this many times the calibration "
                         "sentences (the rest joined/cut from them, augment_sentences)")
+    parser.add_argument("--traffic", type=int, default=0,
+                        help="minilm: also report fidelity on this many held-apart Python "
+                        "reference sentences (benchmarks/traffic.py)")
     parser.add_argument("--no-latency", action="store_true")
     args = parser.parse_args()
 
@@ -148,6 +154,14 @@ def main() -> None:
         path, cal, val = _cnn(args.model, args.images)
         fidelity = _output_fidelity
     original = onnx.load(path)
+    second = None
+    if args.kind == "minilm" and args.traffic:
+        from traffic import doc_sentences
+
+        from graphopt.data.text import load_tokenizer, minilm_folder, text_feeds
+
+        second = text_feeds(original, doc_sentences(args.traffic),
+                            load_tokenizer(minilm_folder()), batch_size=16)
     print("| row | MACs kept | params kept | latency ratio | fidelity | time |")
     print("|---|---|---|---|---|---|")
     for row in args.rows:
@@ -159,6 +173,9 @@ def main() -> None:
         if not args.no_latency:
             ratio = f"{benchmark(model, vs=original, feeds=val[0], rounds=20).ratio:.3f}"
         fid = ", ".join(f"{k} {v:.4f}" for k, v in fidelity(original, model, val).items())
+        if second is not None:
+            fid += "; traffic " + ", ".join(
+                f"{k} {v:.4f}" for k, v in fidelity(original, model, second).items())
         print(f"| {row} | {after['macs'] / before['macs']:.3f} | "
               f"{after['params'] / before['params']:.3f} | {ratio} | {fid} | {seconds:.0f} s |",
               flush=True)

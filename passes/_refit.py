@@ -50,12 +50,14 @@ def refit_step(original: onnx.ModelProto | None, model: onnx.ModelProto,
                outputs: Sequence[str], ctx: Context, mode: str, damping: float,
                columns: Mapping[str, np.ndarray] | None = None,
                max_levels: int | None = None, streams: bool = False,
-               postnorm: bool = False) -> tuple[dict, list[Skip], dict]:
-    """Refit ``outputs`` (site output tensors) of ``model`` toward ``original``."""
+               postnorm: bool = False, feeds: Sequence[Mapping[str, np.ndarray]] | None = None
+               ) -> tuple[dict, list[Skip], dict]:
+    """Refit ``outputs`` (site output tensors) of ``model`` toward ``original``, on
+    ``feeds`` (default: the context's calibration)."""
     details: dict = {"reconstruct": mode}
     if mode == "none" or original is None or not outputs:
         return {}, [], details
-    feeds = ctx.calibration_feeds(original)
+    feeds = ctx.calibration_feeds(original) if feeds is None else feeds
     if not ctx.calibration:
         details.setdefault("notes", []).append(
             f"reconstruct={mode} on generated inputs (no calibration data): the refit fits "

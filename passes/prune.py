@@ -34,6 +34,14 @@ layers, non-uniformly:
    predicted before allocating again (Kwon et al.'s mask search by measurement). MiniLM
    macs=0.6: cosine 0.916 -> 0.929; the PP-OCR classifier at macs=0.8: top-1 agreement
    99.6 % -> 96.5 %, so it is off by default.
+   ``postnorm=true``: where a consumer's residual sum goes straight into a
+   LayerNormalization (post-norm transformers: BERT, MiniLM), its Gram rows are weighted
+   by 1 / the sum's variance per token, so scores, probes and the refit measure the error
+   the norm passes on (``graphopt.prune.postnorm``: a few MiniLM tokens carry ~15× the
+   median stream norm, and the plain fit spends itself on them).
+   ``swap_tokens=F``: score and refit on the calibration plus one copy of it with a share
+   F of the tokens swapped for random vocabulary ids (``graphopt.data.vary``), so units
+   serving words the calibration lacks are not taken for free.
    The budget is counted as the cut really removes it (two cut groups meeting in one conv
    overlap; ``budget.exact_removed``) and met to within one width chunk's cost: a layer
    that would pass it by more waits (``budget.allocate``).
@@ -76,6 +84,7 @@ from graphopt.prune.budget import (
 from graphopt.prune.importance import _step, unit_scores
 from graphopt.prune.reconstruct import consumer_sites, frontier_sites
 from graphopt.prune.scores import data_scores
+from graphopt.prune.streams import consumer_outputs, layer_damage, stream_norms
 
 from ._refit import GUESS_NOTE, check_reconstruct, keep_original, refit_step, resolve_mode
 from .heads import METADATA_HEADS, METADATA_KV_HEADS, head_block, is_attention_group, set_metadata
@@ -92,7 +101,9 @@ class PruneConfig:
     group at most, ``round_to`` channels, ``reconstruct``/``damping`` as in the other
     structural passes, ``refit`` (``cut``: the layers reading cut units; ``all``: every
     weight layer downstream), ``target`` (``output`` or ``stream``), ``search`` rounds of
-    measured sensitivity, and the ``provider`` a latency budget is measured on."""
+    measured sensitivity, ``postnorm`` row weights, ``swap_tokens`` (share of tokens
+    swapped in an extra calibration copy), and the ``provider`` a latency budget is
+    measured on."""
 
     macs: float | None = None
     params: float | None = None
@@ -109,6 +120,7 @@ class PruneConfig:
     target: str = "output"
     search: int = 0
     postnorm: bool = False
+    swap_tokens: float = 0.0
 
     def __post_init__(self):
         given = [(k, v) for k, v in (("macs", self.macs), ("params", self.params),
@@ -129,6 +141,8 @@ class PruneConfig:
         if self.round_to < 1:
             raise ConfigError(f"round_to must be 1 or more, got {self.round_to}")
         check_reconstruct(self.reconstruct, self.damping)
+        if not 0.0 <= self.swap_tokens < 1.0:
+            raise ConfigError(f"swap_tokens must be a share in [0, 1), got {self.swap_tokens}")
         if self.search < 0:
             raise ConfigError(f"search must be 0 or more rounds, got {self.search}")
         if self.target not in TARGETS:
@@ -164,6 +178,7 @@ class PrunePlan:
     skipped: list[Skip] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     key: tuple = ()
+    feeds: list | None = None  # calibration as scored (with swapped-token copies)
 
 
 def _model_key(model: onnx.ModelProto) -> tuple:
@@ -226,7 +241,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             more, refit_skips, refit = refit_step(original, model, outputs, ctx, mode,
                                                   cfg.damping, columns,
                                                   streams=cfg.target == "stream",
-                                                  postnorm=cfg.postnorm)
+                                                  postnorm=cfg.postnorm, feeds=plan.feeds)
             counters.update(more)
             details.update({k: v for k, v in refit.items() if k != "notes"})
             details["notes"] += refit.get("notes", [])
@@ -245,6 +260,15 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         feeds = ctx.calibration_feeds(model)
         if not data:
             plan.notes.append(GUESS_NOTE)
+        elif cfg.swap_tokens > 0:
+            from graphopt.data.vary import replace_tokens
+
+            more = replace_tokens(feeds, model, cfg.swap_tokens)
+            feeds = list(feeds) + more
+            plan.notes.append(f"calibration: {len(more)} more feeds with {cfg.swap_tokens:.0%} "
+                              "of the tokens swapped for random vocabulary ids"
+                              if more else "swap_tokens: the model has no token-id input")
+            plan.feeds = feeds
         if metric == "latency":
             cost = latency_table(model, feeds[0], cfg.provider)
         elif metric == "macs":
@@ -372,8 +396,9 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         if not self.config.postnorm:
             return None
         from graphopt.prune.postnorm import norm_streams
+        from graphopt.prune.reconstruct import stream_sums
 
-        return norm_streams(model, _consumer_outputs(model, groups))
+        return norm_streams(model, stream_sums(model, consumer_outputs(model, groups)))
 
     def _groups(self, coupling: Coupling, plan: PrunePlan) -> list:
         from .width import PruneNeurons
@@ -423,7 +448,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                     layer_of[g.id] = i
         if data:
             weights = self._weights(model, coupling, groups)
-            norms = _stream_norms(model, coupling, groups, feeds, weights)
+            norms = stream_norms(model, coupling, groups, feeds, weights)
             scores, fallback = data_scores(model, coupling, groups, cfg.score, feeds,
                                            damping=cfg.damping, max_ratio=cfg.max_ratio,
                                            norms=norms, weights=weights)
@@ -446,126 +471,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                 out.append(Candidate(plan.kinds[g.id], g.id, units, dmg, c, k,
                                      layer_of.get(g.id)))
         if blocks:
-            damage = _layer_damage(model, [b for b, _ in blocks], feeds)
+            damage = layer_damage(model, [b for b, _ in blocks], feeds)
             for b, i in blocks:
                 out.append(Candidate("layers", i, (), damage[b.exit],
                                      block_cost(model, b.nodes, cost, metric)))
         return out
-
-
-def _stream_tensor(model: onnx.ModelProto, name: str, consts: set[str]) -> str:
-    """The residual sum a site's output joins: along single-reader elementwise/layout ops
-    (a bias Add) to the first op adding two activations; where the walk ends otherwise (a
-    branch, a norm, an activation), the tensor reached so far."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for x in node.input:
-            readers.setdefault(x, []).append(node)
-    current = name
-    for _ in range(8):
-        nodes = readers.get(current, [])
-        if len(nodes) != 1:
-            return current
-        node = nodes[0]
-        acts = [x for x in node.input if x and x not in consts]
-        if node.op_type in ("Add", "Sum") and len(acts) >= 2:
-            return node.output[0]
-        if node.op_type not in ("Add", "Sub", "Mul", "Div", "Reshape", "Transpose",
-                                "Identity", "Cast"):
-            return current
-        current = node.output[0]
-    return current
-
-
-def _consumer_outputs(model, groups) -> list[str]:
-    inits = constants(model)
-    out = []
-    for g in groups:
-        for m in g.members_with_role("in"):
-            site, _ = site_for(model, m.slot.use[0], inits)
-            if site is not None:
-                out.append(site.output)
-    return list(dict.fromkeys(out))
-
-
-def _stream_norms(model, coupling, groups, feeds, weights=None) -> dict[str, float]:
-    """Mean row energy of the stream each consumer of ``groups`` joins; ``weights``
-    (site output -> stream): that stream's rows weighted by 1 / their variance."""
-    consts = set(constants(model))
-    inits = constants(model)
-    streams: dict[str, str] = {}
-    for g in groups:
-        for m in g.members_with_role("in"):
-            site, _ = site_for(model, m.slot.use[0], inits)
-            if site is not None:
-                streams[site.output] = _stream_tensor(model, site.output, consts)
-    streams.update(weights or {})
-    names = sorted(set(streams.values()))
-    reducer = _RowEnergy(names, feeds, set((weights or {}).values()))
-    capture(model, feeds, names, reducer, batch_outputs=max(len(names), 1))
-    return {s: reducer.mean(t) for s, t in streams.items()}
-
-
-class _RowEnergy:
-    """Mean over rows (tokens, pixels; padding left out) of the squared norm along the
-    channel axis, for tensors captured in one session (feed by feed, ``names`` order);
-    rows of the ``weighted`` tensors count by 1 / their variance over the last axis."""
-
-    def __init__(self, names, feeds, weighted=()):
-        self.names = list(names)
-        self.weighted = set(weighted)
-        self.feeds = list(feeds)
-        self.calls = 0
-        self.sums: dict[str, float] = {}
-        self.rows: dict[str, float] = {}
-
-    def __call__(self, name, value):
-        feed = self.feeds[min(self.calls // max(len(self.names), 1), len(self.feeds) - 1)]
-        self.calls += 1
-        v = np.asarray(value, dtype=np.float64)
-        energy = (v * v).sum(1 if v.ndim == 4 else -1)
-        if name in self.weighted:
-            var = v.var(-1)
-            energy = energy / np.maximum(var, 1e-6 * max(float(var.mean()), 1e-30))
-        mask = token_mask(feed)
-        w = np.ones_like(energy)
-        if mask is not None and energy.ndim >= 2 and energy.shape[:2] == mask.shape:
-            w = np.broadcast_to(mask.reshape(mask.shape + (1,) * (energy.ndim - 2)),
-                                energy.shape).astype(np.float64)
-        self.sums[name] = self.sums.get(name, 0.0) + float((energy * w).sum())
-        self.rows[name] = self.rows.get(name, 0.0) + float(w.sum())
-
-    def mean(self, name) -> float:
-        return self.sums.get(name, 0.0) / max(self.rows.get(name, 0.0), 1.0) or 1.0
-
-
-def _layer_damage(model, blocks, feeds) -> dict[str, float]:
-    """E‖exit − entry‖² / E‖exit‖² per block (keyed by exit), over real tokens."""
-    pairs = [(b.entry, b.exit) for b in blocks]
-    names = list(dict.fromkeys(n for p in pairs for n in p))
-    feeds = list(feeds)
-    diff = {p: 0.0 for p in pairs}
-    energy = {p: 0.0 for p in pairs}
-    current: dict[str, np.ndarray] = {}
-    state = {"feed": 0}
-
-    def reduce(name, value):
-        current[name] = np.asarray(value, dtype=np.float64)
-        if len(current) < len(names):
-            return
-        mask = token_mask(feeds[state["feed"]])
-        for a, b in pairs:
-            x, y = current[a], current[b]
-            axis = 1 if y.ndim == 4 else -1
-            d = ((y - x) ** 2).sum(axis)
-            e = (y * y).sum(axis)
-            if mask is not None and d.ndim >= 2 and d.shape[:2] == mask.shape:
-                w = mask.reshape(mask.shape + (1,) * (d.ndim - 2))
-                d, e = d * w, e * w
-            diff[(a, b)] += float(d.sum())
-            energy[(a, b)] += float(e.sum())
-        current.clear()
-        state["feed"] += 1
-
-    capture(model, feeds, names, reduce, batch_outputs=len(names))
-    return {b: diff[(a, b)] / max(energy[(a, b)], 1e-30) for a, b in pairs}

@@ -10,8 +10,9 @@ tokens, whose error the norm then divides away, and a layer's "relative" damage
 (‖ΔS‖² over mean ‖S‖²) comes out many times too small. Weighting each row by 1 / σ_t²
 makes the scores and the refit measure the post-norm error:
 
-- ``norm_streams(model, outputs)``: the site outputs whose residual sum (``stream_sums``)
-  is read by one ``LayerNormalization`` over the last axis, mapped to that sum (the
+- ``norm_streams(model, sums)``: of the site outputs mapped to the residual sum they join
+  (``graphopt.prune.reconstruct.stream_sums``), those whose sum is read by one
+  ``LayerNormalization`` over the last axis alone, mapped to that sum (the
   ``weights`` argument of ``graphopt.data.gram.accumulate``); sites that join no such norm
   are left out (unweighted).
 
@@ -22,7 +23,7 @@ weights do change it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import onnx
 
@@ -34,17 +35,15 @@ def _normalizes_last_axis(node: onnx.NodeProto) -> bool:
     return True  # default axis -1
 
 
-def norm_streams(model: onnx.ModelProto, outputs: Sequence[str]) -> dict[str, str]:
-    """Site output -> the residual sum it joins, where one last-axis LayerNormalization
-    alone reads that sum (module doc)."""
-    from .reconstruct import stream_sums
-
+def norm_streams(model: onnx.ModelProto, sums: Mapping[str, str]) -> dict[str, str]:
+    """The entries (site output -> residual sum) of ``sums`` whose sum one last-axis
+    LayerNormalization alone reads (module doc)."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for x in node.input:
             readers.setdefault(x, []).append(node)
     out = {}
-    for site, total in stream_sums(model, outputs).items():
+    for site, total in sums.items():
         nodes = readers.get(total, [])
         graph_out = any(o.name == total for o in model.graph.output)
         if len(nodes) == 1 and not graph_out and nodes[0].op_type == "LayerNormalization" \

@@ -284,8 +284,8 @@ def reconstruct(
         if postnorm:
             from .postnorm import norm_streams
 
-            weights = {k: v for k, v in norm_streams(pruned, [x.output for x in sites]).items()
-                       if v in made}
+            sums = stream_sums(pruned, [x.output for x in sites])
+            weights = {k: v for k, v in norm_streams(pruned, sums).items() if v in made}
         stats = accumulate(pruned, sites, feeds, targets=True, reference=original,
                            target_columns=target_columns, streams=routes, weights=weights)
         for site in sites:

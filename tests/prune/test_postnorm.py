@@ -14,11 +14,11 @@ from onnx import helper
 
 from graphopt.data.gram import GramStats, accumulate, linear_sites
 from graphopt.prune.postnorm import norm_streams
-from graphopt.prune.reconstruct import solve
+from graphopt.prune.reconstruct import solve, stream_sums
 from graphopt.testing import make_model, run
 
 
-def _block(extra_reader: bool = False) -> onnx.ModelProto:
+def _block(extra_reader: bool = False, linear: bool = False) -> onnx.ModelProto:
     rng = np.random.default_rng(4)
     init = {"W1": rng.normal(size=(8, 6)).astype(np.float32),
             "b1": rng.normal(size=6).astype(np.float32),
@@ -26,9 +26,13 @@ def _block(extra_reader: bool = False) -> onnx.ModelProto:
             "b2": rng.normal(size=8).astype(np.float32),
             "g": (1 + 0.1 * rng.normal(size=8)).astype(np.float32),
             "beta": (0.1 * rng.normal(size=8)).astype(np.float32)}
+    if linear:  # h5 = h0 + 2·h1, h4 = 3: both can go with an exact refit
+        init["W1"][:, 5] = init["W1"][:, 0] + 2 * init["W1"][:, 1]
+        init["b1"][5] = init["b1"][0] + 2 * init["b1"][1]
+        init["W1"][:, 4], init["b1"][4] = 0, 3
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"], name="fc1"),
              helper.make_node("Add", ["h0", "b1"], ["h1"]),
-             helper.make_node("Relu", ["h1"], ["h"]),
+             helper.make_node("Identity" if linear else "Relu", ["h1"], ["h"]),
              helper.make_node("MatMul", ["h", "W2"], ["y0"], name="fc2"),
              helper.make_node("Add", ["y0", "b2"], ["y1"]),
              helper.make_node("Add", ["y1", "x"], ["s"]),
@@ -54,8 +58,11 @@ def _numpy(model, x):
 
 
 def test_norm_streams_finds_the_post_norm_sum_only():
-    assert norm_streams(_block(), ["y0", "h0"]) == {"y0": "s"}
-    assert norm_streams(_block(extra_reader=True), ["y0"]) == {}  # s is read elsewhere too
+    model = _block()
+    sums = stream_sums(model, ["y0", "h0"])
+    assert sums == {"y0": "s"}  # h0 joins no residual sum
+    assert norm_streams(model, sums) == {"y0": "s"}
+    assert norm_streams(_block(extra_reader=True), sums) == {}  # s is read elsewhere too
 
 
 def test_weighted_gram_and_refit_are_the_weighted_least_squares():
@@ -85,3 +92,24 @@ def test_weighted_gram_and_refit_are_the_weighted_least_squares():
     assert np.abs(plain - ref).max() > 1e-2  # the weights matter here
     bias_only = solve(own, np.zeros((6, 8)), np.zeros(8), "bias", 0.0)[1]
     np.testing.assert_allclose(bias_only, (w[:, None] * t).sum(0) / w.sum(), atol=1e-9)
+
+
+def test_prune_with_postnorm_keeps_the_exact_refit_oracle():
+    """``prune:...,postnorm=true`` end to end: the weighted scores still pick units that
+    are linear in the others (damage 0) and the weighted refit reproduces the outputs."""
+    from graphopt.core.contract import Context
+    from graphopt.core.manager import PassManager
+    from graphopt.core.registry import build_pass
+
+    model, feeds = _block(linear=True), _feeds()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    step = build_pass("prune", {"macs": 0.7, "kinds": ("neurons",), "postnorm": True,
+                                "damping": 1e-9})
+    pruned, report = PassManager([step]).run(copy, Context(calibration=feeds))
+    assert report.ok, report.passes[0].error
+    (removed,) = [set(u.tolist()) for u in report.passes[0].plan.removal.values()]
+    assert 4 in removed and len(removed & {0, 1, 5}) == 1, removed
+    held_out = _feeds(seed=9)
+    diff = max(float(np.abs(run(model, f)["y"] - run(pruned, f)["y"]).max()) for f in held_out)
+    assert diff < 1e-4
