@@ -165,7 +165,7 @@ def main(argv=None) -> int:
 
     import graphopt
     from graphopt.htmlreport import render_html
-    from graphopt.sweep import LOSSLESS, CandidatePlan, Budget, parse_budgets, \
+    from graphopt.sweep import LOSSLESS, LOSSLESS_LAST, CandidatePlan, Budget, parse_budgets, \
         parse_quantize, plan_candidates, run_sweep
 
     path, calib, val, data_note = (minilm_inputs if args.target == "minilm"
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
         keys = (["emb_cosine", "emb_cosine_min", "spearman"] if args.target == "minilm"
                 else ["mask_iou"] if args.ppocr == "det" else ["top1"])
         passes = " + ".join(s for s in c["passes"] if s.split(":")[0] not in
-                            LOSSLESS) or "lossless"
+                            LOSSLESS + LOSSLESS_LAST) or "lossless"
         print(f"| {c['name']} | {passes} | {c['macs'] / o['macs']:.2f} | "
               f"{c['size_bytes'] / 2**20:.1f} MB | {c['latency_ms']:.1f} "
               f"({c['original_ms']:.1f}) | **{c['speedup']:.2f}×** | {f['cosine']:.4f} | "

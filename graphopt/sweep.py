@@ -1,8 +1,9 @@
 """``graphopt.sweep``: build prune × quantize candidates, measure them, pick one.
 
-1. Candidates (``plan_candidates``): for every budget, the lossless passes, the pruning
-   that meets the budget (``budget_specs``, the one place a budget becomes passes) and
-   token unpadding where the model has an attention mask and the pass exists; then, for
+1. Candidates (``plan_candidates``): for every budget, the lossless passes (``LOSSLESS``,
+   with ``drop-nan-guard``), the pruning that meets the budget (``budget_specs``, the one
+   place a budget becomes passes), token unpadding where the model has an attention mask
+   and the pass exists, and ``LOSSLESS_LAST`` (``softmax-floor``); then, for
    every quantization mode, the ``quantize`` pass on that float model (``none`` keeps it
    float). A budget of 1 is the lossless candidate.
 2. Each float model is built once per budget (``graphopt.optimize``, every pass verified by
@@ -48,6 +49,8 @@ QUANTIZE_MODES = ("none", "dynamic", "static", "fp16")
 PICK_METRICS = {"min_cosine": "cosine", "min_top1": "top1"}
 LOSSLESS = ("cleanup", "fold-batchnorm", "fold-pad", "drop-nan-guard")
 UNPAD = "unpad-tokens"
+# Lossless passes that go last among the float passes (after pruning and unpadding).
+LOSSLESS_LAST = ("softmax-floor",)
 Feed = dict[str, np.ndarray]
 Progress = Callable[[str, int, int], None]
 
@@ -184,12 +187,13 @@ def plan_candidates(model: onnx.ModelProto, budgets: Sequence[Budget], modes: Se
         available = registered_passes()
     lossless = [p for p in LOSSLESS if p in available]
     unpad = [UNPAD] if UNPAD in available and _has_mask(model) else []
+    last = [p for p in LOSSLESS_LAST if p in available]
     plans, notes = [], []
     for budget in budgets:
         prune, note = budget_specs(budget, model, available, calibrated)
         if note and note not in notes:
             notes.append(note)
-        float_specs = tuple(lossless + prune + unpad)
+        float_specs = tuple(lossless + prune + unpad + last)
         for mode in modes:
             name = budget.label + ("" if mode == "none" else f"+{mode}")
             plans.append(CandidatePlan(name, budget, mode, float_specs))

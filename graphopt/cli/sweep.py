@@ -129,9 +129,9 @@ def _run(console, run_sweep, *args, **kwargs):
 
 def _short(specs: list[str]) -> str:
     """The passes that make a candidate differ: pruning, unpadding, quantization."""
-    from graphopt.sweep import LOSSLESS
+    from graphopt.sweep import LOSSLESS, LOSSLESS_LAST
 
-    kept = [s for s in specs if s.split(":")[0] not in LOSSLESS]
+    kept = [s for s in specs if s.split(":")[0] not in LOSSLESS + LOSSLESS_LAST]
     return " + ".join(kept) or "lossless passes"
 
 

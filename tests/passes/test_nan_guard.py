@@ -80,3 +80,38 @@ def test_guard_stays_when_the_softmax_input_may_be_nan(kind, reason):
     result = run_pass(DropNanGuard(), model)
     assert not result.modified and "IsNaN" in op_types(result.model)
     assert len(result.skipped) == 1 and reason in skip_reasons(result)[0]
+
+
+# --------------------------------------------------------------------------- softmax-floor
+
+def test_softmax_floor_keeps_outputs_through_the_manager():
+    """softmax-floor on the masked attention (before and after drop-nan-guard): ReduceMax/
+    Max in front of the Softmax, outputs equal on ragged masks, also with scores spread far
+    beyond the floor of 80 (weights x20); an empty row stays what it was."""
+    from graphopt.passes.softmax_floor import SoftmaxFloor
+
+    model = _attention()
+    for w in ("wq", "wk"):
+        init = next(t for t in model.graph.initializer if t.name == w)
+        init.raw_data = (np.frombuffer(init.raw_data, F32) * 20).astype(F32).tobytes()
+    ragged = [_feed([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 1]]) for _ in range(2)]
+    for passes in (["softmax-floor"], ["drop-nan-guard", "softmax-floor"]):
+        out, report = graphopt.optimize(model, passes, calibration=ragged)
+        assert report.passes[-1].status == "changed"
+        assert report.passes[-1].counters == {"softmaxes_floored": 1}
+        assert {"ReduceMax", "Max"} <= set(op_types(out))
+        for feed in ragged:
+            want, got = run(model, feed)["y"], run(out, feed)["y"]
+            np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    w = {t.name: np.frombuffer(t.raw_data, F32).reshape(H, H) for t in model.graph.initializer
+         if t.name in ("wq", "wk")}
+    x = ragged[0]["x"]
+    scores = 0.35 * (x @ w["wq"]) @ (x @ w["wk"]).transpose(0, 2, 1)
+    assert (scores.max(-1) - scores.min(-1)).max() > 80  # real scores do reach the floor
+    empty = _feed([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    floored = run_pass(SoftmaxFloor(), model).model
+    np.testing.assert_array_equal(np.isnan(run(floored, empty)["y"]),
+                                  np.isnan(run(model, empty)["y"]))
+    # an unmasked softmax (the caller's float mask is not a constant fill) is left alone
+    plain = run_pass(SoftmaxFloor(), _attention(float_mask=True))
+    assert not plain.modified and "ReduceMax" not in op_types(plain.model)
