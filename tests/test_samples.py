@@ -89,14 +89,16 @@ def test_sample_runs(sample, tmp_path):
 
 
 def check_minilm(out: Path, stdout: str) -> None:
-    """The main job's pieces all ran: budgeted pruning, unpadding and int8 applied in one
-    candidate, fidelity measured on the held-apart batches, latency measured, the report's
-    plots written, the pick written, the embedding figures printed."""
+    """The main job's pieces all ran: budgeted pruning, unpadding, the attention passes and
+    int8 applied in one candidate, fidelity measured on the held-apart batches, latency
+    measured, the report's plots written, the pick written, the embedding figures printed."""
     data = json.loads((out / "sweep" / "sweep.json").read_text())
     (candidate,) = data["candidates"]
     assert candidate["error"] is None
     status = {r["name"]: r["status"] for r in candidate["report"]}
     assert status["prune"] == status["unpad-tokens"] == status["quantize"] == "changed", status
+    # the real export's attention: its NaN guards go, its masked softmaxes get their floor
+    assert status["drop-nan-guard"] == status["softmax-floor"] == "changed", status
     assert candidate["macs"] < data["original"]["macs"]
     assert 0 < candidate["fidelity"]["cosine"] < 1 and candidate["speedup"] > 0
     assert data["pick"]["chosen"] == candidate["name"]
