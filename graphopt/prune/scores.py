@@ -60,17 +60,25 @@ def _consumers(model: onnx.ModelProto, coupling, group, inits
 
 
 def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,
-                limit: int, steps: int = 48) -> np.ndarray:
+                limit: int, steps: int = 48, refresh: float = 0.5) -> np.ndarray:
     """Greedy structured OBS on one consumer (module doc, 1): units are removed lowest
     damage first, a few at a time (about ``steps`` rounds), each round updating the inverse
     Hessian and the weights as the refit would, so a unit's score is its damage given the
     units removed before it. Scores are made non-decreasing in removal order (a ranking by
-    score then removes units in that order); units past ``limit`` score above all others."""
+    score then removes units in that order); units past ``limit`` score above all others.
+
+    Removing the rows C downdates the inverse G by G_:C (G_CC)⁻¹ G_C: (OBS). The downdates
+    are kept as a factor (``current = G − FᵀF``, F grown by the rows ``L⁻¹ G_C:`` with L
+    the Cholesky factor of the current G_CC) and applied to G in one product when F has
+    ``refresh`` times as many rows as G has left (G and the weights are then cut to the
+    rows not yet removed: a removed row is never read again). A round then reads F and a
+    few rows of G, not the whole K² inverse; the numbers are those of the explicit
+    downdate every round, to float rounding."""
     k = h.shape[0] - 1
     scale = float(np.mean(np.diag(h)[:k])) or 1.0
     d = np.full(k + 1, damping * scale + 1e-10 * scale)
     d[-1] = 1e-10 * scale
-    hinv = np.linalg.inv(h + np.diag(d))
+    g = np.linalg.inv(h + np.diag(d))
     v = v.copy()
     units, q = rows.shape
     alive = np.ones(units, bool)
@@ -78,46 +86,71 @@ def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,
     running = 0.0
     removed = 0
     limit = min(limit, units - 1)
-    # hinv and v are kept on the rows not yet removed only (``kept``: their original
-    # indices; ``at``: original index -> position): a removed row is never read again, so
-    # dropping it leaves the other entries as they are and each update costs O(kept²).
+    blocks = g[rows[:, :, None], rows[:, None, :]]  # [units, q, q] of the current inverse
+    # g, v and F's columns are on the rows ``kept`` (original indices; ``at`` maps an
+    # original index to its position), cut down to the rows left at each refresh
     kept = np.arange(k + 1)
     at = np.arange(k + 1)
+    stay = np.ones(k + 1, bool)
+    most = -(-units // steps) * q
+    factor = np.empty((int(refresh * (k + 1)) + most, k + 1))
+    rank = 0
     while removed < limit:
         idx = np.flatnonzero(alive)
-        r = at[rows[idx]]
-        if q == 1:
-            dmg = (v[r[:, 0]] ** 2).sum(1) / np.maximum(hinv[r[:, 0], r[:, 0]], 1e-300)
-        else:
-            blocks = hinv[r[:, :, None], r[:, None, :]]
-            vq = v[r]
-            dmg = np.einsum("uqn,uqn->u", vq, np.linalg.solve(blocks, vq))
+        dmg = _damages(blocks[idx], v, at[rows[idx]])
         take = min(max(1, -(-len(idx) // steps)), limit - removed)
         order = np.argsort(dmg, kind="stable")[:take]
         for j, dj in zip(idx[order], dmg[order]):
             running = max(running, float(dj))
             score[j] = running
-        chosen = at[rows[idx[order]].ravel()]
-        block_inv = np.linalg.inv(hinv[np.ix_(chosen, chosen)])
-        hq = hinv[:, chosen]
-        v -= hq @ (block_inv @ v[chosen])
-        hinv -= hq @ block_inv @ hq.T
+        c = at[rows[idx[order]].ravel()]
+        cols = g[c] - factor[:rank, c].T @ factor[:rank, :len(kept)]  # current rows C
+        inv_lower = _inv_cholesky(cols[:, c])
+        w = inv_lower @ cols  # [t, kept]: this round's downdate is wᵀw
+        v -= w.T @ (inv_lower @ v[c])
+        factor[rank:rank + len(c), :len(kept)] = w
+        rank += len(c)
         alive[idx[order]] = False
         removed += take
-        stay = np.ones(len(kept), bool)
-        stay[chosen] = False
-        kept = kept[stay]
-        hinv = hinv[np.ix_(stay, stay)]
-        v = v[stay]
-        at[kept] = np.arange(len(kept))
+        stay[c] = False
+        rest = np.flatnonzero(alive)
+        wr = w[:, at[rows[rest]]]  # [t, rest, q]
+        blocks[rest] -= np.einsum("tuq,tup->uqp", wr, wr)
+        left = np.flatnonzero(stay[:len(kept)])
+        if rank >= refresh * len(left) and removed < limit:
+            f = np.ascontiguousarray(factor[:rank, left])
+            g = g[left][:, left]
+            g -= f.T @ f
+            v = v[left]
+            kept = kept[left]
+            at[kept] = np.arange(len(kept))
+            stay[:] = True
+            rank = 0
     rest = np.flatnonzero(alive)
     if len(rest):
-        r = at[rows[rest]]
-        blocks = hinv[r[:, :, None], r[:, None, :]]
-        vq = v[r]
-        tail = np.einsum("uqn,uqn->u", vq, np.linalg.solve(blocks, vq))
-        score[rest] = running + 1e-9 + np.maximum(tail, 0)
+        score[rest] = running + 1e-9 + np.maximum(_damages(blocks[rest], v, at[rows[rest]]),
+                                                  0)
     return score
+
+
+def _damages(blocks: np.ndarray, v: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """tr(V_Qᵀ ((H⁻¹)_QQ)⁻¹ V_Q) per unit (``blocks`` its (H⁻¹)_QQ, ``rows`` its Q)."""
+    vq = v[rows]  # [units, q, N]
+    if rows.shape[1] == 1:
+        return (vq[:, 0] ** 2).sum(1) / np.maximum(blocks[:, 0, 0], 1e-300)
+    return np.einsum("uqn,uqn->u", vq, np.linalg.solve(blocks, vq))
+
+
+def _inv_cholesky(b: np.ndarray) -> np.ndarray:
+    """L⁻¹ with L Lᵀ = ``b`` (symmetric positive definite up to rounding; a matrix that
+    rounding left indefinite gets its eigenvalues floored instead)."""
+    b = (b + b.T) / 2
+    try:
+        return np.linalg.inv(np.linalg.cholesky(b))
+    except np.linalg.LinAlgError:
+        lam, vec = np.linalg.eigh(b)
+        lam = np.maximum(lam, 1e-300 + 1e-12 * max(float(lam.max()), 0.0))
+        return (vec / np.sqrt(lam)).T
 
 
 def _energy(h: np.ndarray, v: np.ndarray) -> float:
