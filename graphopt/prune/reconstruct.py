@@ -36,6 +36,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..data.gram import GramStats, LinearSite, accumulate, constants, site_for
+from ..data.segments import Segments
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +251,9 @@ def reconstruct(
     for name in sorted(wanted - set(levels)):
         skipped.append((name, "no node produces it in the pruned model"))
     distinct = sorted(set(levels.values()))
+    # one runner per model: each level's capture runs only the nodes after the last one's
+    # (the refit rewrites a level's weights: what is downstream of them is run again)
+    runner, ref_runner = Segments(feeds), Segments(feeds)
     if max_levels and len(distinct) > max_levels:
         per = -(-len(distinct) // max_levels)
         remap = {lv: i // per for i, lv in enumerate(distinct)}
@@ -287,7 +291,8 @@ def reconstruct(
             sums = stream_sums(pruned, [x.output for x in sites])
             weights = {k: v for k, v in norm_streams(pruned, sums).items() if v in made}
         stats = accumulate(pruned, sites, feeds, targets=True, reference=original,
-                           target_columns=target_columns, streams=routes, weights=weights)
+                           target_columns=target_columns, streams=routes, weights=weights,
+                           segments=runner, ref_segments=ref_runner)
         for site in sites:
             st, ed = stats[site.output], edits[site.output]
             if st.n == 0 or st.tt <= 0:
@@ -300,6 +305,7 @@ def reconstruct(
                 w, b, after = ed.w0, ed.b0, before
             ed.write(w if mode == "lstsq" else ed.w0, b,
                      moved_bias=bool(np.any(np.abs(b - ed.b0) > 0)))
+            runner.invalidate(pruned, [site.output])
             fits.append(SiteFit(site.output, site.op, st.n, before, after))
             logger.info("refit %s: relative error %.4g -> %.4g (%d rows)", site.output,
                         before, after, st.n)
