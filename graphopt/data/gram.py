@@ -37,7 +37,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import InputSpecError
-from .segments import Segments
+from .segments import Segments, empty_like
 
 logger = logging.getLogger(__name__)
 
@@ -335,12 +335,8 @@ def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
                 stack.append(producer[name])
     used = {x for i in need for x in list(graph.node[i].input) +
             sorted(subgraph_refs(graph.node[i]))}
-    out = onnx.ModelProto()
-    out.ir_version = model.ir_version
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
+    out = empty_like(model)
     g = out.graph
-    g.name = graph.name
     inits = {i.name for i in graph.initializer}
     g.input.extend(vi for vi in graph.input if vi.name not in inits or vi.name in used)
     g.initializer.extend(t for t in graph.initializer if t.name in used)

@@ -54,6 +54,7 @@ class Segments:
         self.kept: list[dict[str, np.ndarray]] = [{} for _ in self.feeds]
         self.done: set[str] = set()  # tensors made by nodes that ran with the current model
         self.sessions = 0
+        self.last_nodes = 0  # nodes the last ``run`` ran
 
     # ------------------------------------------------------------------ capture
 
@@ -78,6 +79,7 @@ class Segments:
         fetch = list(dict.fromkeys([n for n in names if n not in kept and n not in direct] +
                                    [t for t in frontier if t not in kept]))
         session = arrays = None
+        self.last_nodes = len(need)
         if need:
             seg, arrays = _segment(model, need, [t for t in kept if _reads(graph, need, t)],
                                    self.kept[0], fetch)
@@ -193,12 +195,8 @@ def _segment(model: onnx.ModelProto, nodes: Sequence[int], kept: Sequence[str],
     used = set()
     for i in nodes:
         used |= node_reads(graph.node[i])
-    out = onnx.ModelProto()
-    out.ir_version = model.ir_version
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
+    out = empty_like(model)
     g = out.graph
-    g.name = graph.name
     g.input.extend(vi for vi in graph.input if vi.name in used or vi.name in outputs)
     for name in kept:
         value = sample[name]
@@ -224,6 +222,16 @@ def _segment(model: onnx.ModelProto, nodes: Sequence[int], kept: Sequence[str],
     for name in outputs:
         g.output.add().name = name
     return out, arrays
+
+
+def empty_like(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model with ``model``'s IR version, opsets, functions and graph name, no graph."""
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    out.graph.name = model.graph.name
+    return out
 
 
 def _shared(t: onnx.TensorProto) -> np.ndarray | None:
