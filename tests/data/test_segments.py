@@ -97,6 +97,12 @@ def test_gram_sums_over_many_flushes_equal_one_product():
     np.testing.assert_allclose(many.xty, xa.T @ t.astype(np.float64), rtol=1e-12, atol=1e-9)
     assert many.n == 1500
     np.testing.assert_allclose(many.tt, float((t.astype(np.float64) ** 2).sum()), rtol=1e-12)
+    w = rng.uniform(0.5, 2.0, size=1500)
+    weighted = GramStats(np.zeros((41, 41)), np.zeros((41, 3)))
+    for part in np.array_split(np.arange(1500), 37):
+        weighted.add(x[part], t[part], w[part])
+    np.testing.assert_allclose(weighted.xtx, (xa * w[:, None]).T @ xa, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(weighted.xty, (xa * w[:, None]).T @ t, rtol=1e-12, atol=1e-9)
 
 
 def _greedy_by_definition(h, v, rows, damping, limit, steps=48):
