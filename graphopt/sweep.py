@@ -486,21 +486,23 @@ class _CandidateError(Exception):
 
 def _build_float(original, specs, calib, shapes):
     """(model, pass reports, error, cost) of a budget's float model. Cost is counted before
-    ``unpad-tokens``: the packed token count depends on each batch's mask, so MACs are
-    those of the padded batch (quantization leaves them as they are too)."""
+    ``unpad-tokens`` (and the ``LOSSLESS_LAST`` passes after it): the packed token count
+    depends on each batch's mask, so MACs are those of the padded batch (quantization
+    leaves them as they are too)."""
     from .analysis.cost import count_cost
     from .api import optimize
     from .errors import PassError
 
-    head = [s for s in specs if s != UNPAD]
+    tail = [s for s in specs if s == UNPAD or s.split(":")[0] in LOSSLESS_LAST]
+    head = [s for s in specs if s not in tail]
     base, passes = original, []
     try:
         if head:
             base, report = optimize(original, head, calibration=calib, input_shapes=shapes)
             passes = [p.to_dict() for p in report.passes]
         cost = count_cost(base, shapes)
-        if UNPAD in specs:
-            base, report = optimize(base, [UNPAD], calibration=calib, input_shapes=shapes)
+        if tail:
+            base, report = optimize(base, tail, calibration=calib, input_shapes=shapes)
             passes += [p.to_dict() for p in report.passes]
     except PassError as exc:
         return None, passes + _failed_report(exc), str(exc), None
