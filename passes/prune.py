@@ -39,9 +39,12 @@ layers, non-uniformly:
    by 1 / the sum's variance per token, so scores, probes and the refit measure the error
    the norm passes on (``graphopt.prune.postnorm``: a few MiniLM tokens carry ~15× the
    median stream norm, and the plain fit spends itself on them).
-   ``swap_tokens=F``: score and refit on the calibration plus one copy of it with a share
-   F of the tokens swapped for random vocabulary ids (``graphopt.data.vary``), so units
-   serving words the calibration lacks are not taken for free.
+   ``swap_tokens=F`` (default 0.2; 0 turns it off): a model with token-id inputs is
+   scored and refit on the calibration plus one copy of it with a share F of the tokens
+   swapped for random vocabulary ids (``graphopt.data.vary``), so units serving words the
+   calibration lacks are not taken for free (MiniLM macs=0.6: embedding cosine 0.917 ->
+   0.922 on held-out shipped sentences, 0.792 -> 0.803 on other prose; twice the
+   calibration rows, so about twice the scoring/refit time). Other models: no effect.
    The budget is counted as the cut really removes it (two cut groups meeting in one conv
    overlap; ``budget.exact_removed``) and met to within one width chunk's cost: a layer
    that would pass it by more waits (``budget.allocate``).
@@ -120,7 +123,7 @@ class PruneConfig:
     target: str = "output"
     search: int = 0
     postnorm: bool = False
-    swap_tokens: float = 0.0
+    swap_tokens: float = 0.2
 
     def __post_init__(self):
         given = [(k, v) for k, v in (("macs", self.macs), ("params", self.params),
@@ -264,11 +267,12 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             from graphopt.data.vary import replace_tokens
 
             more = replace_tokens(feeds, model, cfg.swap_tokens)
-            feeds = list(feeds) + more
-            plan.notes.append(f"calibration: {len(more)} more feeds with {cfg.swap_tokens:.0%} "
-                              "of the tokens swapped for random vocabulary ids"
-                              if more else "swap_tokens: the model has no token-id input")
-            plan.feeds = feeds
+            if more:  # a model without token-id inputs keeps its calibration as given
+                feeds = list(feeds) + more
+                plan.notes.append(f"calibration: {len(more)} more feeds with "
+                                  f"{cfg.swap_tokens:.0%} of the tokens swapped for random "
+                                  "vocabulary ids (swap_tokens)")
+                plan.feeds = feeds
         if metric == "latency":
             cost = latency_table(model, feeds[0], cfg.provider)
         elif metric == "macs":
