@@ -148,7 +148,11 @@ def optimize(
     ctx = Context(input_shapes=shapes or None, calibration=feeds, seed=seed)
     manager = PassManager(recipe.passes, on_error=on_error or recipe.on_error, verify=verify,
                           progress=progress, observers=observers)
-    optimized, report = manager.run(work, ctx)
+    # The input file is the first rollback copy when it holds ``work`` exactly (nothing
+    # normalized) and onnxruntime reads it: large models are then not written once more.
+    source = reference.runnable if isinstance(reference.runnable, Path) and not normalized \
+        else None
+    optimized, report = manager.run(work, ctx, source=source)
     report.allow_unverified = allow_unverified
     if normalized:
         report.metadata["normalized"] = normalized

@@ -12,6 +12,7 @@ and the checks: the returned model keeps them only when the input had value_info
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -88,13 +89,15 @@ class PassManager:
         with self.observers.phase("cost", pass_name):
             return count_cost(model, ctx.input_shapes)
 
-    def run(self, model: onnx.ModelProto, ctx: Context | None = None
-            ) -> tuple[onnx.ModelProto, Report]:
+    def run(self, model: onnx.ModelProto, ctx: Context | None = None, *,
+            source: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, Report]:
         """Run the passes on ``model`` (changed in place or replaced) and report.
 
         Before each pass the manager keeps the model as it is, to roll back to (see
         ``graphopt.core.rollback``); what it writes is removed when the run ends however it
-        ends. ``report.cost_before``/``cost_after`` are the model's params and MACs.
+        ends. ``source``: a file holding exactly ``model``, which on disk serves as the
+        first rollback copy. ``report.cost_before``/``cost_after`` are the model's params
+        and MACs.
         """
         ctx = ctx or Context()
         for p in self.passes:
@@ -113,7 +116,8 @@ class PassManager:
         # a no-op run would change the speed. The result has value_info iff the input had.
         keep_value_info = len(model.graph.value_info) > 0
         self._store = store = rollback_store(
-            model, self.rollback, lambda: self.observers.emit(Event("snapshot", "start")))
+            model, self.rollback, lambda: self.observers.emit(Event("snapshot", "start")),
+            source)
         try:
             for p in self.passes:
                 if self.progress:

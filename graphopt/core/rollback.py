@@ -14,11 +14,19 @@ store to ``keep`` the model, and the kept copy (a ``Kept``) answers everything i
 ``store.check_session(result)`` opens the verification session on a pass's result (on disk
 its files become the next pass's kept copy once ``accept``-ed; ``discard`` drops them when
 the pass fails). ``close`` removes whatever the store wrote, however the run ends.
+
+On disk, ``source`` (a file that holds exactly the model the run starts from, which
+``graphopt.optimize`` passes when it loaded the model from a file and changed nothing in
+it) is the first copy, ``InputFile``: nothing is written until a pass changes the model. It
+keeps the file's outline and a digest of each weight (``matches``), reads the file back to
+``restore``, and refuses to when the file changed on disk since.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -27,7 +35,9 @@ from typing import Literal, Protocol
 
 import onnx
 
-from graphopt.ir.model import initializer_bytes
+from graphopt.errors import GraphoptError
+from graphopt.ir.model import initializer_bytes, load
+from graphopt.ir.strip import stripped_copy
 from graphopt.runtime.session import Snapshot, file_session, ort_session
 
 logger = logging.getLogger(__name__)
@@ -118,6 +128,41 @@ class _DiskCopy:
         return self.snapshot.restore()
 
 
+def _digests(model: onnx.ModelProto) -> list[bytes]:
+    return [hashlib.blake2b(t.SerializeToString(), digest_size=16).digest()
+            for t in model.graph.initializer]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+class InputFile:
+    """The run's input file as the first rollback copy (module doc): ``Snapshot``'s
+    interface, with nothing written and nothing to remove."""
+
+    def __init__(self, model: onnx.ModelProto, path: str | os.PathLike):
+        self.path = Path(path)
+        self.outline = stripped_copy(model, initializers_only=True)
+        self._outline_bytes = self.outline.SerializeToString()
+        self._digests = _digests(model)
+        self._stamp = _stamp(self.path)
+
+    def matches(self, model: onnx.ModelProto) -> bool:
+        return (stripped_copy(model, initializers_only=True).SerializeToString()
+                == self._outline_bytes and _digests(model) == self._digests)
+
+    def restore(self) -> onnx.ModelProto:
+        if _stamp(self.path) != self._stamp:
+            raise GraphoptError(f"cannot roll back: the input file {self.path} changed on "
+                                "disk during the run")
+        return load(self.path)
+
+    def close(self) -> None:
+        pass
+
+
 class DiskStore:
     """Rollback copies as snapshots in a temporary folder; the files written for a pass's
     check session are the next pass's rollback copy, so a model is written once per change.
@@ -125,10 +170,12 @@ class DiskStore:
 
     on_disk = True
 
-    def __init__(self, on_write: Callable[[], None] | None = None):
+    def __init__(self, on_write: Callable[[], None] | None = None,
+                 source: str | os.PathLike | None = None):
         self.folder = Path(tempfile.mkdtemp(prefix="graphopt-rollback-"))
         self._serial = 0
-        self._current: Snapshot | None = None  # of the model as it is now
+        self._source = source  # the input file, the first copy (module doc)
+        self._current: Snapshot | InputFile | None = None  # of the model as it is now
         self._candidate: Snapshot | None = None  # the running pass's check files
         self._on_write = on_write
 
@@ -139,7 +186,9 @@ class DiskStore:
         return Snapshot(model, self.folder / str(self._serial))
 
     def keep(self, model: onnx.ModelProto) -> Kept:
-        if self._current is None:
+        if self._current is None and self._source is not None:
+            self._current, self._source = InputFile(model, self._source), None
+        elif self._current is None:
             self._current = self._write(model)
         return _DiskCopy(self._current)
 
@@ -164,9 +213,10 @@ class DiskStore:
 
 
 def rollback_store(model: onnx.ModelProto, where: Where = "auto",
-                   on_write: Callable[[], None] | None = None) -> MemoryStore | DiskStore:
+                   on_write: Callable[[], None] | None = None,
+                   source: str | os.PathLike | None = None) -> MemoryStore | DiskStore:
     """The store for a run on ``model``: ``auto`` puts models with ``DISK_ROLLBACK_BYTES`` of
-    weights or more on disk."""
+    weights or more on disk; ``source``: the file holding ``model`` (module doc)."""
     if where == "disk" or (where == "auto" and initializer_bytes(model) >= DISK_ROLLBACK_BYTES):
-        return DiskStore(on_write)
+        return DiskStore(on_write, source)
     return MemoryStore()

@@ -271,3 +271,89 @@ def test_finalize_copy_leaves_input_alone():
     assert "dead" not in {t.name for t in out.graph.initializer}
     x = {"x": np.ones((2, 64), np.float32)}
     np.testing.assert_array_equal(run(out, x)["y"], run(model, x)["y"])
+
+
+# --------------------------------------------------------------------------- input file
+
+
+@pytest.fixture
+def from_file(tmp_path):
+    """The model saved to a file and loaded back: what ``graphopt.optimize`` runs on."""
+    from graphopt.ir.model import load, save
+
+    path = save(_model(), tmp_path / "in.onnx")
+    return path, (lambda: load(path)), path.read_bytes()
+
+
+def test_input_file_is_the_first_copy(on_disk, from_file):
+    """source=the input file: no snapshot before the first pass (3 writes where a run
+    without it makes 4); same statuses and result; the file is left as it was."""
+    temp, writes, disk = on_disk
+    path, model, data = from_file
+    passes = [_Scale("a-disk-test", 1.0), _Nothing(), _Scale("bad-disk-test", 1.5),
+              _Scale("b-disk-test", 1.0)]
+    out, report = disk(passes, on_error="continue").run(model(), Context(), source=path)
+    assert [p.status for p in report.passes] == ["changed", "unchanged", "rolled back",
+                                                 "changed"]
+    assert len(writes) == 3  # check a, check bad (discarded), check b
+    expected, _ = _in_memory(passes, _model(), on_error="continue")
+    assert out.SerializeToString() == expected.SerializeToString()
+    assert list(temp.iterdir()) == [] and path.read_bytes() == data
+
+
+@pytest.mark.parametrize("bad", [_Scale("bad-disk-test", 1.5),
+                                 _Scale("liar-disk-test", 3.0, modified=False)])
+def test_input_file_restores_and_undoes(on_disk, from_file, bad):
+    """A failing first pass, or a pass that edits while reporting no change, gets the
+    input model back, read from the input file; nothing is written."""
+    _, writes, disk = on_disk
+    path, model, _ = from_file
+    out, report = disk([bad], on_error="continue").run(model(), Context(), source=path)
+    assert report.passes[0].status in ("rolled back", "unchanged")
+    assert out.SerializeToString() == model().SerializeToString()
+    assert len(writes) == (1 if bad.modified else 0)  # the failing pass's check files
+
+
+def test_input_file_changed_during_the_run(on_disk, from_file):
+    """Rolling back to an input file that changed on disk meanwhile is one clear error."""
+    from graphopt.errors import GraphoptError
+
+    class _Overwrite(Pass):
+        name = "overwrite-disk-test"
+
+        def run(self, model, ctx):
+            path.write_bytes(path.read_bytes() + b" ")
+            raise RuntimeError("fails after the input file changed")
+
+    _, _, disk = on_disk
+    path, model, _ = from_file
+    with pytest.raises(GraphoptError, match="changed on disk"):
+        disk([_Overwrite()], on_error="continue").run(model(), Context(), source=path)
+
+
+def test_optimize_hands_its_input_file_over(monkeypatch, tmp_path, on_disk):
+    """graphopt.optimize on a file (rollback copies on disk): a pass reporting no change
+    writes nothing; a model that optimize normalized (duplicate node names) is not the
+    file, so its first copy is written as before."""
+    import graphopt
+    from graphopt.core import rollback
+    from graphopt.ir.model import save
+
+    _, writes, _ = on_disk
+    monkeypatch.setattr(rollback, "DISK_ROLLBACK_BYTES", 0)
+    clean = save(_model(), tmp_path / "clean.onnx")
+    graphopt.optimize(clean, [_Nothing()], observers=[_recorder(writes)])
+    assert len(writes) == 0
+    dup = _model()
+    for node in dup.graph.node[:2]:
+        node.name = "same"
+    graphopt.optimize(save(dup, tmp_path / "dup.onnx"), [_Nothing()],
+                      observers=[_recorder(writes)])
+    assert len(writes) == 1
+
+
+def _recorder(writes):
+    def record(event: Event) -> None:
+        if event.phase == "snapshot":
+            writes.append(event)
+    return record
