@@ -150,9 +150,9 @@ def optimize(
                           progress=progress, observers=observers)
     # The input file is the first rollback copy when it holds ``work`` exactly (nothing
     # normalized) and onnxruntime reads it: large models are then not written once more.
-    source = reference.runnable if isinstance(reference.runnable, Path) and not normalized \
+    input_file = reference.runnable if isinstance(reference.runnable, Path) and not normalized \
         else None
-    optimized, report = manager.run(work, ctx, source=source)
+    optimized, report = manager.run(work, ctx, source=input_file)
     report.allow_unverified = allow_unverified
     if normalized:
         report.metadata["normalized"] = normalized
