@@ -25,21 +25,11 @@ logger = logging.getLogger(__name__)
 
 
 def _session_with_outputs(model: onnx.ModelProto, names: Sequence[str], providers):
-    """A session on ``model`` with ``names`` as extra outputs; ``model`` is left as it was.
+    """A session computing ``names`` (the nodes they need only, the large weights shared
+    with ``model``'s bytes: ``graphopt.data.segments``); ``model`` is left as it was."""
+    from graphopt.data.segments import segment_session
 
-    The outputs are added in place and removed after serializing, so no copy of the
-    weights is made here.
-    """
-    from graphopt.runtime.session import ort_session
-
-    existing = {o.name for o in model.graph.output}
-    added = [n for n in names if n not in existing]
-    for name in added:
-        model.graph.output.add().name = name
-    try:
-        return ort_session(model, providers)
-    finally:
-        del model.graph.output[len(model.graph.output) - len(added):]
+    return segment_session(model, names, providers)
 
 
 def capture(

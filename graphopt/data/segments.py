@@ -256,6 +256,9 @@ def _session(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], providers
     from ..runtime.session import session_options
 
     options = session_options()
+    # captures alternate runs with numpy work (Gram products): ORT's threads spinning for
+    # the next run would take the cores BLAS is using
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
     if values:
         options.add_external_initializers(list(values), list(values.values()))
