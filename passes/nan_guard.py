@@ -44,8 +44,8 @@ from onnx import TensorProto, numpy_helper
 
 from graphopt.core.contract import Context, NoConfig, Pass, PassResult, Skip
 from graphopt.core.registry import register
-from graphopt.ir.graph import (ONNX_DOMAINS, GraphIndex, drop_value_info, prune_orphans,
-                               remove_nodes, rename_inputs, site, unique_name)
+from graphopt.ir.graph import (ONNX_DOMAINS, GraphIndex, attr, drop_value_info,
+                               prune_orphans, remove_nodes, rename_inputs, site, unique_name)
 
 # Where the walk back from the Softmax input stops: the scores, computed from activations.
 _SCORES = {"MatMul", "Gemm", "FusedMatMul"}
@@ -128,7 +128,7 @@ def _walk(x: str, idx: GraphIndex, float_inputs: set[str]) -> _Walk:
         found.problem = _node_problem(node, idx)
         if found.problem is not None or node.op_type in _SCORES or \
                 node.op_type in _INDEX_OPS or \
-                node.op_type == "Cast" and _attr_int(node, "to") not in _FLOAT_TYPES:
+                node.op_type == "Cast" and attr(node, "to") not in _FLOAT_TYPES:
             continue
         first = 1 if node.op_type == "Where" else 0
         stack.extend((n, node, i) for i, n in enumerate(node.input) if i >= first)
@@ -148,7 +148,7 @@ def _node_problem(node: onnx.NodeProto, idx: GraphIndex) -> str | None:
             return (f"{label} on the softmax input's path divides by something that is not "
                     f"a non-zero constant")
     if node.op_type == "ConstantOfShape":
-        fill = next((a.t for a in node.attribute if a.name == "value"), None)
+        fill = attr(node, "value")
         if fill is not None and _not_finite(numpy_helper.to_array(fill)):
             return f"{label} fills with a value that is not finite"
     return None
@@ -174,10 +174,6 @@ def _escapes(readers: list[onnx.NodeProto], inside: set[int], softmaxes: set[int
                     return f"{user.op_type} '{user.name or user.output[0]}'"
                 stack.append(user)
     return None
-
-
-def _attr_int(node: onnx.NodeProto, name: str) -> int | None:
-    return next((a.i for a in node.attribute if a.name == name), None)
 
 
 @register

@@ -36,8 +36,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.core.contract import Context, NoConfig, Pass, PassResult, Skip
 from graphopt.core.registry import register
-from graphopt.ir.graph import ONNX_DOMAINS, GraphIndex, replace_nodes, shape_skeleton, site, \
-    unique_name
+from graphopt.ir.graph import ONNX_DOMAINS, GraphIndex, attr, replace_nodes, shape_skeleton, \
+    site, unique_name
 
 FLOOR = 80.0          # exp(-80) = 1.8e-35 > float32's smallest normal, 1.2e-38
 MASK_FILL = -1e4      # a constant at or below this in an Add operand makes it a mask
@@ -64,7 +64,7 @@ def _is_mask(name: str, idx: GraphIndex) -> bool:
         if node is None or node.domain not in ONNX_DOMAINS or node.op_type not in _MASK_OPS:
             continue
         if node.op_type == "ConstantOfShape":
-            fill = next((a.t for a in node.attribute if a.name == "value"), None)
+            fill = attr(node, "value")
             if fill is not None and float(numpy_helper.to_array(fill).min()) <= MASK_FILL:
                 return True
             continue
@@ -106,7 +106,7 @@ class SoftmaxFloor(Pass[NoConfig], name="softmax-floor", lossless=True):
         skipped: list[Skip] = []
         plans = []
         for node in softmaxes:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+            axis = attr(node, "axis", -1)
             add = idx.producer.get(node.input[0])
             if add is None or add.op_type != "Add" or not any(_is_mask(i, idx)
                                                               for i in add.input):

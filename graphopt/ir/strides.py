@@ -25,7 +25,8 @@ import math
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from graphopt.ir.graph import GraphIndex, attr
 
 _DOWN = {"Conv", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool",
          "NhwcConv", "FusedConv"}
@@ -34,32 +35,19 @@ _RESIZE = {"Resize": 2, "Upsample": 1}  # op -> input slot of ``scales``
 _LIMIT = 1024
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output and node.attribute and \
-                node.attribute[0].name == "value":
-            values[node.output[0]] = node.attribute[0].t
-    return values
-
-
-def _value(tensors: dict, name: str) -> np.ndarray | None:
-    t = tensors.get(name)
-    if t is None or t.data_location == onnx.TensorProto.EXTERNAL:
-        return None
+def _value(idx: GraphIndex, name: str) -> np.ndarray | None:
+    t = idx.initializers.get(name)
+    if t is not None and t.data_location == onnx.TensorProto.EXTERNAL:
+        return None  # an outline: the bytes stay on disk
     try:
-        return numpy_helper.to_array(t)
+        return idx.value(name)
     except Exception:  # noqa: BLE001 - an outline without its bytes
         return None
 
 
-def _ints(node: onnx.NodeProto, name: str) -> list[int]:
-    return next((list(a.ints) for a in node.attribute if a.name == name), [])
-
-
 def spatial_strides(model: onnx.ModelProto) -> tuple[int, ...]:
     """The largest stride each spatial axis reaches (module doc); ``()`` without strides."""
-    tensors = _constants(model)
+    idx = GraphIndex(model.graph, model.ir_version)
     stride: dict[str, tuple[float, ...]] = {}
     best: list[float] = []
 
@@ -72,11 +60,11 @@ def spatial_strides(model: onnx.ModelProto) -> tuple[int, ...]:
         here = list(widest([stride[i] for i in node.input if i in stride]))
         factors: list[float] = []
         if node.op_type in _DOWN:
-            factors = [float(s) for s in _ints(node, "strides")]
+            factors = [float(s) for s in attr(node, "strides", [])]
         elif node.op_type in _UP:
-            factors = [1.0 / s for s in _ints(node, "strides") if s > 0]
+            factors = [1.0 / s for s in attr(node, "strides", []) if s > 0]
         elif node.op_type in _RESIZE and len(node.input) > _RESIZE[node.op_type]:
-            scales = _value(tensors, node.input[_RESIZE[node.op_type]])
+            scales = _value(idx, node.input[_RESIZE[node.op_type]])
             if scales is not None and scales.size > 2 and np.all(scales > 0):
                 factors = [1.0 / float(s) for s in scales.ravel()[2:]]
         if factors:
