@@ -143,11 +143,21 @@ def ort_session_for(model: Runnable, providers: Sequence, threads: int | None = 
 
 def session_options(threads: int | None = None):
     """The options of every session graphopt makes: quiet logs, ``threads`` intra-op threads
-    (None: onnxruntime's default)."""
+    (None: onnxruntime's default), and intra-op threads that stop spinning when a run ends.
+
+    The last one matters wherever graphopt holds two sessions: by default a session's
+    workers busy-wait for a while after each run, so in an interleaved A/B timing the
+    session that just ran keeps a core from the one being timed. Measured on the 2-vCPU
+    machine this project runs on (ResNet-50, 2 threads): 40 ms -> 29 ms for the original,
+    16 ms -> 8.5 ms for a 50%-channel prune; a lone session's timings are unchanged.
+    Spinning still runs inside each run (``session.force_spinning_stop``: it restarts on
+    the next Run).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         options.intra_op_num_threads = threads
     return options

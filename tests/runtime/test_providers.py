@@ -102,6 +102,9 @@ def test_threads_option(model):
     """threads sets intra_op_num_threads; 0 is refused."""
     session, _ = create_session(model, "cpu", ProviderOptions(threads=1))
     assert session.get_session_options().intra_op_num_threads == 1
+    # workers stop spinning when a run ends (A/B timings would measure each other otherwise)
+    assert session.get_session_options().get_session_config_entry(
+        "session.force_spinning_stop") == "1"
     with pytest.raises(ConfigError, match="threads"):
         ProviderOptions(threads=0)
 
