@@ -1,8 +1,9 @@
 """``prune``: one ranking of every prunable unit of every kind, cut to a budget, then refit.
 
-``--pass prune:macs=0.6`` keeps 60 % of the MACs (``params=``, or ``latency=`` measured per
-node on ``provider``), removing attention heads, FFN/MLP neurons, conv channels and whole
-layers, non-uniformly:
+``--pass prune:macs=0.6`` keeps 60 % of the MACs (``params=``, or ``latency=``: the share of
+the run time, measured per node on ``provider`` with ``threads`` at a few uniformly reduced
+widths, ``graphopt.prune.latency``), removing attention heads, FFN/MLP neurons, conv
+channels and whole layers, non-uniformly:
 
 1. Units are those of ``prune-heads`` (attention blocks), ``prune-neurons`` and
    ``prune-channels`` (coupled groups) and ``prune-layers`` (residual blocks); ``kinds``
@@ -79,12 +80,13 @@ from graphopt.prune.budget import (
     chunks,
     exact_removed,
     item_costs,
-    latency_table,
     node_macs,
     unit_costs,
     unit_shares,
 )
 from graphopt.prune.importance import _step, unit_scores
+from graphopt.prune.latency import latency_note
+from graphopt.prune.latency import measure as measure_latency
 from graphopt.prune.reconstruct import consumer_sites, frontier_sites
 from graphopt.prune.scores import data_scores
 from graphopt.prune.streams import consumer_outputs, layer_damage, stream_norms
@@ -105,8 +107,8 @@ class PruneConfig:
     structural passes, ``refit`` (``cut``: the layers reading cut units; ``all``: every
     weight layer downstream), ``target`` (``output`` or ``stream``), ``search`` rounds of
     measured sensitivity, ``postnorm`` row weights, ``swap_tokens`` (share of tokens
-    swapped in an extra calibration copy), and the ``provider`` a latency budget is
-    measured on."""
+    swapped in an extra calibration copy), and the ``provider`` and intra-op ``threads``
+    (0: onnxruntime's default) a latency budget is measured with."""
 
     macs: float | None = None
     params: float | None = None
@@ -124,6 +126,7 @@ class PruneConfig:
     search: int = 0
     postnorm: bool = False
     swap_tokens: float = 0.2
+    threads: int = 0
 
     def __post_init__(self):
         given = [(k, v) for k, v in (("macs", self.macs), ("params", self.params),
@@ -151,6 +154,9 @@ class PruneConfig:
         if self.target not in TARGETS:
             raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got "
                               f"'{self.target}'")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be 0 (onnxruntime's default) or more, got "
+                              f"{self.threads}")
         if self.refit not in REFITS:
             raise ConfigError(f"refit must be one of {', '.join(REFITS)}, got '{self.refit}'")
         if self.latency is not None:
@@ -182,6 +188,7 @@ class PrunePlan:
     notes: list[str] = field(default_factory=list)
     key: tuple = ()
     feeds: list | None = None  # calibration as scored (with swapped-token copies)
+    latency: object = None  # graphopt.prune.latency.LatencyTable of a latency= budget
 
 
 def _model_key(model: onnx.ModelProto) -> tuple:
@@ -236,6 +243,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                               "removed": plan.removed,
                               "kept_fraction": 1 - plan.removed / plan.total if plan.total
                               else 1.0}, "notes": list(plan.notes)}
+        if plan.latency is not None:
+            details["latency_table"] = plan.latency.report()
         skipped = list(plan.skipped)
         if original is not None:
             # sites inside a removed block are gone with it, not sites the refit skipped
@@ -273,8 +282,14 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                                   f"{cfg.swap_tokens:.0%} of the tokens swapped for random "
                                   "vocabulary ids (swap_tokens)")
                 plan.feeds = feeds
+        groups = self._groups(coupling, plan)
         if metric == "latency":
-            cost = latency_table(model, feeds[0], cfg.provider)
+            plan.latency = measure_latency(model, coupling, groups, feeds[0], cfg.provider,
+                                           cfg.threads or None, min_keep=cfg.min_keep,
+                                           steps={g.id: 1 if g.id in plan.heads else
+                                                  _step(g, cfg.round_to) for g in groups})
+            cost = plan.latency.full
+            plan.notes.append(latency_note(plan.latency))
         elif metric == "macs":
             cost = node_macs(model, coupling.view.shapes)
         else:
@@ -284,11 +299,10 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
 
             plan.total = float(count_cost(model, ctx.input_shapes).params)
         else:
-            plan.total = float(cost.sum())
+            plan.total = plan.latency.total if plan.latency else float(cost.sum())
         if plan.total <= 0:
             raise ConfigError(f"the model's {metric} count as 0 here (unknown shapes? give "
                               "--input-shape), so a budget cannot be met")
-        groups = self._groups(coupling, plan)
         blocks = self._blocks(model, plan) if "layers" in cfg.kinds and data else []
         if "layers" in cfg.kinds and not data:
             plan.skipped.append(Skip("layers", "layers are removed only with calibration "
@@ -303,33 +317,36 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                 f"{metric} can go with min_keep={cfg.min_keep}, max_ratio={cfg.max_ratio:g} "
                 f"and kinds={','.join(cfg.kinds)} (keep at least "
                 f"{1 - best / plan.total:.3f})")
-        alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric, need)
+        alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric, need,
+                                             plan.latency)
         for _ in range(cfg.search if data else 0):
             candidates = self._rescale(model, coupling, groups, blocks, candidates, alloc,
                                        feeds, plan)
             alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric,
-                                                 need)
+                                                 need, plan.latency)
         plan.removal = {g: np.sort(np.asarray(u, dtype=np.int64))
                         for g, u in alloc.removal.items() if u}
         plan.blocks = [blocks[i][0] for i in sorted(alloc.layers)]
         return plan
 
-    def _allocate(self, coupling, candidates, blocks, cost, metric, need):
+    def _allocate(self, coupling, candidates, blocks, cost, metric, need, table=None):
         """``allocate`` to ``need``, then count what the cut really removes
-        (``exact_removed``: units of two groups meeting in one node or weight overlap) and
-        ask for the shortfall again, until the need is met or nothing more can go."""
+        (``exact_removed``: units of two groups meeting in one node or weight overlap; with
+        a measured latency ``table``, its width response) and ask for the shortfall again,
+        until the need is met or nothing more can go."""
         items = item_costs(coupling, cost, metric)
         shares = {c.key: unit_shares(coupling, coupling.group(c.key), cost, metric)
                   for c in candidates if c.kind != "layers"}
         nodes_of = {i: b.nodes for b, i in blocks}
         ask = need
         best = None
-        for _ in range(8):
+        for _ in range(32):  # overlapping cuts (and a width response) converge slowly
             alloc = allocate(candidates, ask)
             dead = set()
             for i in alloc.layers:
                 dead |= block_items(coupling.view.model, nodes_of[i], metric)
-            removed = exact_removed(items, shares, alloc.removal, dead)
+            removed = table.removed(shares, alloc.removal, dead) if table is not None \
+                else exact_removed(items, shares, alloc.removal, dead)
             if best is None or removed > best[1]:
                 best = (alloc, removed)
             if removed >= need * (1 - 1e-9) or alloc.removed_cost < ask * (1 - 1e-9):
@@ -471,7 +488,12 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             order = np.argsort(s, kind="stable")
             step = 1 if hb else _step(g, cfg.round_to)
             per_unit = unit_costs(coupling, g, cost, metric)
+            share = unit_shares(coupling, g, cost, metric) if plan.latency else None
+            pos = 0
             for k, (units, dmg, c) in enumerate(chunks(order, s, per_unit, cap, step, g.size)):
+                if share is not None:  # what this chunk saves on the measured response
+                    c = plan.latency.chunk_cost(share, pos, len(units))
+                pos += len(units)
                 out.append(Candidate(plan.kinds[g.id], g.id, units, dmg, c, k,
                                      layer_of.get(g.id)))
         if blocks:

@@ -2,8 +2,8 @@
 with the least damage.
 
 1. Costs (``node_costs``): per node, its MACs (``graphopt.analysis.cost``), or its measured
-   time on an execution provider (``latency_table``: onnxruntime's profiler, kernels timed
-   over a few runs with basic graph optimizations so each ONNX node keeps its own kernel);
+   time on an execution provider (``graphopt.prune.latency``: a width response measured at
+   a few uniformly reduced widths, which replaces the linear share below for ``latency``);
    params are counted per weight slice. A unit's cost is what removing it saves: each node a
    group touches loses the unit's share of the axis it slices (``unit_costs``); a layer's is
    the sum over its nodes (``block_cost``).
@@ -23,11 +23,8 @@ with the least damage.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -66,52 +63,6 @@ def node_macs(model: onnx.ModelProto, shapes: Mapping[str, tuple]) -> np.ndarray
             out[i] = float(_node_macs(node, shapes) or 0)
         except Exception:  # noqa: BLE001 - an op whose shapes are unknown counts 0
             out[i] = 0.0
-    return out
-
-
-def latency_table(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], provider: str,
-                  runs: int = 5) -> np.ndarray:
-    """Microseconds per node (mean over ``runs``) on ``provider``, from ORT's profiler."""
-    import onnxruntime as ort
-
-    from ..ir.model import max_ir_version
-    from ..runtime.providers import ort_providers
-
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    work.ir_version = min(work.ir_version, max_ir_version())
-    for i, node in enumerate(work.graph.node):
-        node.name = f"graphopt_node_{i}"
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.enable_profiling = True
-    with tempfile.TemporaryDirectory(prefix="graphopt-profile-") as tmp:
-        options.profile_file_prefix = os.path.join(tmp, "profile")
-        session = ort.InferenceSession(work.SerializeToString(), options,
-                                       providers=ort_providers(provider))
-        names = {i.name for i in session.get_inputs()}
-        inputs = {k: v for k, v in feed.items() if k in names}
-        for _ in range(2):
-            session.run(None, inputs)
-        session.end_profiling()
-        session = ort.InferenceSession(work.SerializeToString(), options,
-                                       providers=ort_providers(provider))
-        for _ in range(runs):
-            session.run(None, inputs)
-        path = session.end_profiling()
-        with open(path, encoding="utf-8") as fh:
-            events = json.load(fh)
-    out = np.zeros(len(model.graph.node))
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
-            continue
-        name = e["name"][: -len("_kernel_time")]
-        if name.startswith("graphopt_node_"):
-            try:
-                out[int(name[len("graphopt_node_"):])] += float(e.get("dur", 0)) / runs
-            except ValueError:
-                continue
     return out
 
 
