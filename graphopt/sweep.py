@@ -177,10 +177,18 @@ def budget_specs(budget: Budget, model: onnx.ModelProto, available: Mapping[str,
                    "the MACs column is what they reached")
 
 
+# Static QDQ on onnxruntime's CPU provider: with int8 activations ORT leaves some Convs
+# unfused (PP-OCR det: 14 of 62, the stride-2 depthwise ones and those fed by Resize/Add)
+# and the model runs slower than float (0.73x); uint8 activations fuse all 62 at the same
+# fidelity (benchmarks/FRONTIER.md, PP-OCR table, rows A and B).
+CPU_STATIC = "static,activations=uint8"
+
+
 def plan_candidates(model: onnx.ModelProto, budgets: Sequence[Budget], modes: Sequence[str],
-                    *, calibrated: bool = True, available: Mapping[str, type] | None = None
-                    ) -> tuple[list[CandidatePlan], list[str]]:
-    """Every budget × quantize mode (module doc, 1), and notes on how budgets were met."""
+                    *, calibrated: bool = True, available: Mapping[str, type] | None = None,
+                    provider: str = "cpu") -> tuple[list[CandidatePlan], list[str]]:
+    """Every budget × quantize mode (module doc, 1), and notes on how budgets were met.
+    ``static`` on the ``cpu`` provider quantizes activations to uint8 (``CPU_STATIC``)."""
     if available is None:
         from .core.registry import registered_passes
 
@@ -196,7 +204,12 @@ def plan_candidates(model: onnx.ModelProto, budgets: Sequence[Budget], modes: Se
         float_specs = tuple(lossless + prune + unpad + last)
         for mode in modes:
             name = budget.label + ("" if mode == "none" else f"+{mode}")
-            plans.append(CandidatePlan(name, budget, mode, float_specs))
+            spec = CPU_STATIC if mode == "static" and provider == "cpu" else mode
+            plans.append(CandidatePlan(name, budget, spec, float_specs))
+    if "static" in modes and provider == "cpu":
+        notes.append("static quantization on cpu: uint8 activations, which onnxruntime's "
+                     "CPU kernels fuse into every quantized Conv (int8 ones leave some "
+                     "unfused and run slower than float)")
     if not unpad and _has_mask(model):
         notes.append(f"no '{UNPAD}' pass in this graphopt: candidates run padded tokens")
     if unpad:
@@ -397,7 +410,7 @@ def run_sweep(
     create_session(original, provider, ProviderOptions(threads=threads), label=str(model))
     shapes = dict(input_shapes or {k: tuple(v.shape) for k, v in calib[0].items()})
     if plans is None:
-        plans, notes = plan_candidates(original, budgets, quantize)
+        plans, notes = plan_candidates(original, budgets, quantize, provider=provider)
     else:
         plans, notes = list(plans), []
     mask = _mask_input(original)

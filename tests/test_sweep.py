@@ -115,6 +115,26 @@ def test_plans_use_the_budgeted_prune_pass_when_registered():
     assert len(notes) == 1 and "counted before 'unpad-tokens'" in notes[0]
 
 
+def test_static_quantization_on_cpu_uses_uint8_activations():
+    """On the cpu provider a static candidate quantizes activations to uint8 (the ones ORT's
+    CPU kernels fuse), and says so; elsewhere it keeps the pass's defaults."""
+    available = {n: object for n in ("cleanup", "fold-batchnorm", "fold-pad")}
+    available["prune"] = _Prune
+    cpu, notes = plan_candidates(_cnn(), [Budget("macs", 1.0)], ["static", "dynamic"],
+                                 available=available)
+    assert cpu[0].name == "macs=1+static"
+    assert cpu[0].specs[-1] == "quantize:mode=static,activations=uint8"
+    assert cpu[1].specs[-1] == "quantize:mode=dynamic"
+    assert any("uint8 activations" in n for n in notes)
+    from graphopt.core.config import parse_pass_spec
+
+    assert parse_pass_spec(cpu[0].specs[-1])[1] == {"mode": "static", "activations": "uint8"}
+    gpu, notes = plan_candidates(_cnn(), [Budget("macs", 1.0)], ["static"],
+                                 available=available, provider="cuda")
+    assert gpu[0].specs[-1] == "quantize:mode=static"
+    assert not any("uint8" in n for n in notes)
+
+
 def test_plans_fall_back_to_ratios_and_say_so():
     """Without the budgeted pass a MACs budget becomes uniform ratios (sqrt for convs), with
     a note; a params= budget is refused."""
