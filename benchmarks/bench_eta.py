@@ -8,9 +8,11 @@ uniform ``prune-channels``, on 2 and 1 intra-op threads.
 2. Rows per thread count T (``--threads``, default 2 then 1):
    - ``uniform``: ``prune-channels:ratio=0.5,round_to=R,importance=l1`` (every group loses
      half its channels);
-   - ``latency=F`` for each ``--latency`` F: ``prune:latency=F,threads=T,round_to=R`` without
-     calibration (weight importance, as the brief allows on random weights); its latency
-     table is measured with T threads on the CPU provider (``graphopt.prune.latency``).
+   - ``latency=F`` for each ``--latency`` F and each ``--latency-round-to`` Q:
+     ``prune:latency=F,threads=T,round_to=Q`` without calibration (weight importance, as
+     on random weights); its latency table is measured with T threads on the CPU provider
+     (``graphopt.prune.latency``). Q = 0 (default) is the pass's automatic rounding: conv
+     channels to the CPU's NCHWc block.
    ``R`` is ``--round-to`` (8).
 3. Timing: ``graphopt.benchmark(pruned, vs=original, threads=T)`` (A/B interleaved ABBA in one
    process, every session with ``session_options``), taken ``--repeats`` times; the table
@@ -96,7 +98,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--latency", type=float, nargs="+", default=[0.3])
-    parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--round-to", type=int, default=8, help="uniform rows (8)")
+    parser.add_argument("--latency-round-to", type=int, nargs="+", default=[0],
+                        help="latency rows, one row each (0: the pass's automatic rounding)")
     parser.add_argument("--no-uniform", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=20)
@@ -115,8 +119,10 @@ def main(argv=None) -> int:
                 "prune-channels", {"ratio": 0.5, "round_to": args.round_to,
                                    "importance": "l1"}), t, args))
         for f in args.latency:
-            rows.append(row(original, shapes, f"latency={f:g}", (
-                "prune", {"latency": f, "threads": t, "round_to": args.round_to}), t, args))
+            for r in args.latency_round_to:
+                rows.append(row(original, shapes, f"latency={f:g}" + (
+                    f", round_to={r}" if r else ""), (
+                    "prune", {"latency": f, "threads": t, "round_to": r}), t, args))
     emit(rows, args, render)
     return 0
 

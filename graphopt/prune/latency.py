@@ -36,6 +36,7 @@ The cost of building the table (seconds, runs, levels) is in ``LatencyTable.repo
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -104,6 +105,21 @@ class LatencyTable:
         return {"provider": self.provider, "threads": self.threads or "ort default",
                 "seconds": round(self.seconds, 2), "total_us": round(self.total, 1),
                 "overhead_us": round(self.overhead, 1), "levels": self.levels}
+
+
+@functools.cache
+def nchwc_block() -> int:
+    """Channels per block of onnxruntime's NCHWc CPU kernels on this machine (MLAS: 16 with
+    AVX-512F, 8 with AVX2), 1 where it cannot tell (no x86 flags in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh
+                          if line.startswith("flags")), [])
+    except OSError:
+        return 1
+    if "avx512f" in flags:
+        return 16
+    return 8 if "avx2" in flags else 1
 
 
 def latency_note(table: LatencyTable) -> str:
@@ -240,7 +256,7 @@ def _kernel_owner(i: int, op: str, nodes, producer) -> int:
 
 
 def profile(models: Sequence[onnx.ModelProto], feed: Mapping[str, np.ndarray], provider: str,
-            threads: int | None, runs: int = 7, warmup: int = 2) -> list[list[dict]]:
+            threads: int | None, runs: int = 10, warmup: int = 2) -> list[list[dict]]:
     """ORT profile events of each model, run round-robin ``runs`` times after ``warmup``."""
     import onnxruntime as ort
 
@@ -285,7 +301,7 @@ def _drop_warmup(events: list[dict], warmup: int) -> list[dict]:
 def measure(model: onnx.ModelProto, coupling, groups, feed: Mapping[str, np.ndarray],
             provider: str = "cpu", threads: int | None = None, *,
             steps: Mapping[int, int] | None = None, min_keep: int = 1,
-            levels: Sequence[float] = LEVELS, runs: int = 7) -> LatencyTable:
+            levels: Sequence[float] = LEVELS, runs: int = 10) -> LatencyTable:
     """The measured width response of ``model`` (module doc)."""
     from .apply import apply_removal
     from .budget import unit_shares
