@@ -18,7 +18,8 @@ uniform ``prune-channels``, on 2 and 1 intra-op threads.
    process, every session with ``session_options``), taken ``--repeats`` times; the table
    gives the median latency ratio and its range. speedup = 1 / ratio, MACs speedup =
    original / pruned MACs, η = speedup / MACs speedup. For a latency budget, ``asked`` is F,
-   ``predicted`` the table's kept share and ``measured / asked`` how well it was met.
+   ``predicted`` the table's kept share and ``measured / asked`` how well it was met;
+   ``checks`` lists the pass's own timings of its cuts (table → timed, * the cut kept).
 4. The 1-minute load average is printed before and after every row: 2-thread timings on a
    shared 2-vCPU machine are noise when the load is above ~1.
 """
@@ -68,6 +69,7 @@ def row(original, shapes, label: str, spec: tuple[str, dict], threads: int, args
         "predicted": float(budget["kept_fraction"]) if budget.get("metric") == "latency"
         else None,
         "table_seconds": table["seconds"] if table else None, "prune_seconds": seconds,
+        "checks": entry.details.get("latency_checks"),
         "channels_removed": entry.counters.get("channels_removed",
                                                entry.counters.get("units_pruned")),
         "load": (round(load_before, 2), round(os.getloadavg()[0], 2)),
@@ -80,7 +82,8 @@ def render(rows: list[dict]) -> None:
 
     table = Table(title="ResNet-50: latency budget vs uniform width (interleaved A/B)")
     for col in ("row", "T", "params", "MACs", "latency ratio (range)", "speedup", "η",
-                "asked → predicted", "measured/asked", "table s", "load"):
+                "asked → predicted", "measured/asked", "checks: table → timed", "table s",
+                "load"):
         table.add_column(col, justify="left" if col == "row" else "right")
     for r in rows:
         budget = (f"{r['asked']:.3f} → {r['predicted']:.3f}" if r["asked"] else "")
@@ -89,9 +92,11 @@ def render(rows: list[dict]) -> None:
             r["row"], str(r["threads"]), f"{r['params_ratio']:.3f}", f"{r['macs_ratio']:.3f}",
             f"{r['latency_ratio']:.3f} ({min(r['ratios']):.3f}–{max(r['ratios']):.3f})",
             f"{r['speedup']:.2f}×", f"{r['efficiency']:.2f}", budget, met,
+            " ".join(f"{c['predicted']:.3f}→{c['measured']:.3f}" + ("*" if c["chosen"] else "")
+                     for c in r["checks"] or []),
             f"{r['table_seconds']:.1f}" if r["table_seconds"] else "",
             f"{r['load'][0]:.1f}/{r['load'][1]:.1f}")
-    Console(width=140).print(table)
+    Console(width=170).print(table)
 
 
 def main(argv=None) -> int:

@@ -16,10 +16,15 @@
 3. Latency: ``graphopt.benchmark`` times pruned (A) and original (B) interleaved (ABBA) in
    one process on CPU, after warm-up; medians. speedup = 1 / latency ratio; the MACs
    speedup = original MACs / pruned MACs; efficiency η = speedup / MACs speedup.
-4. ``--threads`` defaults to 1: on the 2-vCPU machines this project runs on, ORT's
-   multi-threaded timings measure thread contention more than kernels (ResNet-50 takes
-   ~75 ms on one thread, ~160 ms on two, ~300 ms with ORT's default pool). ``--threads 0``
-   uses ORT's default.
+4. ``--threads`` defaults to 2 (both vCPUs of the machines this project runs on); ``1`` for
+   one thread, ``0`` for ORT's default. The two-thread figures of last session (η 0.67-0.77
+   at 50 %, "the two vCPUs behave like one contended core") were an artifact of the A/B
+   harness: each session's intra-op workers kept spinning after its run and took the
+   second core from the session being timed. Since every graphopt session sets
+   ``session.force_spinning_stop`` (``graphopt.runtime.session.session_options``) the
+   original gains ~1.9x from the second thread and η on two threads is ~0.9
+   (``benchmarks/WIDTH.md``). On a shared machine two-thread timings under load are noise:
+   note ``uptime`` beside every figure.
 """
 
 from __future__ import annotations
@@ -146,7 +151,7 @@ def main(argv=None) -> int:
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--importance", default="l1")
     parser.add_argument("--scope", choices=("group", "global"), default="group")
-    timing_args(parser, "graphopt-bench-width")
+    timing_args(parser, "graphopt-bench-width", threads=2)
     args = parser.parse_args(argv)
     emit([measure(name, ratio, args) for name in args.models for ratio in args.ratios],
          args, render)

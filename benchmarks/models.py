@@ -16,13 +16,13 @@ def emit(rows: list[dict], args, render) -> None:
         render(rows)
 
 
-def timing_args(parser, cache_name: str) -> None:
+def timing_args(parser, cache_name: str, threads: int = 1) -> None:
     """The A/B timing options the benchmark scripts share (and --cache, --json)."""
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=2.0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="ORT intra-op threads (default 1; 0: ORT's default)")
+    parser.add_argument("--threads", type=int, default=threads,
+                        help=f"ORT intra-op threads (default {threads}; 0: ORT's default)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), cache_name))
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

@@ -2,8 +2,9 @@
 
 ``--pass prune:macs=0.6`` keeps 60 % of the MACs (``params=``, or ``latency=``: the share of
 the run time, measured per node on ``provider`` with ``threads`` at a few uniformly reduced
-widths, ``graphopt.prune.latency``), removing attention heads, FFN/MLP neurons, conv
-channels and whole layers, non-uniformly:
+widths, ``graphopt.prune.latency``; the cut is then timed against the model ``checks``
+times at most and re-allocated when it misses by more than 3 %), removing attention heads,
+FFN/MLP neurons, conv channels and whole layers, non-uniformly:
 
 1. Units are those of ``prune-heads`` (attention blocks), ``prune-neurons`` and
    ``prune-channels`` (coupled groups) and ``prune-layers`` (residual blocks); ``kinds``
@@ -14,7 +15,10 @@ channels and whole layers, non-uniformly:
    joins none): a relative error of the stream per token. A layer's damage is
    E‖exit − entry‖² / E‖exit‖², the same quantity for bypassing it. Without calibration,
    units are ranked by weight magnitude (normalized per group), layers are not removed, and
-   the report says that this is a guess and that fidelity was not measured.
+   the report says that this is a guess and that fidelity was not measured. Under a
+   ``latency=`` budget that guess is weighed by each unit's MACs, so among units the
+   weights cannot tell apart the cut takes those holding the least compute per measured
+   microsecond (the widths the kernels run worst) and keeps what runs efficiently.
 3. Cost: what a unit or a layer saves of the budget's metric (``graphopt.prune.budget``).
    Candidates are taken by damage per cost until the budget is met (to within one
    candidate's cost); every group keeps ``min_keep`` units and loses at most ``max_ratio``
@@ -90,7 +94,8 @@ from graphopt.prune.budget import (
     unit_shares,
 )
 from graphopt.prune.importance import _step, unit_scores
-from graphopt.prune.latency import latency_note, nchwc_block
+from graphopt.prune.latency import TOLERANCE as LATENCY_TOLERANCE
+from graphopt.prune.latency import latency_note, nchwc_block, time_cut
 from graphopt.prune.latency import measure as measure_latency
 from graphopt.prune.reconstruct import consumer_sites, frontier_sites
 from graphopt.prune.scores import data_scores
@@ -113,7 +118,8 @@ class PruneConfig:
     weight layer downstream), ``target`` (``output`` or ``stream``), ``search`` rounds of
     measured sensitivity, ``postnorm`` row weights, ``swap_tokens`` (share of tokens
     swapped in an extra calibration copy), and the ``provider`` and intra-op ``threads``
-    (0: onnxruntime's default) a latency budget is measured with."""
+    (0: onnxruntime's default) a latency budget is measured with, and how many ``checks``
+    (A/B timings of the cut, each followed by a corrected allocation) it gets."""
 
     macs: float | None = None
     params: float | None = None
@@ -132,6 +138,7 @@ class PruneConfig:
     postnorm: bool = False
     swap_tokens: float = 0.2
     threads: int = 0
+    checks: int = 2
 
     def __post_init__(self):
         given = [(k, v) for k, v in (("macs", self.macs), ("params", self.params),
@@ -160,6 +167,8 @@ class PruneConfig:
         if self.target not in TARGETS:
             raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got "
                               f"'{self.target}'")
+        if self.checks < 0:
+            raise ConfigError(f"checks must be 0 or more, got {self.checks}")
         if self.threads < 0:
             raise ConfigError(f"threads must be 0 (onnxruntime's default) or more, got "
                               f"{self.threads}")
@@ -195,6 +204,7 @@ class PrunePlan:
     key: tuple = ()
     feeds: list | None = None  # calibration as scored (with swapped-token copies)
     latency: object = None  # graphopt.prune.latency.LatencyTable of a latency= budget
+    checks: list = field(default_factory=list)  # latency= cuts timed: predicted/measured
 
 
 def _model_key(model: onnx.ModelProto) -> tuple:
@@ -251,6 +261,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                               else 1.0}, "notes": list(plan.notes)}
         if plan.latency is not None:
             details["latency_table"] = plan.latency.report()
+            details["latency_checks"] = plan.checks
         skipped = list(plan.skipped)
         if original is not None:
             # sites inside a removed block are gone with it, not sites the refit skipped
@@ -330,10 +341,47 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                                        feeds, plan)
             alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric,
                                                  need, plan.latency)
+        if plan.latency is not None and cfg.checks:
+            alloc, plan.removed = self._check_latency(model, coupling, candidates, blocks,
+                                                      cost, plan, feeds[0], alloc)
         plan.removal = {g: np.sort(np.asarray(u, dtype=np.int64))
                         for g, u in alloc.removal.items() if u}
         plan.blocks = [blocks[i][0] for i in sorted(alloc.layers)]
         return plan
+
+    def _check_latency(self, model, coupling, candidates, blocks, cost, plan, feed, alloc):
+        """Time the cut against the model (``latency.time_cut``) and, while the measured
+        ratio misses the budget by more than ``latency.TOLERANCE``, allocate again for the
+        budget scaled by the table's predicted / measured ratio (``checks`` times at most).
+        Keeps the measured cut closest to the budget without passing it by more than the
+        tolerance (else the fastest)."""
+        cfg = self.config
+        fraction = float(cfg.latency)
+        removed = plan.removed
+        tried = []
+        best_removable = self._removable(candidates)
+        for _ in range(cfg.checks):
+            removal = {g: u for g, u in alloc.removal.items() if u}
+            cut = [blocks[i][0] for i in sorted(alloc.layers)]
+            measured = time_cut(model, coupling, removal, cut, feed, cfg.provider,
+                                cfg.threads or None)
+            predicted = 1.0 - removed / plan.total
+            tried.append((alloc, removed, predicted, measured))
+            if abs(measured / fraction - 1.0) <= LATENCY_TOLERANCE or len(tried) == cfg.checks:
+                break
+            need = plan.total * (1.0 - min(fraction * predicted / measured, 1.0))
+            if need > best_removable:
+                break
+            alloc, removed = self._allocate(coupling, candidates, blocks, cost, "latency",
+                                            need, plan.latency)
+        ok = [t for t in tried if t[3] <= fraction * (1 + LATENCY_TOLERANCE)]
+        pick = max(ok, key=lambda t: t[3]) if ok else min(tried, key=lambda t: t[3])
+        plan.checks = [{"predicted": round(t[2], 4), "measured": round(t[3], 4),
+                        "chosen": t is pick} for t in tried]
+        plan.notes.append("latency checks (cut timed against the model, A/B): " + ", ".join(
+            f"table {t[2]:.3f} -> measured {t[3]:.3f}" + (" (kept)" if t is pick else "")
+            for t in tried))
+        return pick[0], pick[1]
 
     def _step(self, group, plan: PrunePlan) -> int:
         """Units per chunk of ``group``: 1 for heads, else what keeps widths multiples of
@@ -496,6 +544,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                 scores.update(unit_scores(coupling, fallback, "activation", feeds=feeds))
         else:
             scores = unit_scores(coupling, groups, "l1")
+        macs = node_macs(model, coupling.view.shapes) if (plan.latency is not None and
+                                                          not data) else None
         out: list[Candidate] = []
         for g in groups:
             hb = plan.heads.get(g.id)
@@ -507,6 +557,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             order = np.argsort(s, kind="stable")
             step = self._step(g, plan)
             per_unit = unit_costs(coupling, g, cost, metric)
+            if macs is not None:  # a weight-only guess weighs a unit by the compute it holds
+                s = s * max(unit_costs(coupling, g, macs, "macs"), 1e-30)
             share = unit_shares(coupling, g, cost, metric) if plan.latency else None
             pos = 0
             for k, (units, dmg, c) in enumerate(chunks(order, s, per_unit, cap, step, g.size)):

@@ -6,7 +6,7 @@ poorly, widths off the kernel's block size run slower. So instead of profiling o
 width and charging a unit its linear share, ``measure`` profiles the model at a few
 *uniformly reduced* widths and interpolates each node's time between them:
 
-1. Levels: at kept share ``f`` (``LEVELS``: 1, 0.75, 0.5, 0.25) every group the pass may cut
+1. Levels: at kept share ``f`` (``LEVELS``: 1, 0.75, 0.5, 0.25, 0.125) every group the pass may cut
    keeps ``ceil(f * size)`` units rounded up to its step (``round_to``), at least
    ``min_keep``; the prune engine (``apply_removal``) builds each level's model.
 2. Each level is profiled with onnxruntime's profiler, round-robin (level 1, 2, 3, 4, 1, ...,
@@ -31,6 +31,10 @@ width and charging a unit its linear share, ``measure`` profiles the model at a 
    what one chunk of a group saves (the difference of the response at the chunk's ends),
    so the allocator ranks units by their measured cost.
 
+6. The table is a model: the pass then times the cut itself (``time_cut``, ``checks`` times
+   at most) and, when the measured ratio misses the budget by more than ``TOLERANCE``,
+   asks the table again for the budget scaled by predicted / measured.
+
 The cost of building the table (seconds, runs, levels) is in ``LatencyTable.report``.
 """
 
@@ -49,12 +53,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-LEVELS = (1.0, 0.75, 0.5, 0.25)
+LEVELS = (1.0, 0.75, 0.5, 0.25, 0.125)
 _NAME = re.compile(r"g[nt](\d+)x")
 _FUSED = ("Fused", "Nchwc", "QLinear")
 # per kernel, this quantile of its times over the runs: on a shared machine the low quantile
 # is the least contended estimate (on a quiet one it is the median's neighbour)
 QUANTILE = 0.25
+TOLERANCE = 0.03  # a cut whose measured latency ratio is within 3 % of the budget stays
 
 
 @dataclass
@@ -120,6 +125,26 @@ def nchwc_block() -> int:
     if "avx512f" in flags:
         return 16
     return 8 if "avx2" in flags else 1
+
+
+def time_cut(model: onnx.ModelProto, coupling, removal: Mapping[int, Sequence[int]],
+             blocks: Sequence, feed: Mapping[str, np.ndarray], provider: str,
+             threads: int | None, rounds: int = 15) -> float:
+    """Latency of ``model`` with ``removal`` (and ``blocks``) cut over the model's, measured
+    A/B interleaved (``graphopt.runtime.benchmark``) on ``provider`` with ``threads``."""
+    from ..runtime.benchmark import benchmark
+    from .apply import apply_removal
+    from .blocks import remove_blocks
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    if removal:
+        apply_removal(work, coupling, removal)
+    if blocks:
+        remove_blocks(work, list(blocks))
+    result = benchmark(work, vs=model, provider=provider, feeds=dict(feed), threads=threads,
+                       warmup=3, rounds=rounds, min_time=0.0)
+    return float(result.ratio)
 
 
 def latency_note(table: LatencyTable) -> str:

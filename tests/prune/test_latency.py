@@ -152,7 +152,7 @@ def test_latency_budget_on_an_injected_table_is_met_within_one_unit(monkeypatch,
     shares = unit_shares(analyze(model, {"x": (16, 8)}), next(
         g for g in analyze(model, {"x": (16, 8)}).groups if g.prunable), np.ones(5),
         "latency")
-    _, report = optimize(model, [f"prune:latency={keep}"], calibration=feeds,
+    _, report = optimize(model, [f"prune:latency={keep},checks=0"], calibration=feeds,
                          input_shapes={"x": (16, 8)})
     entry = report.passes[0]
     table = _fake_table(None, None, None, None, "cpu", None)
@@ -183,3 +183,58 @@ def test_latency_budget_on_a_missing_provider_is_one_error_line(tmp_path, capsys
 def test_negative_threads_are_refused():
     with pytest.raises(ConfigError, match="threads"):
         build_pass("prune", {"latency": 0.5, "threads": -1})
+
+
+def _wide_convnet(width=40) -> onnx.ModelProto:
+    rng = np.random.default_rng(2)
+    inits = {"w1": rng.normal(size=(width, 3, 3, 3)).astype(np.float32),
+             "w2": rng.normal(size=(4, width, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["y"])]
+    return make_model(nodes, {"x": [1, 3, 8, 8]}, ["y"], inits)
+
+
+@pytest.mark.parametrize("budget", ["latency=0.5,checks=0", "latency=0.5,round_to=1,checks=0",
+                                    "macs=0.5"])
+def test_automatic_round_to_keeps_conv_channels_on_the_nchwc_block(monkeypatch, budget):
+    """round_to=0 (the default): under latency= on the CPU, conv channels are cut in
+    blocks (here 8: 40 -> 24 or 16 kept, never 20); round_to=1 or a MACs budget cut
+    exactly half (20)."""
+    monkeypatch.setattr("graphopt.passes.prune.nchwc_block", lambda: 8)
+    monkeypatch.setattr("graphopt.passes.prune.measure_latency",
+                        lambda model, *a, **k: LatencyTable(full=np.array([4.0, 1.0, 1.0])))
+    _, report = optimize(_wide_convnet(), [f"prune:{budget}"],
+                         input_shapes={"x": (1, 3, 8, 8)})
+    removed = report.passes[0].counters["channels_removed"]
+    if budget == "latency=0.5,checks=0":
+        assert removed % 8 == 0 and removed in (16, 24)
+    else:
+        assert removed == 20
+
+
+def test_a_cut_the_table_misjudged_is_timed_and_allocated_again(monkeypatch):
+    """checks=2: the first cut measures 0.8625, 15 % over latency=0.75, so the pass asks the
+    table for its prediction scaled by 0.75 / 0.8625, removes more, and keeps that cut once
+    it measures on budget; the report lists both timings."""
+    monkeypatch.setattr("graphopt.passes.prune.measure_latency", _fake_table)
+    calls = []
+
+    def timed(model, coupling, removal, blocks, *a, **k):
+        calls.append(sum(len(u) for u in removal.values()))
+        return 0.75 * 1.15 if len(calls) == 1 else 0.75
+
+    monkeypatch.setattr("graphopt.passes.prune.time_cut", timed)
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.normal(size=(16, 8)).astype(np.float32)} for _ in range(3)]
+    _, once = optimize(_mlp(), ["prune:latency=0.75,checks=0"], calibration=feeds,
+                       input_shapes={"x": (16, 8)})
+    _, report = optimize(_mlp(), ["prune:latency=0.75,checks=2"], calibration=feeds,
+                         input_shapes={"x": (16, 8)})
+    entry = report.passes[0]
+    assert len(calls) == 2 and calls[1] > calls[0]
+    assert calls[0] == once.passes[0].counters["neurons_removed"]
+    assert entry.counters["neurons_removed"] == calls[1]
+    checks = entry.details["latency_checks"]
+    assert [c["measured"] for c in checks] == [0.8625, 0.75]
+    assert [c["chosen"] for c in checks] == [False, True]
