@@ -20,7 +20,9 @@ uniform ``prune-channels``, on 2 and 1 intra-op threads.
    original / pruned MACs, η = speedup / MACs speedup. For a latency budget, ``asked`` is F,
    ``predicted`` the table's kept share and ``measured / asked`` how well it was met;
    ``checks`` lists the pass's own timings of its cuts (table → timed, * the cut kept).
-4. The 1-minute load average is printed before and after every row: 2-thread timings on a
+4. ``--alignment``: the uniform 50 % cut (every width a multiple of 16) against the same
+   cut with every group keeping 8 channels fewer / more (off the AVX-512 NCHWc block).
+5. The 1-minute load average is printed before and after every row: 2-thread timings on a
    shared 2-vCPU machine are noise when the load is above ~1.
 """
 
@@ -76,6 +78,39 @@ def row(original, shapes, label: str, spec: tuple[str, dict], threads: int, args
     }
 
 
+def alignment(original, shapes, threads: int, args) -> list[dict]:
+    """Every group cut to half its width (multiples of 16 here), then 8 channels fewer or
+    more (multiples of 8 off the AVX-512 NCHWc block), timed against the aligned cut."""
+    import numpy as np
+
+    from graphopt.analysis.coupling import analyze
+    from graphopt.prune.apply import apply_removal
+
+    coupling = analyze(original, shapes)
+    groups = [g for g in coupling.groups if g.prunable and g.kind == "channels"]
+
+    def cut(extra):
+        work = onnx_copy(original)
+        apply_removal(work, coupling, {g.id: np.arange(g.size // 2 - extra, g.size)
+                                       for g in groups})
+        return work
+
+    aligned = cut(0)
+    macs = count_cost(aligned, shapes).macs
+    out = []
+    for extra in (-8, 8):
+        load = os.getloadavg()[0]
+        other = cut(extra)
+        ratios = [benchmark(other, vs=aligned, input_shapes=shapes, warmup=args.warmup,
+                            rounds=args.rounds, min_time=args.min_time,
+                            threads=threads).ratio for _ in range(args.repeats)]
+        out.append({"row": f"widths {-extra:+d} (off the block)", "threads": threads,
+                    "macs_vs_aligned": count_cost(other, shapes).macs / macs,
+                    "latency_vs_aligned": statistics.median(ratios), "ratios": ratios,
+                    "load": (round(load, 2), round(os.getloadavg()[0], 2))})
+    return out
+
+
 def render(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -107,6 +142,9 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-round-to", type=int, nargs="+", default=[0],
                         help="latency rows, one row each (0: the pass's automatic rounding)")
     parser.add_argument("--no-uniform", action="store_true")
+    parser.add_argument("--alignment", action="store_true",
+                        help="instead: the uniform 50%% cut with widths 8 channels off the "
+                             "NCHWc block, against the aligned one (JSON rows)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
@@ -117,6 +155,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     path, shapes = build("resnet50", Path(args.cache), 1)
     original = graphopt.load(path)
+    if args.alignment:
+        import json
+
+        print(json.dumps([r for t in args.threads
+                          for r in alignment(original, shapes, t, args)], indent=2))
+        return 0
     rows = []
     for t in args.threads:
         if not args.no_uniform:
