@@ -2,7 +2,7 @@
 
 ``--pass prune:macs=0.6`` keeps 60 % of the MACs (``params=``, or ``latency=``: the share of
 the run time, measured per node on ``provider`` with ``threads`` at a few uniformly reduced
-widths, ``graphopt.prune.latency``; the cut is then timed against the model ``checks``
+widths, ``graphopt.prune.latency``; the cut is then timed against the model ``checks`` (3)
 times at most and re-allocated when it misses by more than 3 %), removing attention heads,
 FFN/MLP neurons, conv channels and whole layers, non-uniformly:
 
@@ -138,7 +138,7 @@ class PruneConfig:
     postnorm: bool = False
     swap_tokens: float = 0.2
     threads: int = 0
-    checks: int = 2
+    checks: int = 3
 
     def __post_init__(self):
         given = [(k, v) for k, v in (("macs", self.macs), ("params", self.params),
@@ -333,7 +333,10 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                 f"{metric}={fraction:g} cannot be met: at most {best / plan.total:.1%} of the "
                 f"{metric} can go with min_keep={cfg.min_keep}, max_ratio={cfg.max_ratio:g} "
                 f"and kinds={','.join(cfg.kinds)} (keep at least "
-                f"{1 - best / plan.total:.3f})")
+                f"{1 - best / plan.total:.3f})" + (
+                    f"; conv channels were cut in blocks of {nchwc_block()} (the CPU's NCHWc "
+                    "block, round_to=0): round_to=1 cuts finer" if self._automatic_blocks()
+                    else ""))
         alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric, need,
                                              plan.latency)
         for _ in range(cfg.search if data else 0):
@@ -352,7 +355,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
     def _check_latency(self, model, coupling, candidates, blocks, cost, plan, feed, alloc):
         """Time the cut against the model (``latency.time_cut``) and, while the measured
         ratio misses the budget by more than ``latency.TOLERANCE``, allocate again for the
-        budget scaled by the table's predicted / measured ratio (``checks`` times at most).
+        budget scaled by the table's predicted / measured ratio (after two timings: the
+        secant through them), ``checks`` times at most.
         Keeps the measured cut closest to the budget without passing it by more than the
         tolerance (else the fastest)."""
         cfg = self.config
@@ -369,7 +373,12 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             tried.append((alloc, removed, predicted, measured))
             if abs(measured / fraction - 1.0) <= LATENCY_TOLERANCE or len(tried) == cfg.checks:
                 break
-            need = plan.total * (1.0 - min(fraction * predicted / measured, 1.0))
+            target = fraction * predicted / measured
+            if len(tried) > 1:  # two timed cuts: the secant through them
+                (_, _, p1, m1), (_, _, p2, m2) = tried[-2:]
+                if m2 != m1 and (m2 - m1) / (p2 - p1 or 1e-12) > 0:
+                    target = p2 + (fraction - m2) * (p2 - p1) / (m2 - m1)
+            need = plan.total * (1.0 - min(max(target, 1e-3), 1.0))
             if need > best_removable:
                 break
             alloc, removed = self._allocate(coupling, candidates, blocks, cost, "latency",
@@ -383,6 +392,11 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             for t in tried))
         return pick[0], pick[1]
 
+    def _automatic_blocks(self) -> bool:
+        cfg = self.config
+        return (not cfg.round_to and cfg.latency is not None and cfg.provider == "cpu"
+                and nchwc_block() > 1)
+
     def _step(self, group, plan: PrunePlan) -> int:
         """Units per chunk of ``group``: 1 for heads, else what keeps widths multiples of
         ``round_to`` (0: ``round_to`` module doc, 3)."""
@@ -392,8 +406,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         round_to = cfg.round_to
         if not round_to:
             round_to = nchwc_block() if (plan.kinds.get(group.id) == "channels" and
-                                         cfg.latency is not None and
-                                         cfg.provider == "cpu") else 1
+                                         self._automatic_blocks()) else 1
         return _step(group, round_to)
 
     def _allocate(self, coupling, candidates, blocks, cost, metric, need, table=None):

@@ -104,6 +104,16 @@ def test_overlapping_cuts_multiply_kept_fractions():
     assert table.removed(shares, {1: [0, 1], 2: [0]}, {2}) == pytest.approx(4 + 6 + 5)
 
 
+def test_the_time_outside_kernels_shrinks_with_the_nodes():
+    """Overhead measured at 1 µs when the nodes keep half their time, 2 µs at full: a cut
+    that halves the one node's 4 µs saves 2 + 1."""
+    table = LatencyTable(full=np.array([4.0]), overhead=2.0,
+                         overhead_points=(np.array([0.5, 1.0]), np.array([1.0, 2.0])))
+    assert table.overhead_at(0.75) == pytest.approx(1.5)
+    assert table.overhead_at(0.25) == pytest.approx(0.5)
+    assert table.removed({1: {0: 0.25}}, {1: [0, 1]}, set()) == pytest.approx(3.0)
+
+
 def test_uniform_levels_respect_the_step_and_min_keep():
     class G:
         def __init__(self, gid, size):
