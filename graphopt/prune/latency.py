@@ -141,7 +141,7 @@ def nchwc_block() -> int:
 
 def time_cut(model: onnx.ModelProto, coupling, removal: Mapping[int, Sequence[int]],
              blocks: Sequence, feed: Mapping[str, np.ndarray], provider: str,
-             threads: int | None, rounds: int = 15) -> float:
+             threads: int | None, rounds: int = 25) -> float:
     """Latency of ``model`` with ``removal`` (and ``blocks``) cut over the model's, measured
     A/B interleaved (``graphopt.runtime.benchmark``) on ``provider`` with ``threads``."""
     from ..runtime.benchmark import benchmark
