@@ -142,6 +142,8 @@ def main() -> None:
                         help="minilm: also report fidelity on this many held-apart Python "
                         "reference sentences (benchmarks/traffic.py)")
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--notes", action="store_true",
+                        help="print each row's pass notes (search factors, rearrangement)")
     args = parser.parse_args()
 
     from graphopt.api import optimize
@@ -179,6 +181,10 @@ def main() -> None:
         print(f"| {row} | {after['macs'] / before['macs']:.3f} | "
               f"{after['params'] / before['params']:.3f} | {ratio} | {fid} | {seconds:.0f} s |",
               flush=True)
+        if args.notes:
+            for entry in report.passes:
+                for note in (entry.details or {}).get("notes", []):
+                    print(f"    {entry.name}: {note}", flush=True)
 
 
 if __name__ == "__main__":

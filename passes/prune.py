@@ -44,6 +44,13 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
    predicted before allocating again (Kwon et al.'s mask search by measurement). MiniLM
    macs=0.6: cosine 0.916 -> 0.929; the PP-OCR classifier at macs=0.8: top-1 agreement
    99.6 % -> 96.5 %, so it is off by default.
+   ``folds=N`` (default 1): the probes are cross-fitted over N folds of the calibration
+   (a feed and its swapped-token copy in one fold): each fold is measured with the
+   compensation solved on the others, so a group whose refit only fits the calibration's
+   noise (MiniLM's FFN down projections: 8-12× the in-sample damage on held-out rows) is
+   charged for it. MiniLM macs=0.6 (``max_ratio=0.5,postnorm=true,search=1,
+   target=stream``, 105 sentences): cosine 0.932 -> 0.934 on held-out shipped sentences,
+   0.808 -> 0.821 on other prose, at the same number of probes.
    ``postnorm=true``: where a consumer's residual sum goes straight into a
    LayerNormalization (post-norm transformers: BERT, MiniLM), its Gram rows are weighted
    by 1 / the sum's variance per token, so scores, probes and the refit measure the error
@@ -135,6 +142,7 @@ class PruneConfig:
     refit: str = "cut"
     target: str = "output"
     search: int = 0
+    folds: int = 1  # cross-fitted search probes (module doc)
     postnorm: bool = False
     swap_tokens: float = 0.2
     threads: int = 0
@@ -162,6 +170,8 @@ class PruneConfig:
         check_reconstruct(self.reconstruct, self.damping)
         if not 0.0 <= self.swap_tokens < 1.0:
             raise ConfigError(f"swap_tokens must be a share in [0, 1), got {self.swap_tokens}")
+        if self.folds < 1:
+            raise ConfigError(f"folds must be 1 or more, got {self.folds}")
         if self.search < 0:
             raise ConfigError(f"search must be 0 or more rounds, got {self.search}")
         if self.target not in TARGETS:
@@ -287,6 +297,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         plan = PrunePlan(coupling, key=_model_key(model))
         data = bool(ctx.calibration)
         feeds = ctx.calibration_feeds(model)
+        given = len(feeds)  # swapped-token copies follow, in the same order
         if not data:
             plan.notes.append(GUESS_NOTE)
         elif cfg.swap_tokens > 0:
@@ -341,7 +352,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                                              plan.latency)
         for _ in range(cfg.search if data else 0):
             candidates = self._rescale(model, coupling, groups, blocks, candidates, alloc,
-                                       feeds, plan)
+                                       feeds, plan, given)
             alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric,
                                                  need, plan.latency)
         if plan.latency is not None and cfg.checks:
@@ -434,7 +445,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             ask += need - removed
         return best if best[1] < need * (1 - 1e-9) else (alloc, removed)
 
-    def _rescale(self, model, coupling, groups, blocks, candidates, alloc, feeds, plan):
+    def _rescale(self, model, coupling, groups, blocks, candidates, alloc, feeds, plan,
+                 given):
         """Candidates with damages scaled by measured over predicted output damage per
         group and per layer (``graphopt.prune.sensitivity``): each group is probed at
         what the allocation took from it (at least a quarter of what it may lose)."""
@@ -475,8 +487,11 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                 block = next(b for b, i in blocks if i == c.key)
                 probes.append(Probe(("layer", c.key), block=block))
                 predicted[("layer", c.key)] = c.damage
+        folds = None  # a feed and its swapped-token copy stay in one fold
+        if self.config.folds > 1 and given >= self.config.folds:
+            folds = [(i % given) % self.config.folds for i in range(len(feeds))]
         measured = measure(model, coupling, probes, feeds, consumers, self.config.damping,
-                           weights=self._weights(model, coupling, groups))
+                           weights=self._weights(model, coupling, groups), folds=folds)
         ratio = {k: measured[k] / predicted[k] for k in measured}
         kind_of = {k: ("layers" if k[0] == "layer" else plan.kinds[k[1]]) for k in ratio}
         median = {kind: float(np.median([r for k, r in ratio.items() if kind_of[k] == kind]))

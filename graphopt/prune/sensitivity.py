@@ -15,6 +15,10 @@ with a task loss's Fisher information:
    layer bypassed; the calibration feeds run through it; the relative squared error of
    every output against the original's (padding tokens left out; a softmax output is
    read before its softmax, as logits) is the probe's damage.
+   With ``folds``, each fold of the feeds is measured with the compensation solved on
+   the other folds' Gram sums (cross-fitted): on MiniLM with ~1500 tokens per fold an FFN
+   down projection's compensation loses 8-12× more on held-out rows than on the rows it
+   was fit on (an attention output projection 2-3×), which in-sample probes do not see.
 3. The caller divides it by the local prediction (the sum of the units' scores) and
    scales the group's scores by that factor before allocating again.
 
@@ -96,34 +100,49 @@ def _compensated(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float)
 
 def measure(model: onnx.ModelProto, coupling, probes: Sequence[Probe],
             feeds: Sequence[Mapping[str, np.ndarray]], consumers: Mapping[int, list],
-            damping: float = 0.1, weights: Mapping[str, str] | None = None
-            ) -> dict[tuple, float]:
+            damping: float = 0.1, weights: Mapping[str, str] | None = None,
+            folds: Sequence[int] | None = None) -> dict[tuple, float]:
     """Relative output error of each probe (module doc, 2). ``consumers[gid]``: the
     (site, [units, q] rows) pairs of ``graphopt.prune.scores._consumers``; ``weights``:
-    the compensation's Gram rows weighted as ``accumulate``'s (post-norm error)."""
+    the compensation's Gram rows weighted as ``accumulate``'s (post-norm error).
+
+    ``folds`` (one fold id per feed, two folds or more): cross-fitted, as the cut will meet
+    data it was not fit on. Each fold's feeds are measured with the compensation solved on
+    the Gram sums of the other folds only, so a refit that fits the calibration's noise
+    (a wide consumer, few tokens) is charged what it costs on held-out rows. Without
+    ``folds`` the compensation is fit and measured on the same feeds."""
     from .blocks import remove_blocks
 
     feeds = list(feeds)
+    fold = np.zeros(len(feeds), np.int64) if folds is None else np.asarray(folds, np.int64)
+    parts = [np.flatnonzero(fold == k) for k in np.unique(fold)]
     names = measured_tensors(model)
     ref = _outputs(model, feeds, names)
     sites = {s.output: s for p in probes if p.units is not None
              for s, _ in consumers.get(p.key[1], [])}
-    grams = accumulate(model, list(sites.values()), feeds, weights=weights) if sites else {}
+    # Gram sums per fold; a fold's compensation is solved on the others' (all when one)
+    grams = [accumulate(model, list(sites.values()), [feeds[i] for i in idx],
+                        weights=weights) if sites else {} for idx in parts]
     out: dict[tuple, float] = {}
     for p in probes:
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
-        if p.block is not None:
-            remove_blocks(work, [p.block])
-        else:
-            for site, rows in consumers.get(p.key[1], []):
-                st = grams[site.output]
-                edit = _SiteEdit(work, site_for(work, site.node, constants(work))[0])
-                v = np.concatenate([edit.w0, edit.b0[None, :]], axis=0)
-                v = _compensated(st.xtx, v, rows[p.units], damping)
-                edit.write(v[:-1], v[-1], moved_bias=True)
+        got: list = [None] * len(feeds)
         try:
-            out[p.key] = _relative_error(feeds, ref, _outputs(work, feeds, names))
+            for k, idx in enumerate(parts if p.block is None else [np.arange(len(feeds))]):
+                work = onnx.ModelProto()
+                work.CopyFrom(model)
+                if p.block is not None:  # nothing is fit: one run measures every feed
+                    remove_blocks(work, [p.block])
+                else:
+                    for site, rows in consumers.get(p.key[1], []):
+                        others = [g[site.output].xtx for j, g in enumerate(grams)
+                                  if j != k or len(parts) == 1]
+                        edit = _SiteEdit(work, site_for(work, site.node, constants(work))[0])
+                        v = np.concatenate([edit.w0, edit.b0[None, :]], axis=0)
+                        v = _compensated(np.sum(others, axis=0), v, rows[p.units], damping)
+                        edit.write(v[:-1], v[-1], moved_bias=True)
+                for i, o in zip(idx, _outputs(work, [feeds[i] for i in idx], names)):
+                    got[i] = o
+            out[p.key] = _relative_error(feeds, ref, got)
         except Exception as exc:  # noqa: BLE001 - a probe that does not run is not measured
             logger.info("probe %s not measured: %s", p.key, exc)
     return out

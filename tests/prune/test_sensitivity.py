@@ -69,3 +69,44 @@ def test_stream_target_repairs_an_upstream_error_the_plain_target_cannot():
                              for f in held)
     assert diffs[True] < 1e-4
     assert diffs[False] > 0.1
+
+
+def _refit_error(model, feeds, fit_on, measure_on, keep):
+    """Oracle for a probe removing the hidden units outside ``keep`` of ``_mlp``: fc2 and its
+    bias refit by numpy lstsq on the feeds ``fit_on``, each feed of ``measure_on`` scored
+    with the fit of its own list; relative squared error of ``y`` over ``measure_on``."""
+    init = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+
+    def rows(fs):
+        h = np.concatenate([f["x"].astype(np.float64) @ init["W1"] + init["b1"] for f in fs])
+        return np.c_[h[:, keep], np.ones(len(h))], h @ init["W2"] + init["b2"]
+
+    num = den = 0.0
+    for fit, scored in zip(fit_on, measure_on):
+        v = np.linalg.lstsq(*rows(fit), rcond=None)[0]
+        x, y = rows(scored)
+        num += float(((x @ v - y) ** 2).sum())
+        den += float((y * y).sum())
+    return num / den
+
+
+def test_cross_fitted_probe_equals_a_refit_on_the_other_fold_scored_on_its_own():
+    """``measure(folds=)``: each fold's feeds are scored with the compensation solved on the
+    other fold (oracle: numpy lstsq of the kept units on that fold); without folds, fit and
+    score on all feeds. The cross-fitted damage is the larger (held-out rows), so the two
+    are not the same number by construction."""
+    model = _mlp(dependent=False)
+    coupling = analyze(model, {"x": (16, 8)})
+    group = next(g for g in coupling.groups if g.prunable and g.size == 6)
+    consumers = {group.id: _consumers(model, coupling, group, constants(model))}
+    key = ("group", group.id)
+    feeds = _feeds((6, 8), count=4)
+    probe = [Probe(key, np.array([1, 2, 3]))]
+    keep = [0, 4, 5]
+    crossed = measure(model, coupling, probe, feeds, consumers, damping=1e-9,
+                      folds=[0, 1, 0, 1])[key]
+    inside = measure(model, coupling, probe, feeds, consumers, damping=1e-9)[key]
+    a, b = [feeds[0], feeds[2]], [feeds[1], feeds[3]]
+    assert np.isclose(crossed, _refit_error(model, feeds, [b, a], [a, b], keep), rtol=1e-4)
+    assert np.isclose(inside, _refit_error(model, feeds, [feeds], [feeds], keep), rtol=1e-4)
+    assert crossed > 1.2 * inside
