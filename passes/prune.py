@@ -106,7 +106,7 @@ from graphopt.prune.latency import latency_note, nchwc_block, time_cut
 from graphopt.prune.latency import measure as measure_latency
 from graphopt.prune.reconstruct import consumer_sites, frontier_sites
 from graphopt.prune.scores import data_scores
-from graphopt.prune.streams import consumer_outputs, layer_damage, stream_norms
+from graphopt.prune.streams import consumer_outputs, stream_stats
 
 from ._refit import GUESS_NOTE, check_reconstruct, keep_original, refit_step, resolve_mode
 from .heads import METADATA_HEADS, METADATA_KV_HEADS, head_block, is_attention_group, set_metadata
@@ -564,7 +564,9 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                     layer_of[g.id] = i
         if data:
             weights = self._weights(model, coupling, groups)
-            norms = stream_norms(model, coupling, groups, feeds, weights)
+            # stream norms and layer damages from one run over the feeds
+            norms, damage = stream_stats(model, coupling, groups, feeds, weights,
+                                         blocks=[b for b, _ in blocks])
             scores, fallback = data_scores(model, coupling, groups, cfg.score, feeds,
                                            damping=cfg.damping, max_ratio=cfg.max_ratio,
                                            norms=norms, weights=weights)
@@ -596,7 +598,6 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                 out.append(Candidate(plan.kinds[g.id], g.id, units, dmg, c, k,
                                      layer_of.get(g.id)))
         if blocks:
-            damage = layer_damage(model, [b for b, _ in blocks], feeds)
             for b, i in blocks:
                 out.append(Candidate("layers", i, (), damage[b.exit],
                                      block_cost(model, b.nodes, cost, metric)))

@@ -31,6 +31,7 @@ from ..data.gram import (
     accumulate,
     chunked,
     constants,
+    mirror_lower,
     site_dims,
     site_for,
 )
@@ -120,7 +121,7 @@ def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,
         left = np.flatnonzero(stay[:len(kept)])
         if rank >= refresh * len(left) and removed < limit:
             f = np.ascontiguousarray(factor[:rank, left])
-            g = g[left][:, left]
+            g = g[np.ix_(left, left)]
             g -= f.T @ f
             v = v[left]
             kept = kept[left]
@@ -150,9 +151,7 @@ def _inverse(h: np.ndarray, d: np.ndarray) -> np.ndarray:
         a = h.copy()
         a.flat[::a.shape[0] + 1] += d
         return np.linalg.inv(a)
-    upper = np.triu_indices(inv.shape[0], 1)
-    inv[upper] = inv.T[upper]
-    return inv
+    return mirror_lower(inv)
 
 
 def _damages(blocks: np.ndarray, v: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@
   ``graphopt.prune.postnorm``) each row counts by 1 / its variance, as the norm sees it.
 - ``layer_damage``: E‖exit − entry‖² / E‖exit‖² per removable block, what bypassing it
   costs on the same scale.
+- ``stream_stats``: both from one capture (one run of the model over the feeds).
 - ``consumer_outputs``: the output tensors of the weight layers that read the groups.
 """
 
@@ -57,6 +58,13 @@ def consumer_outputs(model, groups) -> list[str]:
 def stream_norms(model, coupling, groups, feeds, weights=None) -> dict[str, float]:
     """Mean row energy of the stream each consumer of ``groups`` joins; ``weights``
     (site output -> stream): that stream's rows weighted by 1 / their variance."""
+    return stream_stats(model, coupling, groups, feeds, weights)[0]
+
+
+def stream_stats(model, coupling, groups, feeds, weights=None, blocks=()
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    """``stream_norms`` and ``layer_damage`` of ``blocks`` from one capture (one run of
+    the model over the feeds instead of two)."""
     consts = set(constants(model))
     inits = constants(model)
     streams: dict[str, str] = {}
@@ -66,10 +74,21 @@ def stream_norms(model, coupling, groups, feeds, weights=None) -> dict[str, floa
             if site is not None:
                 streams[site.output] = stream_tensor(model, site.output, consts)
     streams.update(weights or {})
-    names = sorted(set(streams.values()))
-    reducer = _RowEnergy(names, feeds, set((weights or {}).values()))
-    capture(model, feeds, names, reducer, batch_outputs=max(len(names), 1))
-    return {s: reducer.mean(t) for s, t in streams.items()}
+    feeds = list(feeds)
+    energy = _RowEnergy(sorted(set(streams.values())), feeds,
+                        set((weights or {}).values()))
+    layers = _LayerDiff([(b.entry, b.exit) for b in blocks], feeds)
+    names = list(dict.fromkeys(energy.names + layers.names))
+    if names:
+        def reduce(name, value):
+            if name in energy.wanted:
+                energy(name, value)
+            if name in layers.wanted:
+                layers(name, value)
+
+        capture(model, feeds, names, reduce, batch_outputs=len(names))
+    return ({s: energy.mean(t) for s, t in streams.items()},
+            {b: layers.damage(a, b) for a, b in layers.pairs})
 
 
 class _RowEnergy:
@@ -79,6 +98,7 @@ class _RowEnergy:
 
     def __init__(self, names, feeds, weighted=()):
         self.names = list(names)
+        self.wanted = set(self.names)
         self.weighted = set(weighted)
         self.feeds = list(feeds)
         self.calls = 0
@@ -107,31 +127,41 @@ class _RowEnergy:
 
 def layer_damage(model, blocks, feeds) -> dict[str, float]:
     """E‖exit − entry‖² / E‖exit‖² per block (keyed by exit), over real tokens."""
-    pairs = [(b.entry, b.exit) for b in blocks]
-    names = list(dict.fromkeys(n for p in pairs for n in p))
-    feeds = list(feeds)
-    diff = {p: 0.0 for p in pairs}
-    energy = {p: 0.0 for p in pairs}
-    current: dict[str, np.ndarray] = {}
-    state = {"feed": 0}
+    return stream_stats(model, None, (), feeds, blocks=blocks)[1]
 
-    def reduce(name, value):
-        current[name] = np.asarray(value, dtype=np.float64)
-        if len(current) < len(names):
+
+class _LayerDiff:
+    """Sums of ‖exit − entry‖² and ‖exit‖² over real tokens per (entry, exit) pair, for
+    tensors captured in one session (feed by feed; a feed is complete once every name of
+    ``pairs`` was seen)."""
+
+    def __init__(self, pairs, feeds):
+        self.pairs = list(pairs)
+        self.names = list(dict.fromkeys(n for p in self.pairs for n in p))
+        self.wanted = set(self.names)
+        self.feeds = list(feeds)
+        self.diff = {p: 0.0 for p in self.pairs}
+        self.energy = {p: 0.0 for p in self.pairs}
+        self.current: dict[str, np.ndarray] = {}
+        self.feed = 0
+
+    def __call__(self, name, value):
+        self.current[name] = np.asarray(value, dtype=np.float64)
+        if len(self.current) < len(self.names):
             return
-        mask = token_mask(feeds[state["feed"]])
-        for a, b in pairs:
-            x, y = current[a], current[b]
+        mask = token_mask(self.feeds[self.feed])
+        for a, b in self.pairs:
+            x, y = self.current[a], self.current[b]
             axis = 1 if y.ndim == 4 else -1
             d = ((y - x) ** 2).sum(axis)
             e = (y * y).sum(axis)
             if mask is not None and d.ndim >= 2 and d.shape[:2] == mask.shape:
                 w = mask.reshape(mask.shape + (1,) * (d.ndim - 2))
                 d, e = d * w, e * w
-            diff[(a, b)] += float(d.sum())
-            energy[(a, b)] += float(e.sum())
-        current.clear()
-        state["feed"] += 1
+            self.diff[(a, b)] += float(d.sum())
+            self.energy[(a, b)] += float(e.sum())
+        self.current.clear()
+        self.feed += 1
 
-    capture(model, feeds, names, reduce, batch_outputs=len(names))
-    return {b: diff[(a, b)] / max(energy[(a, b)], 1e-30) for a, b in pairs}
+    def damage(self, a, b) -> float:
+        return self.diff[(a, b)] / max(self.energy[(a, b)], 1e-30)
