@@ -106,7 +106,7 @@ from graphopt.prune.latency import latency_note, nchwc_block, time_cut
 from graphopt.prune.latency import measure as measure_latency
 from graphopt.prune.reconstruct import consumer_sites, frontier_sites
 from graphopt.prune.scores import data_scores
-from graphopt.prune.streams import consumer_outputs, stream_stats
+from graphopt.prune.streams import StreamStats, consumer_outputs
 
 from ._refit import GUESS_NOTE, check_reconstruct, keep_original, refit_step, resolve_mode
 from .heads import METADATA_HEADS, METADATA_KV_HEADS, head_block, is_attention_group, set_metadata
@@ -564,12 +564,14 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                     layer_of[g.id] = i
         if data:
             weights = self._weights(model, coupling, groups)
-            # stream norms and layer damages from one run over the feeds
-            norms, damage = stream_stats(model, coupling, groups, feeds, weights,
-                                         blocks=[b for b, _ in blocks])
+            # stream norms and layer damages from the scores' own runs over the feeds
+            streams = StreamStats(model, groups, feeds, weights, [b for b, _ in blocks])
             scores, fallback = data_scores(model, coupling, groups, cfg.score, feeds,
                                            damping=cfg.damping, max_ratio=cfg.max_ratio,
-                                           norms=norms, weights=weights)
+                                           norms=streams, weights=weights,
+                                           observe=streams.observers())
+            streams.capture(model)  # what the scores did not run (no group was scored)
+            damage = streams.damage()
             if fallback:
                 scores.update(unit_scores(coupling, fallback, "activation", feeds=feeds))
         else:

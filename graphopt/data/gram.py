@@ -29,7 +29,7 @@ split give the same result as one big batch (to float64 rounding).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -420,6 +420,7 @@ def accumulate(
     weights: Mapping[str, str] | None = None,
     segments: Segments | None = None,
     ref_segments: Segments | None = None,
+    observe: Mapping[str, Callable[[int, np.ndarray], None]] | None = None,
 ) -> dict[str, GramStats]:
     """Gram sums of every site's input in ``model`` (and targets from ``reference``).
 
@@ -440,7 +441,9 @@ def accumulate(
     runners (``graphopt.data.segments``) of ``model``/``reference`` on these feeds, shared
     with the caller's other captures (sequential refits, chunked scores) so that each runs
     only the nodes the ones before it did not; default: new ones, shared by this call's
-    chunks. Returns ``{site.output: GramStats}``.
+    chunks. ``observe[name](feed_index, array)``: more tensors of ``model`` fetched in the
+    same runs (with the first chunk) and handed over feed by feed, so a caller's other
+    statistics need no run of their own. Returns ``{site.output: GramStats}``.
     """
     feeds = list(feeds)
     if not feeds:
@@ -453,7 +456,9 @@ def accumulate(
     dims = {s.output: site_dims(model, s, consts) for s in sites}
     out: dict[str, GramStats] = {}
     other = reference if reference is not None else model
+    watched = dict(observe or {})
     for chunk in chunked(sites, dims, max_bytes):
+        seen, watched = watched, {}  # the observed tensors come with the first chunk
         stats = {s.output: GramStats(np.zeros((dims[s.output][0] + 1,) * 2),
                                      np.zeros((dims[s.output][0] + 1, dims[s.output][1]))
                                      if targets else None) for s in chunk}
@@ -471,12 +476,15 @@ def accumulate(
             extra = list(dict.fromkeys(extra + list(weighed.values())))
         names = x_names + [n for n in dict.fromkeys(t_names + extra) if n not in x_names] \
             if same else x_names + [n for n in extra if n not in x_names]
+        names += [n for n in seen if n not in names]
         ref_names = t_names if targets and not same else []
         values_of = segments.run(model, names)
         refs = ref_segments.run(other, ref_names) if ref_names else None
         for f_idx, feed in enumerate(feeds):
             values = next(values_of)
             values_t = next(refs) if refs is not None else values
+            for name, take in seen.items():
+                take(f_idx, values[name])
             mask = token_mask(feed)
             for s in chunk:
                 x = values[s.input]

@@ -21,7 +21,7 @@ score. Gram sums come from ``graphopt.data.gram.accumulate``; nothing stores act
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -182,7 +182,8 @@ def _energy(h: np.ndarray, v: np.ndarray) -> float:
 def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
                 feeds: Sequence[Mapping[str, np.ndarray]], *, damping: float = 0.1,
                 max_ratio: float = 0.9, norms: Mapping[str, float] | None = None,
-                weights: Mapping[str, str] | None = None
+                weights: Mapping[str, str] | None = None,
+                observe: Mapping[str, Callable[[int, np.ndarray], None]] | None = None
                 ) -> tuple[dict[int, np.ndarray], list]:
     """Scores per group id by ``method`` (module doc), and the groups it cannot score.
 
@@ -190,7 +191,11 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
     by ``norms[site]`` when given (the mean row energy of the stream that output joins), else
     by the consumer's own output energy for a conv (relative) and by 1 otherwise.
     ``weights``: rows weighted as ``graphopt.data.gram.accumulate``'s (post-norm error,
-    ``graphopt.prune.postnorm``); ``norms`` should then be weighted the same way."""
+    ``graphopt.prune.postnorm``); ``norms`` should then be weighted the same way.
+    ``observe``: more tensors to hand over feed by feed (``accumulate``'s), each fetched
+    with the chunk of sites that reaches it in graph order, so the caller's statistics
+    share these runs. Which sites ``norms`` has is read at once, its values only after
+    every capture (so it may be filled by ``observe``: ``graphopt.prune.streams.StreamStats``)."""
     inits = constants(model)
     plan: dict[int, list[tuple[LinearSite, np.ndarray]]] = {}
     fallback = []
@@ -212,8 +217,12 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
     dims = {name: site_dims(model, s, inits) for name, s in sites.items()}
     runner = Segments(feeds)  # chunks in graph order, each running on from the one before
     order = sorted(sites.values(), key=lambda s: s.node)
-    for chunk in chunked(order, dims):  # one chunk of Gram sums at a time
-        stats = accumulate(model, chunk, feeds, weights=weights, segments=runner)
+    chunks_ = chunked(order, dims)
+    watch = _watch_by_chunk(model, chunks_, observe or {})
+    parts = []  # (gid, site output, per-unit damage, how it is normalized, its divisor)
+    for chunk, seen in zip(chunks_, watch):  # one chunk of Gram sums at a time
+        stats = accumulate(model, chunk, feeds, weights=weights, segments=runner,
+                           observe=seen)
         for site in chunk:
             st = stats[site.output]
             v = site.matrix(onnx.numpy_helper.to_array(inits[site.weight])).astype(np.float64)
@@ -228,18 +237,39 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
                     limit = int(np.ceil(max_ratio * len(rows)))
                     dmg = _obs_greedy(st.xtx, va, rows, damping, limit)
                     if norms and site.output in norms:
-                        norm = st.n * norms[site.output]
+                        parts.append((gid, site.output, dmg, "obs", st.n))  # × the norm
                     else:
-                        norm = _energy(st.xtx, va) if site.op == "Conv" else st.n
-                    totals[gid] += dmg / max(norm, 1e-30)
+                        own = _energy(st.xtx, va) if site.op == "Conv" else st.n
+                        parts.append((gid, site.output, dmg, "own", own))
                 else:
                     n = max(st.n, 1)
                     mean = st.xtx[-1, :-1] / n
                     var = np.maximum(np.diag(st.xtx)[:-1] / n - mean * mean, 0.0)
-                    if norms and site.output in norms:  # squared, on the stream's scale
-                        per_row = (v * v).sum(1) * var / norms[site.output]
-                    else:
-                        per_row = np.sqrt((v * v).sum(1) * var)
-                    totals[gid] += per_row[rows].sum(1)
+                    energy = (v * v).sum(1) * var
+                    parts.append((gid, site.output, energy[rows].sum(1),
+                                  "std", np.sqrt(energy)[rows].sum(1)))
         del stats
+    for gid, name, value, kind, extra in parts:  # the norms are complete now
+        if kind == "obs":
+            totals[gid] += value / max(extra * norms[name], 1e-30)
+        elif kind == "own":
+            totals[gid] += value / max(extra, 1e-30)
+        elif norms and name in norms:  # squared, on the stream's scale
+            totals[gid] += value / norms[name]
+        else:
+            totals[gid] += extra
     return totals, fallback
+
+
+def _watch_by_chunk(model, chunks_, observe) -> list[dict]:
+    """``observe`` split over ``chunks_``: each tensor with the first chunk whose last site
+    comes after the node making it (the last chunk when none does)."""
+    out: list[dict] = [{} for _ in chunks_]
+    if not observe:
+        return out
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
+    ends = [max(s.node for s in c) for c in chunks_]
+    for name, take in observe.items():
+        at = producer.get(name, -1)
+        out[next((i for i, e in enumerate(ends) if e >= at), len(chunks_) - 1)][name] = take
+    return out

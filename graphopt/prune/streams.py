@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 
@@ -65,49 +67,107 @@ def stream_stats(model, coupling, groups, feeds, weights=None, blocks=()
                  ) -> tuple[dict[str, float], dict[str, float]]:
     """``stream_norms`` and ``layer_damage`` of ``blocks`` from one capture (one run of
     the model over the feeds instead of two)."""
-    consts = set(constants(model))
-    inits = constants(model)
-    streams: dict[str, str] = {}
-    for g in groups:
-        for m in g.members_with_role("in"):
-            site, _ = site_for(model, m.slot.use[0], inits)
-            if site is not None:
-                streams[site.output] = stream_tensor(model, site.output, consts)
-    streams.update(weights or {})
-    feeds = list(feeds)
-    energy = _RowEnergy(sorted(set(streams.values())), feeds,
-                        set((weights or {}).values()))
-    layers = _LayerDiff([(b.entry, b.exit) for b in blocks], feeds)
-    names = list(dict.fromkeys(energy.names + layers.names))
-    if names:
-        def reduce(name, value):
-            if name in energy.wanted:
-                energy(name, value)
-            if name in layers.wanted:
-                layers(name, value)
+    stats = StreamStats(model, groups, feeds, weights, blocks)
+    stats.capture(model)
+    return stats.norms(), stats.damage()
 
-        capture(model, feeds, names, reduce, batch_outputs=len(names))
-    return ({s: energy.mean(t) for s, t in streams.items()},
-            {b: layers.damage(a, b) for a, b in layers.pairs})
+
+class StreamStats(Mapping):
+    """``stream_norms`` and ``layer_damage`` from tensors handed over feed by feed
+    (``observe``, e.g. as ``graphopt.data.gram.accumulate``'s ``observe`` while the pruning
+    scores capture the same model: no run of their own). ``names``: the tensors wanted.
+    As a mapping it is ``norms()``: its keys are known at once, each value is read from
+    what was observed when it is looked up (``graphopt.prune.scores.data_scores`` looks
+    them up after its captures)."""
+
+    def __init__(self, model, groups, feeds, weights=None, blocks=()):
+        consts = set(constants(model))
+        inits = constants(model)
+        self.streams: dict[str, str] = {}
+        for g in groups:
+            for m in g.members_with_role("in"):
+                site, _ = site_for(model, m.slot.use[0], inits)
+                if site is not None:
+                    self.streams[site.output] = stream_tensor(model, site.output, consts)
+        self.streams.update(weights or {})
+        feeds = list(feeds)
+        self.energy = _RowEnergy(sorted(set(self.streams.values())), feeds,
+                                 set((weights or {}).values()))
+        self.layers = _LayerDiff([(b.entry, b.exit) for b in blocks], feeds)
+        self.names = list(dict.fromkeys(self.energy.names + self.layers.names))
+        self.feeds = feeds
+        self.seen = 0  # tensors handed over so far
+
+    @property
+    def complete(self) -> bool:
+        """Every name was handed over for every feed."""
+        return self.seen == len(self.names) * len(self.feeds)
+
+    def capture(self, model) -> None:
+        """Run the model over the feeds for the names (one session), unless they were all
+        observed already; a part observed is dropped and taken again."""
+        if self.complete or not self.names:
+            return
+        if self.seen:
+            self.energy.clear()
+            self.layers.clear()
+            self.seen = 0
+        per_feed = len(self.names)
+        calls = [0]
+
+        def reduce(name, value):  # one session: every name once per feed, in feed order
+            self.observe(calls[0] // per_feed, name, value)
+            calls[0] += 1
+
+        capture(model, self.feeds, self.names, reduce, batch_outputs=per_feed)
+
+    def observers(self) -> dict:
+        """``{name: take(feed_index, array)}``, as ``accumulate``'s ``observe`` hands over."""
+        return {n: (lambda f, v, n=n: self.observe(f, n, v)) for n in self.names}
+
+    def observe(self, feed: int, name: str, value) -> None:
+        self.seen += 1
+        if name in self.energy.wanted:
+            self.energy.add(feed, name, value)
+        if name in self.layers.wanted:
+            self.layers.add(feed, name, value)
+
+    def __getitem__(self, site: str) -> float:
+        return self.energy.mean(self.streams[site])
+
+    def __iter__(self):
+        return iter(self.streams)
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def norms(self) -> dict[str, float]:
+        """Consumer site output -> mean row energy of its stream (``stream_norms``)."""
+        return {s: self.energy.mean(t) for s, t in self.streams.items()}
+
+    def damage(self) -> dict[str, float]:
+        """Block exit -> E‖exit − entry‖² / E‖exit‖² (``layer_damage``)."""
+        return {b: self.layers.damage(a, b) for a, b in self.layers.pairs}
 
 
 class _RowEnergy:
     """Mean over rows (tokens, pixels; padding left out) of the squared norm along the
-    channel axis, for tensors captured in one session (feed by feed, ``names`` order);
-    rows of the ``weighted`` tensors count by 1 / their variance over the last axis."""
+    channel axis, per tensor, from tensors handed over with their feed's index; rows of
+    the ``weighted`` tensors count by 1 / their variance over the last axis."""
 
     def __init__(self, names, feeds, weighted=()):
         self.names = list(names)
         self.wanted = set(self.names)
         self.weighted = set(weighted)
         self.feeds = list(feeds)
-        self.calls = 0
+        self.clear()
+
+    def clear(self):
         self.sums: dict[str, float] = {}
         self.rows: dict[str, float] = {}
 
-    def __call__(self, name, value):
-        feed = self.feeds[min(self.calls // max(len(self.names), 1), len(self.feeds) - 1)]
-        self.calls += 1
+    def add(self, f, name, value):
+        feed = self.feeds[f]
         v = np.asarray(value, dtype=np.float64)
         energy = (v * v).sum(1 if v.ndim == 4 else -1)
         if name in self.weighted:
@@ -131,27 +191,33 @@ def layer_damage(model, blocks, feeds) -> dict[str, float]:
 
 
 class _LayerDiff:
-    """Sums of ‖exit − entry‖² and ‖exit‖² over real tokens per (entry, exit) pair, for
-    tensors captured in one session (feed by feed; a feed is complete once every name of
-    ``pairs`` was seen)."""
+    """Sums of ‖exit − entry‖² and ‖exit‖² over real tokens per (entry, exit) pair, from
+    tensors handed over with their feed's index; a tensor is held (as given) only until
+    every pair of its feed that reads it has both of its ends."""
 
     def __init__(self, pairs, feeds):
         self.pairs = list(pairs)
         self.names = list(dict.fromkeys(n for p in self.pairs for n in p))
         self.wanted = set(self.names)
         self.feeds = list(feeds)
+        self.clear()
+
+    def clear(self):
         self.diff = {p: 0.0 for p in self.pairs}
         self.energy = {p: 0.0 for p in self.pairs}
-        self.current: dict[str, np.ndarray] = {}
-        self.feed = 0
+        self.held: dict[int, dict[str, np.ndarray]] = {}
+        self.done: dict[int, set] = {}
 
-    def __call__(self, name, value):
-        self.current[name] = np.asarray(value, dtype=np.float64)
-        if len(self.current) < len(self.names):
-            return
-        mask = token_mask(self.feeds[self.feed])
+    def add(self, f, name, value):
+        held = self.held.setdefault(f, {})
+        done = self.done.setdefault(f, set())
+        held[name] = value
+        mask = token_mask(self.feeds[f])
         for a, b in self.pairs:
-            x, y = self.current[a], self.current[b]
+            if (a, b) in done or a not in held or b not in held:
+                continue
+            x = np.asarray(held[a], dtype=np.float64)
+            y = np.asarray(held[b], dtype=np.float64)
             axis = 1 if y.ndim == 4 else -1
             d = ((y - x) ** 2).sum(axis)
             e = (y * y).sum(axis)
@@ -160,8 +226,10 @@ class _LayerDiff:
                 d, e = d * w, e * w
             self.diff[(a, b)] += float(d.sum())
             self.energy[(a, b)] += float(e.sum())
-        self.current.clear()
-        self.feed += 1
+            done.add((a, b))
+        for t in list(held):
+            if all(p in done for p in self.pairs if t in p):
+                del held[t]
 
     def damage(self, a, b) -> float:
         return self.diff[(a, b)] / max(self.energy[(a, b)], 1e-30)

@@ -64,6 +64,17 @@ def _residual_mlp():
     return make_model(nodes, inputs, ["s2"], ws)
 
 
+def _masked_feeds():
+    rng = np.random.default_rng(1)
+    feeds = []
+    for t in (3, 5):
+        mask = np.ones((2, t), np.int64)
+        mask[1, t - 1:] = 0
+        feeds.append({"x": rng.normal(size=(2, t, 6)).astype(np.float32),
+                      "attention_mask": mask})
+    return feeds
+
+
 class _Block:
     def __init__(self, entry, exit_):
         self.entry, self.exit = entry, exit_
@@ -73,13 +84,7 @@ def test_stream_norms_and_layer_damage_from_one_capture_match_numpy():
     from graphopt.analysis.coupling import analyze
 
     model = _residual_mlp()
-    rng = np.random.default_rng(1)
-    feeds = []
-    for t in (3, 5):
-        mask = np.ones((2, t), np.int64)
-        mask[1, t - 1:] = 0
-        feeds.append({"x": rng.normal(size=(2, t, 6)).astype(np.float32),
-                      "attention_mask": mask})
+    feeds = _masked_feeds()
     groups = [g for g in analyze(model).groups if g.prunable and g.kind == "neurons"]
     blocks = [_Block("x", "s1"), _Block("s1", "s2")]
     norms, damage = stream_stats(model, None, groups, feeds, blocks=blocks)
@@ -110,3 +115,27 @@ def _with_outputs(model, names):
     for n in names:
         work.graph.output.add().name = n
     return work
+
+
+def test_scores_with_observed_stream_stats_equal_a_capture_of_their_own():
+    from graphopt.analysis.coupling import analyze
+    from graphopt.prune.scores import data_scores
+    from graphopt.prune.streams import StreamStats
+
+    model = _residual_mlp()
+    feeds = _masked_feeds()
+    coupling = analyze(model)
+    groups = [g for g in coupling.groups if g.prunable and g.kind == "neurons"]
+    blocks = [_Block("x", "s1"), _Block("s1", "s2")]
+    norms, damage = stream_stats(model, None, groups, feeds, blocks=blocks)
+    want, _ = data_scores(model, coupling, groups, "obs", feeds, norms=norms)
+    streams = StreamStats(model, groups, feeds, None, blocks)
+    got, _ = data_scores(model, coupling, groups, "obs", feeds, norms=streams,
+                         observe=streams.observers())
+    assert streams.complete
+    assert dict(streams) == pytest.approx(norms, rel=1e-6)
+    assert streams.damage() == pytest.approx(damage, rel=1e-6)
+    for gid in want:
+        np.testing.assert_allclose(got[gid], want[gid], rtol=1e-6)
+    streams.capture(model)  # complete: nothing runs again, nothing counted twice
+    assert streams.damage() == pytest.approx(damage, rel=1e-6)
