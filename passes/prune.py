@@ -84,7 +84,7 @@ from graphopt.analysis.structure import find_structure
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
 from graphopt.data.calibration import capture
-from graphopt.data.gram import constants, site_for, token_mask
+from graphopt.data.gram import site_for, token_mask
 from graphopt.errors import ConfigError
 from graphopt.prune.apply import apply_removal
 from graphopt.prune.blocks import remove_blocks
@@ -447,64 +447,15 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
 
     def _rescale(self, model, coupling, groups, blocks, candidates, alloc, feeds, plan,
                  given):
-        """Candidates with damages scaled by measured over predicted output damage per
-        group and per layer (``graphopt.prune.sensitivity``): each group is probed at
-        what the allocation took from it (at least a quarter of what it may lose)."""
-        from dataclasses import replace
+        """Damages scaled by measured over predicted output damage per group and layer
+        (``graphopt.prune.search.rescale``)."""
+        from graphopt.prune.search import fold_ids, rescale
 
-        from graphopt.prune.scores import _consumers
-        from graphopt.prune.sensitivity import Probe, measure
-
-        inits = constants(model)
-        consumers = {}
-        for g in groups:
-            found = _consumers(model, coupling, g, inits)
-            if found is not None:
-                consumers[g.id] = found
-        by_group: dict[int, list[Candidate]] = {}
-        for c in candidates:
-            if c.kind != "layers":
-                by_group.setdefault(c.key, []).append(c)
-        probes, predicted = [], {}
-        for gid, chunks_ in by_group.items():
-            if gid not in consumers:
-                continue
-            chunks_.sort(key=lambda c: c.order)
-            taken = len(alloc.removal.get(gid, ()))
-            cap = sum(len(c.units) for c in chunks_)
-            want = max(taken, min(cap, math.ceil(0.25 * coupling.group(gid).size)))
-            units, dmg = [], 0.0
-            for c in chunks_:
-                if len(units) >= want:
-                    break
-                units += list(c.units)
-                dmg += c.damage
-            if units and dmg > 0:
-                probes.append(Probe(("group", gid), np.asarray(units)))
-                predicted[("group", gid)] = dmg
-        for c in candidates:
-            if c.kind == "layers" and c.damage > 0:
-                block = next(b for b, i in blocks if i == c.key)
-                probes.append(Probe(("layer", c.key), block=block))
-                predicted[("layer", c.key)] = c.damage
-        folds = None  # a feed and its swapped-token copy stay in one fold
-        if self.config.folds > 1 and given >= self.config.folds:
-            folds = [(i % given) % self.config.folds for i in range(len(feeds))]
-        measured = measure(model, coupling, probes, feeds, consumers, self.config.damping,
-                           weights=self._weights(model, coupling, groups), folds=folds)
-        ratio = {k: measured[k] / predicted[k] for k in measured}
-        kind_of = {k: ("layers" if k[0] == "layer" else plan.kinds[k[1]]) for k in ratio}
-        median = {kind: float(np.median([r for k, r in ratio.items() if kind_of[k] == kind]))
-                  for kind in set(kind_of.values())}
-        fallback = float(np.median(list(ratio.values()))) if ratio else 1.0
-        out = []
-        for c in candidates:
-            key = ("layer", c.key) if c.kind == "layers" else ("group", c.key)
-            out.append(replace(c, damage=c.damage * ratio.get(key, median.get(c.kind,
-                                                                            fallback))))
-        plan.notes.append("damage scaled by measured output damage per group: " + ", ".join(
-            f"{plan.kinds.get(k[1], 'layer') if k[0] == 'group' else 'layer'} {k[1]} "
-            f"×{r:.2g}" for k, r in sorted(ratio.items())))
+        out, note = rescale(model, coupling, groups, blocks, candidates, alloc, feeds,
+                            plan.kinds, self.config.damping,
+                            self._weights(model, coupling, groups),
+                            fold_ids(len(feeds), given, self.config.folds))
+        plan.notes.append(note)
         return out
 
     def _weights(self, model, coupling, groups) -> dict[str, str] | None:
