@@ -50,10 +50,11 @@ def refit_step(original: onnx.ModelProto | None, model: onnx.ModelProto,
                outputs: Sequence[str], ctx: Context, mode: str, damping: float,
                columns: Mapping[str, np.ndarray] | None = None,
                max_levels: int | None = None, streams: bool = False,
-               postnorm: bool = False, feeds: Sequence[Mapping[str, np.ndarray]] | None = None
-               ) -> tuple[dict, list[Skip], dict]:
+               postnorm: bool = False, feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
+               folds: Sequence[int] | None = None) -> tuple[dict, list[Skip], dict]:
     """Refit ``outputs`` (site output tensors) of ``model`` toward ``original``, on
-    ``feeds`` (default: the context's calibration)."""
+    ``feeds`` (default: the context's calibration); ``folds``: a fold id per feed, to
+    choose each site's damping by cross-validation."""
     details: dict = {"reconstruct": mode}
     if mode == "none" or original is None or not outputs:
         return {}, [], details
@@ -64,7 +65,7 @@ def refit_step(original: onnx.ModelProto | None, model: onnx.ModelProto,
             "synthetic activations")
     fits, skipped = reconstruct(original, model, outputs, feeds, mode=mode, damping=damping,
                                 target_columns=columns, max_levels=max_levels,
-                                streams=streams, postnorm=postnorm)
+                                streams=streams, postnorm=postnorm, folds=folds)
     details["reconstruction"] = [f.to_dict() for f in fits]
     counters = {"sites_refit": len(fits)}
     if fits:

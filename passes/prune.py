@@ -22,7 +22,8 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
 3. Cost: what a unit or a layer saves of the budget's metric (``graphopt.prune.budget``).
    Candidates are taken by damage per cost until the budget is met (to within one
    candidate's cost); every group keeps ``min_keep`` units and loses at most ``max_ratio``
-   of them; kept widths are multiples of ``round_to`` channels; one layer always stays.
+   of them (unset: half, or 0.9 when half cannot meet the budget: past half a group the
+   damage outgrows OBS's estimate); widths are multiples of ``round_to``; a layer stays.
    ``round_to=0`` (the default): 1, except conv channels under a ``latency=`` budget on the
    CPU, which round to the CPU's NCHWc block (16 with AVX-512, 8 with AVX2:
    ``graphopt.prune.latency.nchwc_block``): onnxruntime runs a conv whose input channels
@@ -30,14 +31,13 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
    the block: 16 % fewer MACs, no faster; 18 % more MACs, 22-40 % slower).
 4. Then the cut is applied (units, then layers) and reconstructed (``reconstruct``, as in
    the other structural passes): the consumers of cut units and the first layers after a
-   removed block are refit toward the original model, sequentially. ``refit=all`` refits
-   every weight layer downstream of a change too (layer-wise mask tuning through the whole
-   model); on MiniLM at macs=0.6 it measured no better (0.915 vs 0.916 cosine) at 5× the
-   time, so ``cut`` is the default.
-   ``target=stream`` fits a layer that adds into the residual stream (attention output,
-   FFN down projection) so the *stream* matches the original's, absorbing the error of
-   the layers before it (measured neutral on MiniLM: 0.916 either way; default
-   ``output``).
+   removed block are refit toward the original model, sequentially (figures for every
+   option: benchmarks/RECONSTRUCT.md). ``refit=all`` refits every weight layer downstream
+   of a change too (layer-wise mask tuning; no better on MiniLM at 5× the time).
+   ``target=stream`` (default; ``output``: each layer's own output) fits a layer adding
+   into the residual stream (attention output, FFN down projection) so the *stream*
+   matches the original's, absorbing the error of the layers before it.
+   ``cv=K``: each site's damping by K-fold cross-validation (``reconstruct.choose_damping``).
    ``search=N``: N rounds of measured sensitivity (``graphopt.prune.sensitivity``): each
    group (and layer) is probed at what the allocation takes from it, the model run with
    the OBS-compensated cut, and its damages scaled by measured output damage over
@@ -51,17 +51,11 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
    charged for it. MiniLM macs=0.6 (``max_ratio=0.5,postnorm=true,search=1,
    target=stream``, 105 sentences): cosine 0.932 -> 0.934 on held-out shipped sentences,
    0.808 -> 0.821 on other prose, at the same number of probes.
-   ``postnorm=true``: where a consumer's residual sum goes straight into a
-   LayerNormalization (post-norm transformers: BERT, MiniLM), its Gram rows are weighted
-   by 1 / the sum's variance per token, so scores, probes and the refit measure the error
-   the norm passes on (``graphopt.prune.postnorm``: a few MiniLM tokens carry ~15× the
-   median stream norm, and the plain fit spends itself on them).
+   ``postnorm=true``: a residual sum read by a LayerNormalization weighs its Gram rows by
+   1 / its variance per token: the error the norm passes on (``graphopt.prune.postnorm``).
    ``swap_tokens=F`` (default 0.2; 0 turns it off): a model with token-id inputs is
-   scored and refit on the calibration plus one copy of it with a share F of the tokens
-   swapped for random vocabulary ids (``graphopt.data.vary``), so units serving words the
-   calibration lacks are not taken for free (MiniLM macs=0.6: embedding cosine 0.917 ->
-   0.922 on held-out shipped sentences, 0.792 -> 0.803 on other prose; twice the
-   calibration rows, so about twice the scoring/refit time). Other models: no effect.
+   scored and refit on the calibration plus a copy with a share F of the tokens swapped
+   for random vocabulary ids (``graphopt.data.vary``; twice the calibration rows).
    The budget is counted as the cut really removes it (two cut groups meeting in one conv
    overlap; ``budget.exact_removed``) and met to within one width chunk's cost: a layer
    that would pass it by more waits (``budget.allocate``).
@@ -80,7 +74,6 @@ import numpy as np
 import onnx
 
 from graphopt.analysis.coupling import Coupling, analyze
-from graphopt.analysis.structure import find_structure
 from graphopt.core.contract import Context, Pass, PassResult, Skip
 from graphopt.core.registry import register
 from graphopt.data.calibration import capture
@@ -108,11 +101,13 @@ from graphopt.prune.reconstruct import consumer_sites, frontier_sites
 from graphopt.prune.scores import data_scores
 from graphopt.prune.streams import StreamStats, consumer_outputs
 
+from ._prune_units import prunable_groups, removable_blocks, removable_cost
 from ._refit import GUESS_NOTE, check_reconstruct, keep_original, refit_step, resolve_mode
-from .heads import METADATA_HEADS, METADATA_KV_HEADS, head_block, is_attention_group, set_metadata
+from .heads import METADATA_HEADS, METADATA_KV_HEADS, set_metadata
 
 KINDS = ("heads", "neurons", "channels", "layers")
 REFITS = ("cut", "all")
+AUTO_RATIOS = (0.5, 0.9)  # max_ratio unset: half a group, more only when the budget needs it
 TARGETS = ("output", "stream")
 
 
@@ -124,29 +119,31 @@ class PruneConfig:
     structural passes, ``refit`` (``cut``: the layers reading cut units; ``all``: every
     weight layer downstream), ``target`` (``output`` or ``stream``), ``search`` rounds of
     measured sensitivity, ``postnorm`` row weights, ``swap_tokens`` (share of tokens
-    swapped in an extra calibration copy), and the ``provider`` and intra-op ``threads``
-    (0: onnxruntime's default) a latency budget is measured with, and how many ``checks``
-    (A/B timings of the cut, each followed by a corrected allocation) it gets."""
+    swapped in an extra calibration copy), ``cv`` folds choosing the damping per site, and
+    the ``provider`` and intra-op ``threads`` (0: onnxruntime's default) a latency budget
+    is measured with, and how many ``checks`` (A/B timings of the cut, each followed by a
+    corrected allocation) it gets."""
 
     macs: float | None = None
     params: float | None = None
     latency: float | None = None
     kinds: tuple[str, ...] = KINDS
     min_keep: int = 1
-    max_ratio: float = 0.9
+    max_ratio: float | None = None  # None: AUTO_RATIOS, the first that meets the budget
     round_to: int = 0
     reconstruct: str = "auto"
     damping: float = 0.1
     provider: str = "cpu"
     score: str = "obs"
     refit: str = "cut"
-    target: str = "output"
+    target: str = "stream"
     search: int = 0
     folds: int = 1  # cross-fitted search probes (module doc)
     postnorm: bool = False
     swap_tokens: float = 0.2
     threads: int = 0
     checks: int = 3
+    cv: int = 0
 
     def __post_init__(self):
         given = [(k, v) for k, v in (("macs", self.macs), ("params", self.params),
@@ -162,7 +159,7 @@ class PruneConfig:
             raise ConfigError(f"kinds must be some of {', '.join(KINDS)}, got {bad or 'none'}")
         if self.min_keep < 1:
             raise ConfigError(f"min_keep must be 1 or more, got {self.min_keep}")
-        if not 0.0 < self.max_ratio < 1.0:
+        if self.max_ratio is not None and not 0.0 < self.max_ratio < 1.0:
             raise ConfigError(f"max_ratio must be in (0, 1), got {self.max_ratio}")
         if self.round_to < 0:
             raise ConfigError(f"round_to must be 1 or more (0: automatic), got "
@@ -172,6 +169,8 @@ class PruneConfig:
             raise ConfigError(f"swap_tokens must be a share in [0, 1), got {self.swap_tokens}")
         if self.folds < 1:
             raise ConfigError(f"folds must be 1 or more, got {self.folds}")
+        if self.cv < 0 or self.cv == 1:
+            raise ConfigError(f"cv must be 0 (off) or 2 or more folds, got {self.cv}")
         if self.search < 0:
             raise ConfigError(f"search must be 0 or more rounds, got {self.search}")
         if self.target not in TARGETS:
@@ -215,6 +214,8 @@ class PrunePlan:
     feeds: list | None = None  # calibration as scored (with swapped-token copies)
     latency: object = None  # graphopt.prune.latency.LatencyTable of a latency= budget
     checks: list = field(default_factory=list)  # latency= cuts timed: predicted/measured
+    folds: list | None = None  # fold id per refit feed (``cv``)
+    max_ratio: float = 0.9  # as used
 
 
 def _model_key(model: onnx.ModelProto) -> tuple:
@@ -280,7 +281,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             more, refit_skips, refit = refit_step(original, model, outputs, ctx, mode,
                                                   cfg.damping, columns,
                                                   streams=cfg.target == "stream",
-                                                  postnorm=cfg.postnorm, feeds=plan.feeds)
+                                                  postnorm=cfg.postnorm, feeds=plan.feeds,
+                                                  folds=plan.folds)
             counters.update(more)
             details.update({k: v for k, v in refit.items() if k != "notes"})
             details["notes"] += refit.get("notes", [])
@@ -298,6 +300,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         data = bool(ctx.calibration)
         feeds = ctx.calibration_feeds(model)
         given = len(feeds)  # swapped-token copies follow, in the same order
+        if data and cfg.cv and given >= cfg.cv:  # a swapped copy: its feed's fold
+            plan.folds = [i % cfg.cv for i in range(given)]
         if not data:
             plan.notes.append(GUESS_NOTE)
         elif cfg.swap_tokens > 0:
@@ -305,12 +309,13 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
 
             more = replace_tokens(feeds, model, cfg.swap_tokens)
             if more:  # a model without token-id inputs keeps its calibration as given
+                plan.folds = plan.folds and plan.folds + plan.folds[:len(more)]
                 feeds = list(feeds) + more
                 plan.notes.append(f"calibration: {len(more)} more feeds with "
                                   f"{cfg.swap_tokens:.0%} of the tokens swapped for random "
                                   "vocabulary ids (swap_tokens)")
                 plan.feeds = feeds
-        groups = self._groups(coupling, plan)
+        groups = prunable_groups(coupling, plan, cfg.kinds)
         if metric == "latency":
             plan.latency = measure_latency(model, coupling, groups, feeds[0], cfg.provider,
                                            cfg.threads or None, min_keep=cfg.min_keep,
@@ -331,23 +336,30 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         if plan.total <= 0:
             raise ConfigError(f"the model's {metric} count as 0 here (unknown shapes? give "
                               "--input-shape), so a budget cannot be met")
-        blocks = self._blocks(model, plan) if "layers" in cfg.kinds and data else []
+        blocks = removable_blocks(model, plan) if "layers" in cfg.kinds and data else []
         if "layers" in cfg.kinds and not data:
             plan.skipped.append(Skip("layers", "layers are removed only with calibration "
                                      "data (their damage is measured)"))
-        candidates = self._candidates(model, coupling, groups, blocks, feeds, data, cost,
-                                      metric, plan)
         need = plan.total * (1.0 - fraction)
-        best = self._removable(candidates)
-        if need > best * (1 + 1e-9) + 1e-9:
+        ratios = AUTO_RATIOS if cfg.max_ratio is None else (cfg.max_ratio,)
+        for plan.max_ratio in ratios:
+            candidates = self._candidates(model, coupling, groups, blocks, feeds, data, cost,
+                                          metric, plan)
+            best = removable_cost(candidates)
+            if need <= best * (1 + 1e-9) + 1e-9:
+                break
+        else:
             raise ConfigError(
                 f"{metric}={fraction:g} cannot be met: at most {best / plan.total:.1%} of the "
-                f"{metric} can go with min_keep={cfg.min_keep}, max_ratio={cfg.max_ratio:g} "
+                f"{metric} can go with min_keep={cfg.min_keep}, max_ratio={plan.max_ratio:g} "
                 f"and kinds={','.join(cfg.kinds)} (keep at least "
                 f"{1 - best / plan.total:.3f})" + (
                     f"; conv channels were cut in blocks of {nchwc_block()} (the CPU's NCHWc "
                     "block, round_to=0): round_to=1 cuts finer" if self._automatic_blocks()
                     else ""))
+        if plan.max_ratio != ratios[0]:
+            plan.notes.append(f"max_ratio {ratios[0]:g} cannot meet {metric}={fraction:g}: "
+                              f"groups may lose up to {plan.max_ratio:g} of their units")
         alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric, need,
                                              plan.latency)
         for _ in range(cfg.search if data else 0):
@@ -374,7 +386,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         fraction = float(cfg.latency)
         removed = plan.removed
         tried = []
-        best_removable = self._removable(candidates)
+        best_removable = removable_cost(candidates)
         for _ in range(cfg.checks):
             removal = {g: u for g, u in alloc.removal.items() if u}
             cut = [blocks[i][0] for i in sorted(alloc.layers)]
@@ -467,43 +479,6 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
 
         return norm_streams(model, stream_sums(model, consumer_outputs(model, groups)))
 
-    def _groups(self, coupling: Coupling, plan: PrunePlan) -> list:
-        from .width import PruneNeurons
-
-        kinds = self.config.kinds
-        out = []
-        neurons = PruneNeurons()
-        for g in coupling.groups:
-            if not g.prunable:
-                continue
-            if is_attention_group(g) and g.kind == "blocks":
-                if "heads" in kinds:
-                    plan.kinds[g.id] = "heads"
-                    plan.heads[g.id] = head_block(g)
-                    out.append(g)
-            elif g.kind == "channels" and "channels" in kinds:
-                plan.kinds[g.id] = "channels"
-                out.append(g)
-            elif g.kind == "neurons" and neurons.eligible(g) is None and "neurons" in kinds:
-                plan.kinds[g.id] = "neurons"
-                out.append(g)
-        return out
-
-    def _blocks(self, model: onnx.ModelProto, plan: PrunePlan) -> list:
-        layers = list(find_structure(model).blocks("layer"))
-        for b in layers:
-            if not b.removable:
-                plan.skipped.append(Skip(b.site, b.reason))
-        return [(b, i) for i, b in enumerate(layers) if b.removable][: max(len(layers) - 1, 0)] \
-            if len(layers) > 1 else []
-
-    def _removable(self, candidates: list[Candidate]) -> float:
-        layers = sorted((c for c in candidates if c.kind == "layers"), key=lambda c: -c.cost)
-        gone = {c.key for c in layers}
-        total = sum(c.cost for c in layers)
-        total += sum(c.cost for c in candidates if c.kind != "layers" and c.layer not in gone)
-        return total
-
     def _candidates(self, model, coupling, groups, blocks, feeds, data, cost, metric,
                     plan) -> list[Candidate]:
         cfg = self.config
@@ -518,7 +493,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             # stream norms and layer damages from the scores' own runs over the feeds
             streams = StreamStats(model, groups, feeds, weights, [b for b, _ in blocks])
             scores, fallback = data_scores(model, coupling, groups, cfg.score, feeds,
-                                           damping=cfg.damping, max_ratio=cfg.max_ratio,
+                                           damping=cfg.damping, max_ratio=plan.max_ratio,
                                            norms=streams, weights=weights,
                                            observe=streams.observers())
             streams.capture(model)  # what the scores did not run (no group was scored)
@@ -533,7 +508,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         for g in groups:
             hb = plan.heads.get(g.id)
             keep = max(math.ceil(cfg.min_keep / hb.heads_per_unit), 1) if hb else cfg.min_keep
-            cap = min(int(math.floor(cfg.max_ratio * g.size + 1e-9)), g.size - keep)
+            cap = min(int(math.floor(plan.max_ratio * g.size + 1e-9)), g.size - keep)
             if cap <= 0:
                 continue
             s = np.asarray(scores[g.id], dtype=np.float64)

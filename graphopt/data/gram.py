@@ -217,6 +217,7 @@ class GramStats:
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._rows = 0
         self._half = False  # only the lower triangle of xtx[:k, :k] is summed so far
+        self.parts: list[GramStats] = []  # per-fold sums (``accumulate``'s ``folds``)
 
     @property
     def xtx(self) -> np.ndarray:
@@ -299,6 +300,21 @@ class GramStats:
         self._xtx[:k, :k] += c.T
         self._half = True
         return True
+
+    @classmethod
+    def total(cls, parts: Sequence["GramStats"]) -> "GramStats":
+        """The sums of ``parts`` (same shapes), which it keeps as ``.parts``."""
+        xty = [p.xty for p in parts]
+        out = cls(sum(p.xtx for p in parts),
+                  None if xty[0] is None else sum(xty),
+                  float(sum(p.tt for p in parts)), int(sum(p.n for p in parts)))
+        out.parts = list(parts)
+        return out
+
+    def minus(self, part: "GramStats") -> "GramStats":
+        """The sums without ``part``'s rows."""
+        return GramStats(self.xtx - part.xtx, None if self.xty is None else
+                         self.xty - part.xty, self.tt - part.tt, self.n - part.n)
 
     def error(self, weight: np.ndarray, bias: np.ndarray | None = None) -> float:
         """‖X W + b − T‖² on the accumulated rows (``weight`` [K, N], ``bias`` [N])."""
@@ -421,6 +437,7 @@ def accumulate(
     segments: Segments | None = None,
     ref_segments: Segments | None = None,
     observe: Mapping[str, Callable[[int, np.ndarray], None]] | None = None,
+    folds: Sequence[int] | None = None,
 ) -> dict[str, GramStats]:
     """Gram sums of every site's input in ``model`` (and targets from ``reference``).
 
@@ -459,9 +476,13 @@ def accumulate(
     watched = dict(observe or {})
     for chunk in chunked(sites, dims, max_bytes):
         seen, watched = watched, {}  # the observed tensors come with the first chunk
-        stats = {s.output: GramStats(np.zeros((dims[s.output][0] + 1,) * 2),
-                                     np.zeros((dims[s.output][0] + 1, dims[s.output][1]))
-                                     if targets else None) for s in chunk}
+
+        def fresh(s):
+            k, n = dims[s.output]
+            return GramStats(np.zeros((k + 1,) * 2), np.zeros((k + 1, n)) if targets else None)
+
+        ids = sorted(set(folds)) if folds is not None else [None]
+        parts = {s.output: {i: fresh(s) for i in ids} for s in chunk}
         x_names = list(dict.fromkeys(s.input for s in chunk))
         t_names = list(dict.fromkeys(s.output for s in chunk)) if targets else []
         same = targets and other is model
@@ -512,13 +533,14 @@ def accumulate(
                 if t is not None and t.shape[0] != rows.shape[0]:
                     raise InputSpecError(f"site '{s.output}': {rows.shape[0]} input rows but "
                                          f"{t.shape[0]} target rows")
-                stats[s.output].add(rows, t, w)
+                parts[s.output][folds[f_idx] if folds is not None else None].add(rows, t, w)
         for it in (values_of, refs):
             if it is not None:
                 next(it, None)  # let the runner keep what the next capture needs
-        for st in stats.values():
-            st.flush()
-        out.update(stats)
+        for name, by_fold in parts.items():
+            out[name] = GramStats.total(list(by_fold.values())) if folds is not None else \
+                by_fold[None]
+            out[name].flush()
     return out
 
 
