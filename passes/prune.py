@@ -94,8 +94,7 @@ from graphopt.prune.budget import (
     unit_shares,
 )
 from graphopt.prune.importance import _step, unit_scores
-from graphopt.prune.latency import TOLERANCE as LATENCY_TOLERANCE
-from graphopt.prune.latency import latency_note, nchwc_block, time_cut
+from graphopt.prune.latency import checked_cut, latency_note, nchwc_block, time_cut
 from graphopt.prune.latency import measure as measure_latency
 from graphopt.prune.reconstruct import consumer_sites, frontier_sites
 from graphopt.prune.scores import data_scores
@@ -376,44 +375,26 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         return plan
 
     def _check_latency(self, model, coupling, candidates, blocks, cost, plan, feed, alloc):
-        """Time the cut against the model (``latency.time_cut``) and, while the measured
-        ratio misses the budget by more than ``latency.TOLERANCE``, allocate again for the
-        budget scaled by the table's predicted / measured ratio (after two timings: the
-        secant through them), ``checks`` times at most.
-        Keeps the measured cut closest to the budget without passing it by more than the
-        tolerance (else the fastest)."""
+        """``latency.checked_cut``: time the cut, re-allocate while it misses the budget."""
         cfg = self.config
-        fraction = float(cfg.latency)
-        removed = plan.removed
-        tried = []
-        best_removable = removable_cost(candidates)
-        for _ in range(cfg.checks):
-            removal = {g: u for g, u in alloc.removal.items() if u}
-            cut = [blocks[i][0] for i in sorted(alloc.layers)]
-            measured = time_cut(model, coupling, removal, cut, feed, cfg.provider,
-                                cfg.threads or None)
-            predicted = 1.0 - removed / plan.total
-            tried.append((alloc, removed, predicted, measured))
-            if abs(measured / fraction - 1.0) <= LATENCY_TOLERANCE or len(tried) == cfg.checks:
-                break
-            target = fraction * predicted / measured
-            if len(tried) > 1:  # two timed cuts: the secant through them
-                (_, _, p1, m1), (_, _, p2, m2) = tried[-2:]
-                if m2 != m1 and (m2 - m1) / (p2 - p1 or 1e-12) > 0:
-                    target = p2 + (fraction - m2) * (p2 - p1) / (m2 - m1)
-            need = plan.total * (1.0 - min(max(target, 1e-3), 1.0))
-            if need > best_removable:
-                break
-            alloc, removed = self._allocate(coupling, candidates, blocks, cost, "latency",
-                                            need, plan.latency)
-        ok = [t for t in tried if t[3] <= fraction * (1 + LATENCY_TOLERANCE)]
-        pick = max(ok, key=lambda t: t[3]) if ok else min(tried, key=lambda t: t[3])
-        plan.checks = [{"predicted": round(t[2], 4), "measured": round(t[3], 4),
-                        "chosen": t is pick} for t in tried]
-        plan.notes.append("latency checks (cut timed against the model, A/B): " + ", ".join(
-            f"table {t[2]:.3f} -> measured {t[3]:.3f}" + (" (kept)" if t is pick else "")
-            for t in tried))
-        return pick[0], pick[1]
+        total = plan.total
+
+        def time_it(a):
+            cut = [blocks[i][0] for i in sorted(a.layers)]
+            return time_cut(model, coupling, {g: u for g, u in a.removal.items() if u}, cut,
+                            feed, cfg.provider, cfg.threads or None)
+
+        def again(kept):
+            need = total * (1.0 - kept)
+            if need > removable_cost(candidates):
+                return None
+            return self._allocate(coupling, candidates, blocks, cost, "latency", need,
+                                  plan.latency)
+
+        pick, plan.checks, note = checked_cut((alloc, plan.removed), total, float(cfg.latency),
+                                              cfg.checks, time_it, again)
+        plan.notes.append(note)
+        return pick
 
     def _automatic_blocks(self) -> bool:
         cfg = self.config

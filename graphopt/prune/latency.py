@@ -159,6 +159,39 @@ def time_cut(model: onnx.ModelProto, coupling, removal: Mapping[int, Sequence[in
     return float(result.ratio)
 
 
+def checked_cut(first, total: float, fraction: float, checks: int, time_it, again):
+    """Time the cut ``first`` = (allocation, removed µs on the table) with ``time_it`` and,
+    while the measured ratio misses ``fraction`` by more than ``TOLERANCE``, ask ``again``
+    (kept share on the table -> (allocation, removed) or None when it cannot be met) for
+    the budget scaled by predicted / measured (after two timings: the secant through them),
+    ``checks`` timings at most (module doc, 6). Returns the timed cut closest to the budget
+    without passing it by more than the tolerance (else the fastest), the timings and a
+    report line."""
+    current, tried = first, []
+    for _ in range(checks):
+        measured = time_it(current[0])
+        predicted = 1.0 - current[1] / total
+        tried.append((current, predicted, measured))
+        if abs(measured / fraction - 1.0) <= TOLERANCE or len(tried) == checks:
+            break
+        target = fraction * predicted / measured
+        if len(tried) > 1:  # two timed cuts: the secant through them
+            (_, p1, m1), (_, p2, m2) = tried[-2:]
+            if m2 != m1 and (m2 - m1) / (p2 - p1 or 1e-12) > 0:
+                target = p2 + (fraction - m2) * (p2 - p1) / (m2 - m1)
+        current = again(min(max(target, 1e-3), 1.0))
+        if current is None:
+            break
+    ok = [t for t in tried if t[2] <= fraction * (1 + TOLERANCE)]
+    pick = max(ok, key=lambda t: t[2]) if ok else min(tried, key=lambda t: t[2])
+    rows = [{"predicted": round(t[1], 4), "measured": round(t[2], 4), "chosen": t is pick}
+            for t in tried]
+    note = "latency checks (cut timed against the model, A/B): " + ", ".join(
+        f"table {t[1]:.3f} -> measured {t[2]:.3f}" + (" (kept)" if t is pick else "")
+        for t in tried)
+    return pick[0], rows, note
+
+
 def latency_note(table: LatencyTable) -> str:
     """One report line: what the table measured and what it cost to build."""
     walls = ", ".join(f"{lv['keep']:g}: {lv['wall_us'] / 1000:.1f} ms" for lv in table.levels)
