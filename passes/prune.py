@@ -345,7 +345,13 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             candidates = self._candidates(model, coupling, groups, blocks, feeds, data, cost,
                                           metric, plan)
             best = removable_cost(candidates)
-            if need <= best * (1 + 1e-9) + 1e-9:
+            if need > best * (1 + 1e-9) + 1e-9:
+                continue
+            # the sum of unit costs over-counts cuts that overlap in one node: the next ratio
+            # too when the cut as really counted falls short
+            alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric,
+                                                 need, plan.latency)
+            if plan.removed >= need * (1 - 1e-6) or plan.max_ratio == ratios[-1]:
                 break
         else:
             raise ConfigError(
@@ -359,8 +365,6 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         if plan.max_ratio != ratios[0]:
             plan.notes.append(f"max_ratio {ratios[0]:g} cannot meet {metric}={fraction:g}: "
                               f"groups may lose up to {plan.max_ratio:g} of their units")
-        alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric, need,
-                                             plan.latency)
         for _ in range(cfg.search if data else 0):
             candidates = self._rescale(model, coupling, groups, blocks, candidates, alloc,
                                        feeds, plan, given)

@@ -179,6 +179,8 @@ def checked_cut(first, total: float, fraction: float, checks: int, time_it, agai
             (_, p1, m1), (_, p2, m2) = tried[-2:]
             if m2 != m1 and (m2 - m1) / (p2 - p1 or 1e-12) > 0:
                 target = p2 + (fraction - m2) * (p2 - p1) / (m2 - m1)
+        # a timing on a loaded machine can be off by 10 %+: never move the ask by more than 30 %
+        target = min(max(target, 0.7 * predicted), 1.3 * predicted)
         current = again(min(max(target, 1e-3), 1.0))
         if current is None:
             break
