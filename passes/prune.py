@@ -97,8 +97,7 @@ from graphopt.prune.importance import _step, unit_scores
 from graphopt.prune.latency import checked_cut, latency_note, nchwc_block, time_cut
 from graphopt.prune.latency import measure as measure_latency
 from graphopt.prune.reconstruct import consumer_sites, frontier_sites
-from graphopt.prune.scores import data_scores
-from graphopt.prune.streams import StreamStats, consumer_outputs
+from graphopt.prune.streams import consumer_outputs, scores_and_streams
 
 from ._prune_units import prunable_groups, removable_blocks, removable_cost
 from ._refit import GUESS_NOTE, check_reconstruct, keep_original, refit_step, resolve_mode
@@ -475,14 +474,9 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                     layer_of[g.id] = i
         if data:
             weights = self._weights(model, coupling, groups)
-            # stream norms and layer damages from the scores' own runs over the feeds
-            streams = StreamStats(model, groups, feeds, weights, [b for b, _ in blocks])
-            scores, fallback = data_scores(model, coupling, groups, cfg.score, feeds,
-                                           damping=cfg.damping, max_ratio=plan.max_ratio,
-                                           norms=streams, weights=weights,
-                                           observe=streams.observers())
-            streams.capture(model)  # what the scores did not run (no group was scored)
-            damage = streams.damage()
+            scores, fallback, damage = scores_and_streams(
+                model, coupling, groups, cfg.score, feeds, [b for b, _ in blocks],
+                damping=cfg.damping, max_ratio=plan.max_ratio, weights=weights)
             if fallback:
                 scores.update(unit_scores(coupling, fallback, "activation", feeds=feeds))
         else:

@@ -46,6 +46,21 @@ def test_syrk_and_general_products_mix_and_read_between_flushes():
     np.testing.assert_allclose(plain.xtx, xa.T @ xa, rtol=1e-12, atol=1e-9)
 
 
+def test_single_products_are_float64_sums_to_float32_rounding():
+    rng = np.random.default_rng(4)
+    x = np.maximum(rng.normal(size=(3000, 200)), 0).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, size=3000)
+    xa = np.c_[x.astype(np.float64), np.ones(3000)]
+    for weights in (None, w):
+        single = GramStats(np.zeros((201, 201)), single=True)
+        for part in np.array_split(np.arange(3000), 11):
+            single.add(x[part], None, None if weights is None else weights[part])
+        want = (xa * (1.0 if weights is None else weights[:, None])).T @ xa
+        assert single.xtx.dtype == np.float64
+        np.testing.assert_allclose(single.xtx, want, rtol=1e-5, atol=1e-6 * want.max())
+        assert single.xtx[-1, -1] == pytest.approx(want[-1, -1], rel=1e-12)
+
+
 def _residual_mlp():
     """x ─ W1 ─ Relu ─ W2 ─(+x)─> s1 ─ W3 ─ Relu ─ W4 ─(+s1)─> s2 (tokens [2, t, 6])."""
     rng = np.random.default_rng(0)
