@@ -350,8 +350,9 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             # too when the cut as really counted falls short
             alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric,
                                                  need, plan.latency)
-            if plan.removed >= need * (1 - 1e-6) or plan.max_ratio == ratios[-1]:
+            if plan.removed >= need * (1 - 1e-6):
                 break
+            best = plan.removed  # every unit allowed is cut and the budget is still not met
         else:
             raise ConfigError(
                 f"{metric}={fraction:g} cannot be met: at most {best / plan.total:.1%} of the "

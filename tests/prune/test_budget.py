@@ -159,6 +159,19 @@ def test_overlapping_groups_are_counted_as_cut_and_shapes_come_from_the_calibrat
     assert budget["removed"] == pytest.approx(before - after)
 
 
+def test_a_budget_only_the_overcounted_sum_allows_is_refused():
+    """The unit costs of _convs' two groups sum past the whole model (both count conv2), so
+    macs=0.02 passes that first check; as really counted, cutting every unit max_ratio=0.9
+    allows keeps 1 - 53312/56320 = 0.053 of the MACs: one error, not a silent 0.053."""
+    rng = np.random.default_rng(2)
+    cal = [{"x": rng.normal(size=(2, 4, 8, 8)).astype(np.float32)} for _ in range(3)]
+    with pytest.raises(ConfigError, match=r"macs=0.02 cannot be met.*keep at least 0.053"):
+        optimize(_convs(), ["prune:macs=0.02,reconstruct=none"], calibration=cal, holdout=0)
+    model, report = optimize(_convs(), ["prune:macs=0.06,reconstruct=none"],
+                             calibration=cal, holdout=0)
+    assert report.metadata["cost_after"]["macs"] <= 0.06 * report.metadata["cost_before"]["macs"]
+
+
 def test_search_rescales_by_measured_damage_and_still_meets_the_budget():
     """search=1 probes the hidden group, scales its damages by the measured output damage
     (the note says by how much), and the budget is still met within one unit."""
