@@ -423,8 +423,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         a measured latency ``table``, its width response) and ask for the shortfall again,
         until the need is met or nothing more can go."""
         items = item_costs(coupling, cost, metric)
-        shares = {c.key: unit_shares(coupling, coupling.group(c.key), cost, metric)
-                  for c in candidates if c.kind != "layers"}
+        shares = {gid: unit_shares(coupling, coupling.group(gid), cost, metric)
+                  for gid in {c.key for c in candidates if c.kind != "layers"}}  # once a group
         nodes_of = {i: b.nodes for b, i in blocks}
         ask = need
         best = None

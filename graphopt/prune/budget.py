@@ -123,14 +123,20 @@ def exact_removed(items: Mapping[object, float], shares: Mapping[int, Mapping[ob
     the product of their kept shares (a conv losing half its inputs and half its outputs
     keeps a quarter, not zero, which the sum of unit costs would say); ``dead`` items (in
     removed layers) go whole."""
-    kept = {}
-    for gid, units in removal.items():
-        k = len(units)
-        for key, s in shares.get(gid, {}).items():
-            kept[key] = kept.get(key, 1.0) * max(0.0, 1.0 - k * s)
+    kept = kept_fractions(shares, {g: len(u) for g, u in removal.items()})
     total = sum(items.get(key, 0.0) for key in dead)
     total += sum(items.get(key, 0.0) * (1.0 - f) for key, f in kept.items() if key not in dead)
     return total
+
+
+def kept_fractions(shares: Mapping[int, Mapping[object, float]],
+                   counts: Mapping[int, int]) -> dict[object, float]:
+    """Cost item -> product over cut groups of ``1 - removed units * share``."""
+    kept: dict[object, float] = {}
+    for gid, k in counts.items():
+        for key, s in shares.get(gid, {}).items():
+            kept[key] = kept.get(key, 1.0) * max(0.0, 1.0 - k * s)
+    return kept
 
 
 def block_items(model: onnx.ModelProto, nodes: Sequence[int], metric: str) -> set:

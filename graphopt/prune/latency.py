@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .budget import kept_fractions, unit_shares
+
 LEVELS = (1.0, 0.75, 0.5, 0.25, 0.125)
 _NAME = re.compile(r"g[nt](\d+)x")
 _FUSED = ("Fused", "Nchwc", "QLinear")
@@ -201,16 +203,6 @@ def latency_note(table: LatencyTable) -> str:
             f"{table.threads or 'onnxruntime default'}, at uniform kept widths ({walls}) in "
             f"{table.seconds:.1f} s; each unit costs what its width saves on that response "
             "(graphopt.prune.latency)")
-
-
-def kept_fractions(shares: Mapping[int, Mapping[object, float]],
-                   counts: Mapping[int, int]) -> dict[object, float]:
-    """Cost item -> product over cut groups of ``1 - removed units * share``."""
-    kept: dict[object, float] = {}
-    for gid, k in counts.items():
-        for key, s in shares.get(gid, {}).items():
-            kept[key] = kept.get(key, 1.0) * max(0.0, 1.0 - k * s)
-    return kept
 
 
 def monotone(values: Sequence[float]) -> np.ndarray:
@@ -376,7 +368,6 @@ def measure(model: onnx.ModelProto, coupling, groups, feed: Mapping[str, np.ndar
             levels: Sequence[float] = LEVELS, runs: int = 10) -> LatencyTable:
     """The measured width response of ``model`` (module doc)."""
     from .apply import apply_removal
-    from .budget import unit_shares
 
     start = time.perf_counter()
     nodes = list(model.graph.node)

@@ -121,15 +121,20 @@ def choose_damping(stats: GramStats, w0: np.ndarray, b0: np.ndarray, damping: fl
         lam = math.inf if math.isinf(factor) else damping * factor
         total = 0.0
         for part in parts:
-            train = stats.minus(part)
-            if math.isinf(lam):
-                w, b = solve(train, w0, b0, "bias", 0.0)
-            else:
-                w, b = solve(train, w0, b0, "lstsq", lam)
+            w, b = _solve_at(stats.minus(part), w0, b0, "lstsq", lam)
             total += part.error(w, b)
         errors[lam] = total
     best = min(errors, key=lambda lam: (errors[lam], -lam))
     return best, errors
+
+
+def _solve_at(stats: GramStats, w0: np.ndarray, b0: np.ndarray, mode: str, lam: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``solve`` at damping ``lam``, where λ = ∞ (a ``GRID`` choice) keeps W₀ and refits
+    the bias only."""
+    if math.isinf(lam):
+        return solve(stats, w0, b0, "bias", 0.0)
+    return solve(stats, w0, b0, mode, lam)
 
 
 # ------------------------------------------------------------------------ model editing
@@ -353,10 +358,7 @@ def reconstruct(
             if st.parts:
                 chosen = choose_damping(st, ed.w0, ed.b0, damping)
                 lam = chosen[0] if chosen is not None else None
-            if lam is not None and math.isinf(lam):
-                w, b = solve(st, ed.w0, ed.b0, "bias", 0.0)
-            else:
-                w, b = solve(st, ed.w0, ed.b0, mode, damping if lam is None else lam)
+            w, b = _solve_at(st, ed.w0, ed.b0, mode, damping if lam is None else lam)
             after = st.error(w, b) / st.tt
             if after > before:  # a refit is never worse on its own data; guard rounding
                 w, b, after = ed.w0, ed.b0, before

@@ -98,8 +98,8 @@ class StreamStats(Mapping):
     them up after its captures)."""
 
     def __init__(self, model, groups, feeds, weights=None, blocks=()):
-        consts = set(constants(model))
         inits = constants(model)
+        consts = set(inits)
         self.streams: dict[str, str] = {}
         for g in groups:
             for m in g.members_with_role("in"):
