@@ -51,6 +51,11 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
    charged for it. MiniLM macs=0.6 (``max_ratio=0.5,postnorm=true,search=1,
    target=stream``, 105 sentences): cosine 0.932 -> 0.934 on held-out shipped sentences,
    0.808 -> 0.821 on other prose, at the same number of probes.
+   ``select=sequential`` (default ``once``): each group's units (as many as the allocation
+   gave it) are chosen level by level by OBS on the inputs of the already cut and refit
+   prefix, against the original's target (``graphopt.prune.sequential``; SlimGPT).
+   ``select=realloc``: the same, and at each level what the budget still needs is
+   re-allocated over the levels not cut yet, this level priced on the real prefix.
    ``postnorm=true``: a residual sum read by a LayerNormalization weighs its Gram rows by
    1 / its variance per token: the error the norm passes on (``graphopt.prune.postnorm``).
    ``swap_tokens=F`` (default 0.2; 0 turns it off): a model with token-id inputs is
@@ -107,6 +112,7 @@ KINDS = ("heads", "neurons", "channels", "layers")
 REFITS = ("cut", "all")
 AUTO_RATIOS = (0.5, 0.9)  # max_ratio unset: half a group, more only when the budget needs it
 TARGETS = ("output", "stream")
+SELECTS = ("once", "sequential", "realloc")
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,7 @@ class PruneConfig:
     threads: int = 0
     checks: int = 3
     cv: int = 0
+    select: str = "once"  # which units of a group: graphopt.prune.sequential
 
     def __post_init__(self):
         given = [(k, v) for k, v in (("macs", self.macs), ("params", self.params),
@@ -174,6 +181,9 @@ class PruneConfig:
         if self.target not in TARGETS:
             raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got "
                               f"'{self.target}'")
+        if self.select not in SELECTS:
+            raise ConfigError(f"select must be one of {', '.join(SELECTS)}, got "
+                              f"'{self.select}'")
         if self.checks < 0:
             raise ConfigError(f"checks must be 0 or more, got {self.checks}")
         if self.threads < 0:
@@ -375,8 +385,40 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                                                       cost, plan, feeds[0], alloc)
         plan.removal = {g: np.sort(np.asarray(u, dtype=np.int64))
                         for g, u in alloc.removal.items() if u}
+        if cfg.select != "once" and data and plan.removal:
+            self._sequential(model, coupling, groups, blocks, candidates, alloc, feeds, plan,
+                             cost, need)
         plan.blocks = [blocks[i][0] for i in sorted(alloc.layers)]
         return plan
+
+    def _sequential(self, model, coupling, groups, blocks, candidates, alloc, feeds, plan,
+                    cost, need):
+        """``select=sequential|realloc`` (``graphopt.prune.sequential``); a re-allocation
+        that falls short of the budget as really counted gives way to the allocation's
+        counts."""
+        from graphopt.prune.sequential import remaining_for, select
+
+        cfg = self.config
+        metric = cfg.metric[0]
+        weights = self._weights(model, coupling, groups)
+        args = dict(damping=cfg.damping, streams=cfg.target == "stream", weights=weights,
+                    blocks=[blocks[i][0] for i in sorted(alloc.layers)])
+        if cfg.select == "realloc" and not alloc.layers and metric != "latency":
+            rest = remaining_for(model, groups, feeds, weights, candidates, need)
+            every = {g.id: plan.removal.get(g.id, ()) for g in groups}
+            removal, note = select(model, coupling, every, feeds, remaining=rest, **args)
+            removal = {g: u for g, u in removal.items() if len(u)}
+            shares = {g: unit_shares(coupling, coupling.group(g), cost, metric)
+                      for g in removal}
+            removed = exact_removed(item_costs(coupling, cost, metric), shares, removal, set())
+            if removed >= need * (1 - 1e-6):
+                plan.removal, plan.removed = removal, removed
+                plan.notes.append(note)
+                return
+            plan.notes.append(f"select=realloc removed {removed / plan.total:.3f} of the "
+                              f"{metric}, short of the budget: the allocation's counts kept")
+        plan.removal, note = select(model, coupling, plan.removal, feeds, **args)
+        plan.notes.append(note)
 
     def _check_latency(self, model, coupling, candidates, blocks, cost, plan, feed, alloc):
         """``latency.checked_cut``: time the cut, re-allocate while it misses the budget."""

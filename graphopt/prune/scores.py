@@ -62,7 +62,8 @@ def _consumers(model: onnx.ModelProto, coupling, group, inits
 
 
 def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,
-                limit: int, steps: int = 48, refresh: float = 0.5) -> np.ndarray:
+                limit: int, steps: int = 48, refresh: float = 0.5,
+                picked: list | None = None) -> np.ndarray:
     """Greedy structured OBS on one consumer (module doc, 1): units are removed lowest
     damage first, a few at a time (about ``steps`` rounds), each round updating the inverse
     Hessian and the weights as the refit would, so a unit's score is its damage given the
@@ -75,7 +76,8 @@ def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,
     ``refresh`` times as many rows as G has left (G and the weights are then cut to the
     rows not yet removed: a removed row is never read again). A round then reads F and a
     few rows of G, not the whole K² inverse; the numbers are those of the explicit
-    downdate every round, to float rounding."""
+    downdate every round, to float rounding. ``picked``: the units are appended to it in
+    the order they are removed."""
     k = h.shape[0] - 1
     scale = float(np.mean(np.diag(h)[:k])) or 1.0
     d = np.full(k + 1, damping * scale + 1e-10 * scale)
@@ -105,6 +107,8 @@ def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,
         for j, dj in zip(idx[order], dmg[order]):
             running = max(running, float(dj))
             score[j] = running
+        if picked is not None:
+            picked.extend(int(j) for j in idx[order])
         c = at[rows[idx[order]].ravel()]
         cols = g[c] - factor[:rank, c].T @ factor[:rank, :len(kept)]  # current rows C
         inv_lower = _inv_cholesky(cols[:, c])
