@@ -149,6 +149,9 @@ def main() -> None:
     parser.add_argument("--mirror", type=int, default=0,
                         help="minilm: calibrate on this many unseen reference sentences, "
                         "as the CLI gives them (default holdout, no augment; module doc)")
+    parser.add_argument("--holdout", type=float, default=None,
+                        help="--mirror: the share of the calibration held out (default: "
+                        "the CLI's default)")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--notes", action="store_true",
                         help="print each row's pass notes (search factors, rearrangement)")
@@ -188,8 +191,9 @@ def main() -> None:
     for row in args.rows:
         start = time.perf_counter()
         # --mirror: no validation given, so the CLI's default holdout applies
+        extra = {} if args.holdout is None else {"holdout": args.holdout}
         model, report = optimize(path, row.split("+"), calibration=cal,
-                                 validation=None if args.mirror else val)
+                                 validation=None if args.mirror else val, **extra)
         seconds = time.perf_counter() - start
         before, after = report.metadata["cost_before"], report.metadata["cost_after"]
         ratio = "-"

@@ -90,12 +90,18 @@ def measure(original: onnx.ModelProto | Opened, optimized: onnx.ModelProto, feed
     out: dict[str, Any] = {"measured": True, "data": source, "feeds": len(feeds),
                            "outputs": outputs, "mask": mask}
     if latency:
-        from .runtime.benchmark import benchmark
-
-        bench = benchmark(optimized, vs=original, provider=provider, feeds=feeds[0],
-                          warmup=3, rounds=10, min_time=0.5)
-        out["latency_ratio"] = bench.ratio
+        out["latency_ratio"] = latency_ratio(original, optimized, feeds[0], provider)
     return out
+
+
+def latency_ratio(original: onnx.ModelProto | Opened, optimized: onnx.ModelProto, feed: Feed,
+                  provider: str = "cpu") -> float:
+    """Latency of ``optimized`` over ``original`` on one feed, A/B interleaved."""
+    from .ir.model import open_for_run
+    from .runtime.benchmark import benchmark
+
+    return benchmark(optimized, vs=open_for_run(original), provider=provider, feeds=feed,
+                     warmup=3, rounds=10, min_time=0.5).ratio
 
 
 def not_measured(reason: str) -> dict[str, Any]:

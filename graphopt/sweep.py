@@ -458,7 +458,7 @@ def run_sweep(
             if plan.quant_spec:
                 try:
                     model_out, qreport = optimize(base, [plan.quant_spec], calibration=calib,
-                                                  input_shapes=shapes)
+                                                  input_shapes=shapes, holdout=0)
                 except PassError as exc:
                     cand.report += _failed_report(exc)
                     raise _CandidateError(str(exc)) from None
@@ -511,11 +511,14 @@ def _build_float(original, specs, calib, shapes):
     base, passes = original, []
     try:
         if head:
-            base, report = optimize(original, head, calibration=calib, input_shapes=shapes)
+            # the sweep measures fidelity on its own validation: all of calib calibrates
+            base, report = optimize(original, head, calibration=calib, input_shapes=shapes,
+                                    holdout=0)
             passes = [p.to_dict() for p in report.passes]
         cost = count_cost(base, shapes)
         if tail:
-            base, report = optimize(base, tail, calibration=calib, input_shapes=shapes)
+            base, report = optimize(base, tail, calibration=calib, input_shapes=shapes,
+                                    holdout=0)
             passes += [p.to_dict() for p in report.passes]
     except PassError as exc:
         return None, passes + _failed_report(exc), str(exc), None

@@ -145,6 +145,7 @@ class PruneConfig:
     folds: int = 1  # cross-fitted search probes (module doc)
     postnorm: bool = False
     swap_tokens: float = 0.2
+    spans: str = "none"  # joined / cropped copies of token feeds (graphopt.data.spans)
     threads: int = 0
     checks: int = 3
     cv: int = 0
@@ -172,6 +173,9 @@ class PruneConfig:
         check_reconstruct(self.reconstruct, self.damping)
         if not 0.0 <= self.swap_tokens < 1.0:
             raise ConfigError(f"swap_tokens must be a share in [0, 1), got {self.swap_tokens}")
+        if any(k not in ("none", "join", "crop") for k in self.spans.split("|")):
+            raise ConfigError(f"spans must be none, join, crop or join|crop, got "
+                              f"{self.spans}")
         if self.folds < 1:
             raise ConfigError(f"folds must be 1 or more, got {self.folds}")
         if self.cv < 0 or self.cv == 1:
@@ -322,6 +326,16 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                 plan.notes.append(f"calibration: {len(more)} more feeds with "
                                   f"{cfg.swap_tokens:.0%} of the tokens swapped for random "
                                   "vocabulary ids (swap_tokens)")
+                plan.feeds = feeds
+        if data and self.config.spans != "none":
+            from graphopt.data.spans import vary_spans
+
+            more = vary_spans(feeds[:given], model, self.config.spans.split("|"))
+            if more:
+                plan.folds = plan.folds and plan.folds + plan.folds[:given] * (len(more) // given)
+                feeds = list(feeds) + more
+                plan.notes.append(f"calibration: {len(more)} more feeds of joined/cropped "
+                                  f"sentences ({self.config.spans}; spans)")
                 plan.feeds = feeds
         groups = prunable_groups(coupling, plan, cfg.kinds)
         if metric == "latency":

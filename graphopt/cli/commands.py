@@ -86,6 +86,10 @@ def inspect(model: Path, input_shapes: tuple[str, ...], groups: bool, as_json: b
                    "default: the last --holdout share of the calibration inputs.")
 @click.option("--holdout", type=click.FloatRange(0, 0.9), default=0.25, show_default=True,
               help="Share of calibration inputs kept apart for fidelity (without --validation).")
+@click.option("--final", type=click.Choice(["all", "rest"]), default="all", show_default=True,
+              help="With a held-out share: all = measure fidelity on a model optimized from "
+                   "the rest, then optimize again from all the calibration and write that "
+                   "(twice the time); rest = write the model optimized from the rest.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Measure the latency ratio of a lossy run's result (A/B interleaved).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
@@ -106,7 +110,7 @@ def inspect(model: Path, input_shapes: tuple[str, ...], groups: bool, as_json: b
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def optimize(source: Path, output: Path, recipe: Path | None, pass_specs: tuple[str, ...],
              input_shapes: tuple[str, ...], calibration: Path | None, validation: Path | None,
-             holdout: float, latency: bool, provider: str, report_path: Path | None,
+             holdout: float, final: str, latency: bool, provider: str, report_path: Path | None,
              do_validate: bool, atol: float | None, rtol: float | None, on_error: str | None,
              external_data: bool | None, allow_unverified: bool, as_json: bool) -> None:
     """Run passes on SOURCE and write the result to -o OUTPUT.
@@ -131,7 +135,7 @@ def optimize(source: Path, output: Path, recipe: Path | None, pass_specs: tuple[
         model, report = run_optimize(
             source, plan, input_shapes=_shapes(input_shapes), calibration=calibration,
             validate=validate_opts, on_error=on_error, allow_unverified=allow_unverified,
-            validation=validation, holdout=holdout, latency=latency, provider=provider,
+            validation=validation, holdout=holdout, final=final, latency=latency, provider=provider,
             progress=lambda name: status.update(f"running pass [bold]{name}[/]"),
         )
         held = bool(report.unverified) and not allow_unverified

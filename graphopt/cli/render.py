@@ -144,6 +144,8 @@ def _render_fidelity(console: Console, fidelity: dict[str, Any] | None) -> None:
     latency = fidelity.get("latency_ratio")
     tail = f"; latency ratio {latency:.3f}×" if latency is not None else ""
     console.print(f"fidelity on {escape(fidelity['data'])}: {escape('; '.join(parts))}{tail}")
+    if fidelity.get("final"):
+        console.print(f"  [yellow]{escape(fidelity['final'])}[/]")
 
 
 def _render_details(console: Console, name: str, details: dict[str, Any]) -> None:

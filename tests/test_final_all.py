@@ -1,0 +1,110 @@
+"""The held-out figure and the model written: ``optimize(final="all"|"rest")``, ``--final``.
+
+With calibration and no validation, a lossy run holds out the last ``holdout`` share.
+``final="all"`` (default) measures the figure on a model optimized from the rest, then
+optimizes again from all the feeds and returns that, labelled; ``"rest"`` returns the
+model optimized from the rest with its exact held-out figure.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from graphopt.api import optimize
+from graphopt.cli.commands import main
+from graphopt.errors import ConfigError
+from graphopt.fidelity import measure, split_holdout
+from graphopt.testing import make_model
+
+PASS = ["prune:macs=0.6"]
+
+
+def _mlp() -> onnx.ModelProto:
+    rng = np.random.default_rng(1)
+    inits = {"W1": rng.normal(size=(8, 6)).astype(np.float32),
+             "b1": rng.normal(size=6).astype(np.float32),
+             "W2": rng.normal(size=(6, 3)).astype(np.float32),
+             "b2": rng.normal(size=3).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"], name="fc1"),
+             helper.make_node("Add", ["h0", "b1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "W2"], ["y0"], name="fc2"),
+             helper.make_node("Add", ["y0", "b2"], ["y"])]
+    return make_model(nodes, {"x": ["n", 8]}, ["y"], inits)
+
+
+def _feeds(count=8, seed=3):
+    rng = np.random.default_rng(seed)
+    # the last feeds differ in scale: a model refit with them differs from one without
+    return [{"x": (rng.normal(size=(16, 8)) * (1 + 2 * (i >= count - 2))).astype(np.float32)}
+            for i in range(count)]
+
+
+def _weights(model):
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def _same(a, b):
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_final_all_writes_the_model_from_all_feeds_and_the_figure_of_the_rest():
+    """Oracles: the model returned == optimize on all feeds with nothing held out; its
+    figure == the exact held-out figure of the model optimized from the rest (final=rest),
+    == fidelity.measure of that model on the held-out feeds; the report says which is which."""
+    feeds = _feeds()
+    rest, held = split_holdout(feeds, 0.25)
+    everything, _ = optimize(_mlp(), PASS, calibration=feeds, holdout=0)
+    from_rest, rest_report = optimize(_mlp(), PASS, calibration=feeds, final="rest")
+    model, report = optimize(_mlp(), PASS, calibration=feeds)
+    assert _same(model, everything) and not _same(model, from_rest)
+    fid, exact = report.metadata["fidelity"], rest_report.metadata["fidelity"]
+    assert fid["outputs"] == exact["outputs"]
+    assert fid["outputs"] == measure(_mlp(), from_rest, held, "x")["outputs"]
+    assert fid["data"] == exact["data"] == "held-out calibration (2 of 8 feeds)"
+    assert "optimized again from all 8" in fid["final"] and "other 6" in fid["final"]
+    assert "final" not in exact
+    assert report.metadata["held_out_run"]["feeds"] == len(rest) == 6
+    assert report.passes[0].status == "changed"
+
+
+def test_with_validation_or_no_holdout_there_is_one_run():
+    """Validation data given, or holdout=0: nothing is held out, final changes nothing."""
+    feeds, val = _feeds(), _feeds(2, seed=9)
+    a, ra = optimize(_mlp(), PASS, calibration=feeds, validation=val)
+    b, _ = optimize(_mlp(), PASS, calibration=feeds, validation=val, final="rest")
+    assert _same(a, b) and "final" not in ra.metadata["fidelity"]
+    assert ra.metadata["fidelity"]["data"] == "validation data"
+    _, r0 = optimize(_mlp(), PASS, calibration=feeds, holdout=0)
+    assert r0.metadata["fidelity"]["measured"] is False
+
+
+def test_bad_final_is_refused():
+    with pytest.raises(ConfigError, match="final must be all or rest"):
+        optimize(_mlp(), PASS, calibration=_feeds(), final="best")
+
+
+def test_cli_final_labels_the_figure_and_refuses_bad_values(tmp_path, capsys):
+    src, out, cal = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "cal"
+    onnx.save(_mlp(), src)
+    cal.mkdir()
+    for i, f in enumerate(_feeds()):
+        np.savez(cal / f"{i:02d}.npz", **f)
+    code = main(["optimize", str(src), "-o", str(out), "--pass", PASS[0], "--calibration",
+                 str(cal), "--no-latency", "--json"])
+    text = capsys.readouterr().out
+    assert code == 0 and out.exists()
+    fid = json.loads(text)["fidelity"]
+    assert "optimized again from all 8" in fid["final"]
+    bad = tmp_path / "bad.onnx"
+    code = main(["optimize", str(src), "-o", str(bad), "--pass", PASS[0], "--calibration",
+                 str(cal), "--final", "best"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and not bad.exists()
+    assert len(err) == 1 and err[0].startswith("error:"), err
