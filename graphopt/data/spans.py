@@ -21,6 +21,7 @@ without token-id inputs or feeds without a [batch, length] token input.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -76,69 +77,70 @@ def _assemble(like: Mapping[str, np.ndarray], name: str, feeds: Sequence[Mapping
     return out
 
 
-def _name(feeds, model) -> str | None:
-    vocab = token_inputs(model)
-    for name in vocab:
+def _token_rows(feeds, model):
+    """(token input name, ``_rows``) of the first [batch, length] token input, or None."""
+    for name in token_inputs(model):
         if feeds and all(name in f and np.ndim(f[name]) == 2 for f in feeds):
-            return name
+            return name, _rows(feeds, name)
     return None
 
 
-def join_pairs(feeds: Sequence[Mapping[str, np.ndarray]], model: onnx.ModelProto,
-               seed: int = 0) -> list[Feed]:
+def _on_token_rows(build):
+    """``build(feeds, token input, _rows, seed)`` as ``f(feeds, model, seed=0)``: [] for a
+    model without a [batch, length] token input."""
+    @functools.wraps(build)
+    def run(feeds: Sequence[Mapping[str, np.ndarray]], model: onnx.ModelProto,
+            seed: int = 0) -> list[Feed]:
+        found = _token_rows(feeds, model)
+        return [] if found is None else build(feeds, *found, seed=seed)
+    return run
+
+
+def _each_row(feeds, name, real, make) -> list[Feed]:
+    """A copy of every feed whose row r is ``make(i, r, positions)``'s parts (``_assemble``)."""
+    return [_assemble(feeds[i], name, feeds, [make(i, r, pos) for r, pos in enumerate(rows)])
+            for i, rows in enumerate(real)]
+
+
+@_on_token_rows
+def join_pairs(feeds, name: str, real, seed: int = 0) -> list[Feed]:
     """One joined copy per feed (module doc 1); [] when there is nothing to join."""
-    name = _name(feeds, model)
-    real = _rows(feeds, name) if name else None
-    if real is None:
-        return []
     everyone = [(i, r) for i, rows in enumerate(real) for r in range(len(rows))
                 if len(rows[r]) >= 2]
     if len(everyone) < 2:
         return []
     longest = max(len(p) for rows in real for p in rows)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(everyone))
+    order = np.random.default_rng(seed).permutation(len(everyone))
     partner = {everyone[k]: everyone[order[(j + 1) % len(order)]]
                for j, k in enumerate(order)}  # a cycle: nobody is paired with itself
-    out = []
-    for i, rows in enumerate(real):
-        built = []
-        for r, pos in enumerate(rows):
-            if len(pos) < 2:
-                built.append([(i, r, pos)])
-                continue
-            j, s = partner[(i, r)]
-            second = real[j][s][1:]
-            room = max(longest - (len(pos) - 1), 1)
-            tail = np.concatenate([second[:room - 1], second[-1:]]) if len(second) > room \
-                else second
-            built.append([(i, r, pos[:-1]), (j, s, tail)])
-        out.append(_assemble(feeds[i], name, feeds, built))
-    return out
+
+    def make(i, r, pos):
+        if len(pos) < 2:
+            return [(i, r, pos)]
+        j, s = partner[(i, r)]
+        second = real[j][s][1:]
+        room = max(longest - (len(pos) - 1), 1)
+        if len(second) > room:  # cut to the longest length, keeping the last token
+            second = np.concatenate([second[:room - 1], second[-1:]])
+        return [(i, r, pos[:-1]), (j, s, second)]
+
+    return _each_row(feeds, name, real, make)
 
 
-def crop_spans(feeds: Sequence[Mapping[str, np.ndarray]], model: onnx.ModelProto,
-               seed: int = 0) -> list[Feed]:
+@_on_token_rows
+def crop_spans(feeds, name: str, real, seed: int = 0) -> list[Feed]:
     """One cropped copy per feed (module doc 2); [] when there is nothing to crop."""
-    name = _name(feeds, model)
-    real = _rows(feeds, name) if name else None
-    if real is None:
-        return []
     rng = np.random.default_rng(seed)
-    out = []
-    for i, rows in enumerate(real):
-        built = []
-        for r, pos in enumerate(rows):
-            inner = pos[1:-1]
-            if len(inner) < 2:
-                built.append([(i, r, pos)])
-                continue
-            size = max(1, int(round(rng.uniform(0.3, 0.7) * len(inner))))
-            start = int(rng.integers(0, len(inner) - size + 1))
-            built.append([(i, r, pos[:1]), (i, r, inner[start:start + size]),
-                          (i, r, pos[-1:])])
-        out.append(_assemble(feeds[i], name, feeds, built))
-    return out
+
+    def make(i, r, pos):
+        inner = pos[1:-1]
+        if len(inner) < 2:
+            return [(i, r, pos)]
+        size = max(1, int(round(rng.uniform(0.3, 0.7) * len(inner))))
+        start = int(rng.integers(0, len(inner) - size + 1))
+        return [(i, r, pos[:1]), (i, r, inner[start:start + size]), (i, r, pos[-1:])]
+
+    return _each_row(feeds, name, real, make)
 
 
 def vary_spans(feeds: Sequence[Mapping[str, np.ndarray]], model: onnx.ModelProto,

@@ -13,29 +13,16 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from graphopt.api import optimize
 from graphopt.cli.commands import main
 from graphopt.errors import ConfigError
 from graphopt.fidelity import measure, split_holdout
-from graphopt.testing import make_model
+
+from .test_budget import _mlp
 
 PASS = ["prune:macs=0.6"]
-
-
-def _mlp() -> onnx.ModelProto:
-    rng = np.random.default_rng(1)
-    inits = {"W1": rng.normal(size=(8, 6)).astype(np.float32),
-             "b1": rng.normal(size=6).astype(np.float32),
-             "W2": rng.normal(size=(6, 3)).astype(np.float32),
-             "b2": rng.normal(size=3).astype(np.float32)}
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"], name="fc1"),
-             helper.make_node("Add", ["h0", "b1"], ["h1"]),
-             helper.make_node("Relu", ["h1"], ["h2"]),
-             helper.make_node("MatMul", ["h2", "W2"], ["y0"], name="fc2"),
-             helper.make_node("Add", ["y0", "b2"], ["y"])]
-    return make_model(nodes, {"x": ["n", 8]}, ["y"], inits)
 
 
 def _feeds(count=8, seed=3):
