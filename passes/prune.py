@@ -41,9 +41,13 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
    ``search=N``: N rounds of measured sensitivity (``graphopt.prune.sensitivity``): each
    group (and layer) is probed at what the allocation takes from it, the model run with
    the OBS-compensated cut, and its damages scaled by measured output damage over
-   predicted before allocating again (Kwon et al.'s mask search by measurement). MiniLM
-   macs=0.6: cosine 0.916 -> 0.929; the PP-OCR classifier at macs=0.8: top-1 agreement
-   99.6 % -> 96.5 %, so it is off by default.
+   predicted before allocating again (Kwon et al.'s mask search by measurement); past
+   the units a group was probed at its damage is scaled by at least 1, and a later round
+   probes only the groups cut past their probe (``graphopt.prune.search``). Each probe
+   runs only the graph after its edit, on the scores' Gram sums; ``probe_feeds=N``
+   (default 0: all) measures the probes on N of the given feeds. Off by default: on
+   MiniLM macs=0.6 it moves the mirror's figures by +0.003 cosine in its domain and not
+   both ways in the other (benchmarks/RECONSTRUCT.md).
    ``folds=N`` (default 1): the probes are cross-fitted over N folds of the calibration
    (a feed and its swapped-token copy in one fold): each fold is measured with the
    compensation solved on the others, so a group whose refit only fits the calibration's
@@ -143,6 +147,7 @@ class PruneConfig:
     target: str = "stream"
     search: int = 0
     folds: int = 1  # cross-fitted search probes (module doc)
+    probe_feeds: int = 0  # search probes measured on this many calibration feeds (0: all)
     postnorm: bool = False
     swap_tokens: float = 0.2
     spans: str = "none"  # joined / cropped copies of token feeds (graphopt.data.spans)
@@ -176,6 +181,8 @@ class PruneConfig:
         if any(k not in ("none", "join", "crop") for k in self.spans.split("|")):
             raise ConfigError(f"spans must be none, join, crop or join|crop, got "
                               f"{self.spans}")
+        if self.probe_feeds < 0:
+            raise ConfigError(f"probe_feeds must be 0 (all) or more, got {self.probe_feeds}")
         if self.folds < 1:
             raise ConfigError(f"folds must be 1 or more, got {self.folds}")
         if self.cv < 0 or self.cv == 1:
@@ -228,6 +235,7 @@ class PrunePlan:
     checks: list = field(default_factory=list)  # latency= cuts timed: predicted/measured
     folds: list | None = None  # fold id per refit feed (``cv``)
     max_ratio: float = 0.9  # as used
+    grams: dict | None = None  # the scores' X̃ᵀX̃ per consumer site (``search``'s probes)
 
 
 def _model_key(model: onnx.ModelProto) -> tuple:
@@ -389,9 +397,10 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         if plan.max_ratio != ratios[0]:
             plan.notes.append(f"max_ratio {ratios[0]:g} cannot meet {metric}={fraction:g}: "
                               f"groups may lose up to {plan.max_ratio:g} of their units")
+        base, state = candidates, None
         for _ in range(cfg.search if data else 0):
-            candidates = self._rescale(model, coupling, groups, blocks, candidates, alloc,
-                                       feeds, plan, given)
+            candidates, state = self._rescale(model, coupling, groups, blocks, base, alloc,
+                                              feeds, plan, given, state)
             alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric,
                                                  need, plan.latency)
         if plan.latency is not None and cfg.checks:
@@ -499,17 +508,20 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         return best if best[1] < need * (1 - 1e-9) else (alloc, removed)
 
     def _rescale(self, model, coupling, groups, blocks, candidates, alloc, feeds, plan,
-                 given):
+                 given, state):
         """Damages scaled by measured over predicted output damage per group and layer
-        (``graphopt.prune.search.rescale``)."""
-        from graphopt.prune.search import fold_ids, rescale
+        (``graphopt.prune.search.rescale``), and what was measured so far."""
+        from graphopt.prune.search import SearchState, fold_ids, probe_subset, rescale
 
+        state = state or SearchState()
         out, note = rescale(model, coupling, groups, blocks, candidates, alloc, feeds,
                             plan.kinds, self.config.damping,
                             self._weights(model, coupling, groups),
-                            fold_ids(len(feeds), given, self.config.folds))
+                            fold_ids(len(feeds), given, self.config.folds), grams=plan.grams,
+                            subset=probe_subset(len(feeds), given, self.config.probe_feeds),
+                            state=state)
         plan.notes.append(note)
-        return out
+        return out, state
 
     def _weights(self, model, coupling, groups) -> dict[str, str] | None:
         """``postnorm``: consumer site output -> the residual sum its LayerNorm reads."""
@@ -531,9 +543,11 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                     layer_of[g.id] = i
         if data:
             weights = self._weights(model, coupling, groups)
+            plan.grams = {} if cfg.search and cfg.folds == 1 else None
             scores, fallback, damage = scores_and_streams(
                 model, coupling, groups, cfg.score, feeds, [b for b, _ in blocks],
-                damping=cfg.damping, max_ratio=plan.max_ratio, weights=weights)
+                damping=cfg.damping, max_ratio=plan.max_ratio, weights=weights,
+                keep=plan.grams)
             if fallback:
                 scores.update(unit_scores(coupling, fallback, "activation", feeds=feeds))
         else:

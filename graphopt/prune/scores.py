@@ -187,8 +187,8 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
                 feeds: Sequence[Mapping[str, np.ndarray]], *, damping: float = 0.1,
                 max_ratio: float = 0.9, norms: Mapping[str, float] | None = None,
                 weights: Mapping[str, str] | None = None,
-                observe: Mapping[str, Callable[[int, np.ndarray], None]] | None = None
-                ) -> tuple[dict[int, np.ndarray], list]:
+                observe: Mapping[str, Callable[[int, np.ndarray], None]] | None = None,
+                keep: dict | None = None) -> tuple[dict[int, np.ndarray], list]:
     """Scores per group id by ``method`` (module doc), and the groups it cannot score.
 
     ``obs`` damage is squared error per row (token, pixel) of the consumer's output, divided
@@ -199,7 +199,9 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
     ``observe``: more tensors to hand over feed by feed (``accumulate``'s), each fetched
     with the chunk of sites that reaches it in graph order, so the caller's statistics
     share these runs. Which sites ``norms`` has is read at once, its values only after
-    every capture (so it may be filled by ``observe``: ``graphopt.prune.streams.StreamStats``)."""
+    every capture (so it may be filled by ``observe``: ``graphopt.prune.streams.StreamStats``).
+    ``keep``: filled with each site's X̃ᵀX̃ (site output -> array; float32 when the float32
+    products are used) for a later user of the same sums (the search's probes)."""
     inits = constants(model)
     plan: dict[int, list[tuple[LinearSite, np.ndarray]]] = {}
     fallback = []
@@ -232,6 +234,8 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
                            observe=seen, single=damping >= 1e-3)
         for site in chunk:
             st = stats[site.output]
+            if keep is not None:
+                keep[site.output] = st.xtx.astype(np.float32) if damping >= 1e-3 else st.xtx
             v = site.matrix(onnx.numpy_helper.to_array(inits[site.weight])).astype(np.float64)
             node = model.graph.node[site.node]
             bias = np.zeros(v.shape[1])

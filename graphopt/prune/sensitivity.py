@@ -85,15 +85,25 @@ def _relative_error(feeds, ref, out) -> float:
 
 
 def _compensated(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float) -> np.ndarray:
-    """V after removing ``rows`` with the optimal damped refit (OBS, all rows at once)."""
+    """V after removing ``rows`` with the optimal damped refit (OBS, all rows at once): the
+    kept rows move by A_kk⁻¹ A_kq V_q (A = H + damping; one Cholesky solve of the kept
+    block, the same as V − A⁻¹_:q (A⁻¹_qq)⁻¹ V_q without the whole inverse)."""
     k = h.shape[0] - 1
     scale = float(np.mean(np.diag(h)[:k])) or 1.0
-    d = np.full(k + 1, damping * scale + 1e-10 * scale)
-    d[-1] = 1e-10 * scale
-    hinv = np.linalg.inv(h + np.diag(d))
+    a = np.array(h, dtype=np.float64)
+    a.flat[::k + 2] += damping * scale + 1e-10 * scale
+    a[k, k] -= damping * scale  # the bias row is not damped
     q = np.asarray(rows).ravel()
-    hq = hinv[:, q]
-    out = v - hq @ np.linalg.solve(hinv[np.ix_(q, q)], v[q])
+    keep = np.setdiff1d(np.arange(k + 1), q)
+    rhs = a[np.ix_(keep, q)] @ v[q]
+    try:
+        from scipy.linalg import cho_factor, cho_solve
+
+        step = cho_solve(cho_factor(a[np.ix_(keep, keep)], lower=True), rhs)
+    except (ImportError, np.linalg.LinAlgError):
+        step = np.linalg.solve(a[np.ix_(keep, keep)], rhs)
+    out = np.array(v, dtype=np.float64)
+    out[keep] += step
     out[q] = 0.0
     return out
 
@@ -101,20 +111,86 @@ def _compensated(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float)
 def measure(model: onnx.ModelProto, coupling, probes: Sequence[Probe],
             feeds: Sequence[Mapping[str, np.ndarray]], consumers: Mapping[int, list],
             damping: float = 0.1, weights: Mapping[str, str] | None = None,
-            folds: Sequence[int] | None = None) -> dict[tuple, float]:
+            folds: Sequence[int] | None = None, grams: Mapping[str, np.ndarray] | None = None,
+            subset: Sequence[int] | None = None) -> dict[tuple, float]:
     """Relative output error of each probe (module doc, 2). ``consumers[gid]``: the
     (site, [units, q] rows) pairs of ``graphopt.prune.scores._consumers``; ``weights``:
     the compensation's Gram rows weighted as ``accumulate``'s (post-norm error).
+
+    ``grams``: site output -> its X̃ᵀX̃ on ``feeds`` (the scores' own; else summed here).
+    ``subset``: the indices of the feeds the probes are measured on (the compensation is
+    still solved on all). Without ``folds``, each probe runs only the graph after its edit
+    (``graphopt.prune.suffix``).
 
     ``folds`` (one fold id per feed, two folds or more): cross-fitted, as the cut will meet
     data it was not fit on. Each fold's feeds are measured with the compensation solved on
     the Gram sums of the other folds only, so a refit that fits the calibration's noise
     (a wide consumer, few tokens) is charged what it costs on held-out rows. Without
     ``folds`` the compensation is fit and measured on the same feeds."""
+    if folds is not None:
+        return _measure_folds(model, probes, feeds, consumers, damping, weights, folds)
+    from .suffix import run_suffixes
+
+    feeds = list(feeds)
+    scored = feeds if subset is None else [feeds[i] for i in subset]
+    names = measured_tensors(model)
+    sites = {s.output: s for p in probes if p.units is not None
+             for s, _ in consumers.get(p.key[1], [])}
+    missing = [s for name, s in sites.items() if grams is None or name not in grams]
+    if missing:
+        more = accumulate(model, missing, feeds, weights=weights)
+        grams = {**(grams or {}), **{name: st.xtx for name, st in more.items()}}
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+
+    def at(p):  # where the probe's edit starts, in graph order
+        if p.block is not None:
+            return producer.get(p.block.entry, -1)
+        return min((s.node for s, _ in consumers.get(p.key[1], [])), default=-1)
+
+    failed = set()
+
+    def works():
+        for p in sorted(probes, key=at):
+            try:
+                yield (p.key, *_edited(model, p, consumers, grams, damping))
+            except Exception as exc:  # noqa: BLE001 - a probe not built is not measured
+                logger.info("probe %s not measured: %s", p.key, exc)
+                failed.add(p.key)
+
+    ref, got = run_suffixes(model, works(), scored, names)
+    return {key: _relative_error(scored, ref, out) for key, out in got.items()
+            if key not in failed}
+
+
+def _edited(model, p: Probe, consumers, grams, damping) -> tuple[onnx.ModelProto, set]:
+    """A copy of ``model`` with the probe's cut: its layer bypassed, or its group's consumers
+    OBS-compensated on ``grams``; and the initializers it rewrote."""
+    from .blocks import remove_blocks
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    touched: set[str] = set()
+    if p.block is not None:
+        remove_blocks(work, [p.block])
+        return work, touched
+    # last site first: a bias Add written after a MatMul moves the nodes after it
+    for site, rows in sorted(consumers.get(p.key[1], []), key=lambda c: -c[0].node):
+        edit = _SiteEdit(work, site_for(work, site.node, constants(work))[0])
+        v = np.concatenate([edit.w0, edit.b0[None, :]], axis=0)
+        v = _compensated(grams[site.output], v, rows[p.units], damping)
+        edit.write(v[:-1], v[-1], moved_bias=True)
+        touched.update(edit.node.input)
+        if edit.add is not None:
+            touched.update(edit.add[0].input)
+    return work, touched
+
+
+def _measure_folds(model, probes, feeds, consumers, damping, weights, folds):
+    """``measure`` cross-fitted over ``folds`` (whole-model runs per fold)."""
     from .blocks import remove_blocks
 
     feeds = list(feeds)
-    fold = np.zeros(len(feeds), np.int64) if folds is None else np.asarray(folds, np.int64)
+    fold = np.asarray(folds, np.int64)
     parts = [np.flatnonzero(fold == k) for k in np.unique(fold)]
     names = measured_tensors(model)
     ref = _outputs(model, feeds, names)
