@@ -64,7 +64,9 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
    1 / its variance per token: the error the norm passes on (``graphopt.prune.postnorm``).
    ``swap_tokens=F`` (default 0.2; 0 turns it off): a model with token-id inputs is
    scored and refit on the calibration plus a copy with a share F of the tokens swapped
-   for random vocabulary ids (``graphopt.data.vary``; twice the calibration rows).
+   for random vocabulary ids (``graphopt.data.vary``; twice the calibration rows;
+   ``swap_copies=N`` copies, each with other swaps). ``spans=join|crop`` (off) adds copies
+   of joined sentence pairs and of cropped spans (``graphopt.data.spans``).
    The budget is counted as the cut really removes it (two cut groups meeting in one conv
    overlap; ``budget.exact_removed``) and met to within one width chunk's cost: a layer
    that would pass it by more waits (``budget.allocate``).
@@ -150,6 +152,7 @@ class PruneConfig:
     probe_feeds: int = 0  # search probes measured on this many calibration feeds (0: all)
     postnorm: bool = False
     swap_tokens: float = 0.2
+    swap_copies: int = 1  # how many swapped copies (RECONSTRUCT.md: 2 helps other text)
     spans: str = "none"  # joined / cropped copies of token feeds (graphopt.data.spans)
     threads: int = 0
     checks: int = 3
@@ -178,6 +181,8 @@ class PruneConfig:
         check_reconstruct(self.reconstruct, self.damping)
         if not 0.0 <= self.swap_tokens < 1.0:
             raise ConfigError(f"swap_tokens must be a share in [0, 1), got {self.swap_tokens}")
+        if self.swap_copies < 1:
+            raise ConfigError(f"swap_copies must be 1 or more, got {self.swap_copies}")
         if any(k not in ("none", "join", "crop") for k in self.spans.split("|")):
             raise ConfigError(f"spans must be none, join, crop or join|crop, got "
                               f"{self.spans}")
@@ -327,9 +332,9 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         elif cfg.swap_tokens > 0:
             from graphopt.data.vary import replace_tokens
 
-            more = replace_tokens(feeds, model, cfg.swap_tokens)
+            more = replace_tokens(feeds, model, cfg.swap_tokens, copies=cfg.swap_copies)
             if more:  # a model without token-id inputs keeps its calibration as given
-                plan.folds = plan.folds and plan.folds + plan.folds[:len(more)]
+                plan.folds = plan.folds and plan.folds * (1 + cfg.swap_copies)
                 feeds = list(feeds) + more
                 plan.notes.append(f"calibration: {len(more)} more feeds with "
                                   f"{cfg.swap_tokens:.0%} of the tokens swapped for random "

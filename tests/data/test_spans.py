@@ -113,3 +113,40 @@ def test_nothing_to_vary_without_token_inputs_and_bad_options_are_refused():
     assert crop_spans([{"x": np.zeros((2, 4), np.float32)}], dense) == []
     with pytest.raises(ConfigError, match="spans must be"):
         build_pass("prune", {"macs": 0.5, "spans": "shuffle"})
+
+
+def _prunable() -> onnx.ModelProto:
+    """_model's masked embedding, then x ─ W1[4, 6] ─ Relu ─ W2[6, 3] per token."""
+    model = _model()
+    rng = np.random.default_rng(1)
+    g = model.graph
+    g.node[-1].CopyFrom(helper.make_node("MatMul", ["em", "W1"], ["h0"]))
+    g.node.extend([helper.make_node("Relu", ["h0"], ["h1"]),
+                   helper.make_node("MatMul", ["h1", "W2"], ["z"])])
+    g.initializer.extend([onnx.numpy_helper.from_array(rng.normal(size=s).astype(np.float32),
+                                                       n) for n, s in (("W1", (4, 6)),
+                                                                       ("W2", (6, 3)))])
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    return model
+
+
+def test_the_pass_calibrates_on_every_copy_with_folds_that_follow_their_feed():
+    """prune with swap_copies=2, spans=join|crop, cv=2: the plan's feeds are the 4 given,
+    2 swapped copies of them, a joined and a cropped copy (4 × 5), and every copy of feed
+    i sits in feed i's fold; the joined copy of a feed starts with its rows' tokens."""
+    from graphopt.core.contract import Context
+
+    feeds = [_feed([7, 4, 9], s) for s in range(4)]
+    model = _prunable()
+    p = build_pass("prune", {"macs": 0.7, "swap_copies": 2, "spans": "join|crop", "cv": 2,
+                             "reconstruct": "none"})
+    plan = p.plan(model, Context(calibration=feeds))
+    assert len(plan.feeds) == 20 and plan.folds == [0, 1, 0, 1] * 5
+    for k in range(4):
+        joined, real = plan.feeds[12 + k], feeds[k]
+        assert joined["input_ids"][0][:6].tolist() == real["input_ids"][0][:6].tolist()
+    assert sum(not np.array_equal(plan.feeds[4 + k]["input_ids"], plan.feeds[8 + k]["input_ids"])
+               for k in range(4)) == 4  # two different swapped copies
+    with pytest.raises(ConfigError, match="swap_copies"):
+        build_pass("prune", {"macs": 0.5, "swap_copies": 0})
