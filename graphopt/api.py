@@ -201,13 +201,13 @@ def _optimize_on_all(manager, reference, rest_model, rest_report, work, everythi
     passes again on ``everything``; that model and its report, fidelity labelled (doc 6)."""
     fidelity = measure_fidelity(reference, rest_model, held, source,
                                 input_shapes=ctx.input_shapes)
-    rest = len(everything) - len(held)
-    fidelity["final"] = (f"the written model was optimized again from all {len(everything)} "
-                         f"calibration feeds; the figure is of the model optimized from the "
-                         f"other {rest}, on the {len(held)} it did not see (the written model "
-                         "was not measured on unseen data)")
+    every, apart = _samples(everything), _samples(held)
+    fidelity["final"] = (f"the written model was optimized again from all {every} "
+                         f"calibration samples; the figure is of the model optimized from the "
+                         f"other {every - apart}, on the {apart} it did not see (the written "
+                         "model was not measured on unseen data)")
     if manager.progress:
-        manager.progress(f"all {len(everything)} calibration feeds")
+        manager.progress(f"all {every} calibration samples")
     again = Context(input_shapes=ctx.input_shapes, calibration=everything, seed=ctx.seed)
     optimized, report = manager.run(work, again, source=input_file)
     report.metadata["cost_before"] = report.cost_before.to_dict()
@@ -218,5 +218,11 @@ def _optimize_on_all(manager, reference, rest_model, rest_report, work, everythi
         fidelity["latency_ratio"] = latency_ratio(reference, optimized, held[0], provider)
     report.metadata["fidelity"] = fidelity
     report.metadata["held_out_run"] = {"cost_after": rest_report.cost_after.to_dict(),
-                                       "feeds": rest}
+                                       "samples": every - apart}
     return optimized, report
+
+
+def _samples(feeds) -> int:
+    """Rows of the batch axis over ``feeds`` (a held-out share of one feed is its rows)."""
+    return sum(int(np.shape(next(iter(f.values())))[0]) if np.ndim(next(iter(f.values())))
+               else 1 for f in feeds)

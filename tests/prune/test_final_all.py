@@ -55,9 +55,9 @@ def test_final_all_writes_the_model_from_all_feeds_and_the_figure_of_the_rest():
     assert fid["outputs"] == exact["outputs"]
     assert fid["outputs"] == measure(_mlp(), from_rest, held, "x")["outputs"]
     assert fid["data"] == exact["data"] == "held-out calibration (2 of 8 feeds)"
-    assert "optimized again from all 8" in fid["final"] and "other 6" in fid["final"]
-    assert "final" not in exact
-    assert report.metadata["held_out_run"]["feeds"] == len(rest) == 6
+    assert "optimized again from all 128 calibration samples" in fid["final"]
+    assert "other 96, on the 32" in fid["final"] and "final" not in exact
+    assert report.metadata["held_out_run"]["samples"] == 16 * len(rest) == 96
     assert report.passes[0].status == "changed"
 
 
@@ -70,6 +70,16 @@ def test_with_validation_or_no_holdout_there_is_one_run():
     assert ra.metadata["fidelity"]["data"] == "validation data"
     _, r0 = optimize(_mlp(), PASS, calibration=feeds, holdout=0)
     assert r0.metadata["fidelity"]["measured"] is False
+
+
+def test_one_feed_is_split_along_its_batch_and_labelled_in_samples():
+    """One feed of 64 rows: 48 calibrate the measured model, 16 are held out; the written
+    model == the one optimized from all 64 rows."""
+    feed = {"x": np.concatenate([f["x"] for f in _feeds(4)])}
+    model, report = optimize(_mlp(), PASS, calibration=feed)
+    assert _same(model, optimize(_mlp(), PASS, calibration=feed, holdout=0)[0])
+    assert "all 64 calibration samples" in report.metadata["fidelity"]["final"]
+    assert "other 48, on the 16" in report.metadata["fidelity"]["final"]
 
 
 def test_bad_final_is_refused():
@@ -88,7 +98,7 @@ def test_cli_final_labels_the_figure_and_refuses_bad_values(tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 0 and out.exists()
     fid = json.loads(text)["fidelity"]
-    assert "optimized again from all 8" in fid["final"]
+    assert "optimized again from all 128" in fid["final"]
     bad = tmp_path / "bad.onnx"
     code = main(["optimize", str(src), "-o", str(bad), "--pass", PASS[0], "--calibration",
                  str(cal), "--final", "best"])
