@@ -44,7 +44,7 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
    predicted before allocating again (Kwon et al.'s mask search by measurement); past
    the units a group was probed at its damage is scaled by at least 1, and a later round
    probes only the groups cut past their probe (``graphopt.prune.search``). Each probe
-   runs only the graph after its edit, on the scores' Gram sums; ``probe_feeds=N``
+   runs only the graph after its edit, with the scores' inverses; ``probe_feeds=N``
    (default 0: all) measures the probes on N of the given feeds. Off by default: on
    MiniLM macs=0.6 it moves the mirror's figures by +0.003 cosine in its domain and not
    both ways in the other (benchmarks/RECONSTRUCT.md).
@@ -240,7 +240,7 @@ class PrunePlan:
     checks: list = field(default_factory=list)  # latency= cuts timed: predicted/measured
     folds: list | None = None  # fold id per refit feed (``cv``)
     max_ratio: float = 0.9  # as used
-    grams: dict | None = None  # the scores' X̃ᵀX̃ per consumer site (``search``'s probes)
+    inverses: dict | None = None  # the scores' damped inverse per site (``search``'s probes)
 
 
 def _model_key(model: onnx.ModelProto) -> tuple:
@@ -522,7 +522,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         out, note = rescale(model, coupling, groups, blocks, candidates, alloc, feeds,
                             plan.kinds, self.config.damping,
                             self._weights(model, coupling, groups),
-                            fold_ids(len(feeds), given, self.config.folds), grams=plan.grams,
+                            fold_ids(len(feeds), given, self.config.folds), inverses=plan.inverses,
                             subset=probe_subset(len(feeds), given, self.config.probe_feeds),
                             state=state)
         plan.notes.append(note)
@@ -548,11 +548,11 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                     layer_of[g.id] = i
         if data:
             weights = self._weights(model, coupling, groups)
-            plan.grams = {} if cfg.search and cfg.folds == 1 else None
+            plan.inverses = {} if cfg.search and cfg.folds == 1 else None
             scores, fallback, damage = scores_and_streams(
                 model, coupling, groups, cfg.score, feeds, [b for b, _ in blocks],
                 damping=cfg.damping, max_ratio=plan.max_ratio, weights=weights,
-                keep=plan.grams)
+                keep=plan.inverses)
             if fallback:
                 scores.update(unit_scores(coupling, fallback, "activation", feeds=feeds))
         else:

@@ -185,10 +185,12 @@ def _nbytes(value) -> int:
 
 
 def _segment(model: onnx.ModelProto, nodes: Sequence[int], kept: Sequence[str],
-             sample: Mapping[str, np.ndarray], outputs: Sequence[str]
+             sample: Mapping[str, np.ndarray], outputs: Sequence[str],
+             arrays_of: Mapping[str, np.ndarray] | None = None
              ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The model of ``nodes`` with ``kept`` tensors as inputs (typed from ``sample``), and
-    the large initializers it reads as arrays (``SHARED_BYTES``), left out of its bytes."""
+    the large initializers it reads as arrays (``SHARED_BYTES``), left out of its bytes;
+    ``arrays_of``: those arrays already made, by name (read instead of copied again)."""
     from ..ir.graph import node_reads
 
     graph = model.graph
@@ -207,7 +209,7 @@ def _segment(model: onnx.ModelProto, nodes: Sequence[int], kept: Sequence[str],
     for t in graph.initializer:
         if t.name not in used:
             continue
-        array = _shared(t)
+        array = arrays_of[t.name] if arrays_of and t.name in arrays_of else _shared(t)
         if array is None:
             g.initializer.append(t)
             continue

@@ -61,9 +61,19 @@ def _consumers(model: onnx.ModelProto, coupling, group, inits
     return out or None
 
 
+def damped_inverse(h: np.ndarray, damping: float) -> np.ndarray:
+    """(H + λ·mean diag on the X part, the bias row free)⁻¹: the inverse every OBS step
+    here starts from (module doc, 1)."""
+    k = h.shape[0] - 1
+    scale = float(np.mean(np.diag(h)[:k])) or 1.0
+    d = np.full(k + 1, damping * scale + 1e-10 * scale)
+    d[-1] = 1e-10 * scale
+    return _inverse(h, d)
+
+
 def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,
                 limit: int, steps: int = 48, refresh: float = 0.5,
-                picked: list | None = None) -> np.ndarray:
+                picked: list | None = None, inverse: np.ndarray | None = None) -> np.ndarray:
     """Greedy structured OBS on one consumer (module doc, 1): units are removed lowest
     damage first, a few at a time (about ``steps`` rounds), each round updating the inverse
     Hessian and the weights as the refit would, so a unit's score is its damage given the
@@ -79,10 +89,7 @@ def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,
     downdate every round, to float rounding. ``picked``: the units are appended to it in
     the order they are removed."""
     k = h.shape[0] - 1
-    scale = float(np.mean(np.diag(h)[:k])) or 1.0
-    d = np.full(k + 1, damping * scale + 1e-10 * scale)
-    d[-1] = 1e-10 * scale
-    g = _inverse(h, d)
+    g = damped_inverse(h, damping) if inverse is None else inverse  # read, never written
     v = v.copy()
     units, q = rows.shape
     alive = np.ones(units, bool)
@@ -200,8 +207,8 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
     with the chunk of sites that reaches it in graph order, so the caller's statistics
     share these runs. Which sites ``norms`` has is read at once, its values only after
     every capture (so it may be filled by ``observe``: ``graphopt.prune.streams.StreamStats``).
-    ``keep``: filled with each site's X̃ᵀX̃ (site output -> array; float32 when the float32
-    products are used) for a later user of the same sums (the search's probes)."""
+    ``keep``: filled with each ``obs`` site's ``damped_inverse`` (site output -> array;
+    float32 when the float32 products are used) for a later user (the search's probes)."""
     inits = constants(model)
     plan: dict[int, list[tuple[LinearSite, np.ndarray]]] = {}
     fallback = []
@@ -234,8 +241,10 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
                            observe=seen, single=damping >= 1e-3)
         for site in chunk:
             st = stats[site.output]
-            if keep is not None:
-                keep[site.output] = st.xtx.astype(np.float32) if damping >= 1e-3 else st.xtx
+            inverse = None
+            if keep is not None and method == "obs":
+                inverse = damped_inverse(st.xtx, damping)
+                keep[site.output] = inverse.astype(np.float32) if damping >= 1e-3 else inverse
             v = site.matrix(onnx.numpy_helper.to_array(inits[site.weight])).astype(np.float64)
             node = model.graph.node[site.node]
             bias = np.zeros(v.shape[1])
@@ -246,7 +255,7 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
             for gid, rows in readers[site.output]:
                 if method == "obs":
                     limit = int(np.ceil(max_ratio * len(rows)))
-                    dmg = _obs_greedy(st.xtx, va, rows, damping, limit)
+                    dmg = _obs_greedy(st.xtx, va, rows, damping, limit, inverse=inverse)
                     if norms and site.output in norms:
                         parts.append((gid, site.output, dmg, "obs", st.n))  # × the norm
                     else:

@@ -14,7 +14,7 @@
    the given feeds, not their swapped copies; the compensation is solved on all. MiniLM
    macs=0.6 on the mirror: the factors of 4 feeds are those of 12 to ±0.1 and give the
    same cut (search6 notes). Each probe runs only the graph after its edit
-   (``graphopt.prune.suffix``), on the scores' own Gram sums.
+   (``graphopt.prune.suffix``), compensated with the scores' own damped inverses.
 2. ``fold_ids``: ``folds=N`` cross-fits the probes over N folds of the calibration; the
    swapped-token copies (``graphopt.data.vary``) follow the ``given`` feeds in order, and
    each copy stays in its original's fold, so no sentence is fit in one fold and measured
@@ -62,7 +62,7 @@ class SearchState:
 
 def rescale(model, coupling, groups, blocks, candidates: Sequence[Candidate], alloc, feeds,
             kinds: Mapping[int, str], damping: float, weights: Mapping[str, str] | None,
-            folds: Sequence[int] | None, grams=None, subset=None,
+            folds: Sequence[int] | None, inverses=None, subset=None,
             state: SearchState | None = None, beyond: str = "one"
             ) -> tuple[list[Candidate], str]:
     """Candidates with measured damages (module doc, 1) and the report's note.
@@ -108,7 +108,7 @@ def rescale(model, coupling, groups, blocks, candidates: Sequence[Candidate], al
             predicted[("layer", c.key)] = c.damage
             size[("layer", c.key)] = 0
     measured = measure(model, coupling, probes, feeds, consumers, damping, weights=weights,
-                       folds=folds, grams=grams, subset=None if folds else subset)
+                       folds=folds, inverses=inverses, subset=None if folds else subset)
     for k, m in measured.items():
         state.probed[k] = (size[k], m, predicted[k])
     out = scaled(candidates, state, kinds, beyond)

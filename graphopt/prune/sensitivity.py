@@ -36,6 +36,7 @@ import onnx
 
 from ..data.gram import accumulate, constants, site_for, token_mask
 from .reconstruct import _SiteEdit
+from .scores import damped_inverse
 
 logger = logging.getLogger(__name__)
 
@@ -108,16 +109,28 @@ def _compensated(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float)
     return out
 
 
+def _obs_update(g: np.ndarray, v: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """V after removing ``rows`` with the optimal damped refit, from the damped inverse G:
+    V − G_:q (G_qq)⁻¹ V_q (one solve of the removed rows' block)."""
+    q = np.asarray(rows).ravel()
+    gq = np.asarray(g[:, q], dtype=np.float64)
+    out = np.asarray(v, dtype=np.float64) - gq @ np.linalg.solve(gq[q], v[q])
+    out[q] = 0.0
+    return out
+
+
 def measure(model: onnx.ModelProto, coupling, probes: Sequence[Probe],
             feeds: Sequence[Mapping[str, np.ndarray]], consumers: Mapping[int, list],
             damping: float = 0.1, weights: Mapping[str, str] | None = None,
-            folds: Sequence[int] | None = None, grams: Mapping[str, np.ndarray] | None = None,
+            folds: Sequence[int] | None = None,
+            inverses: Mapping[str, np.ndarray] | None = None,
             subset: Sequence[int] | None = None) -> dict[tuple, float]:
     """Relative output error of each probe (module doc, 2). ``consumers[gid]``: the
     (site, [units, q] rows) pairs of ``graphopt.prune.scores._consumers``; ``weights``:
     the compensation's Gram rows weighted as ``accumulate``'s (post-norm error).
 
-    ``grams``: site output -> its X̃ᵀX̃ on ``feeds`` (the scores' own; else summed here).
+    ``inverses``: site output -> its ``scores.damped_inverse`` on ``feeds`` at ``damping``
+    (the scores' own; else summed and inverted here).
     ``subset``: the indices of the feeds the probes are measured on (the compensation is
     still solved on all). Without ``folds``, each probe runs only the graph after its edit
     (``graphopt.prune.suffix``).
@@ -136,10 +149,11 @@ def measure(model: onnx.ModelProto, coupling, probes: Sequence[Probe],
     names = measured_tensors(model)
     sites = {s.output: s for p in probes if p.units is not None
              for s, _ in consumers.get(p.key[1], [])}
-    missing = [s for name, s in sites.items() if grams is None or name not in grams]
+    missing = [s for name, s in sites.items() if inverses is None or name not in inverses]
     if missing:
         more = accumulate(model, missing, feeds, weights=weights)
-        grams = {**(grams or {}), **{name: st.xtx for name, st in more.items()}}
+        inverses = {**(inverses or {}), **{name: damped_inverse(st.xtx, damping)
+                                           for name, st in more.items()}}
     producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
 
     def at(p):  # where the probe's edit starts, in graph order
@@ -152,7 +166,7 @@ def measure(model: onnx.ModelProto, coupling, probes: Sequence[Probe],
     def works():
         for p in sorted(probes, key=at):
             try:
-                yield (p.key, *_edited(model, p, consumers, grams, damping))
+                yield (p.key, *_edited(model, p, consumers, inverses))
             except Exception as exc:  # noqa: BLE001 - a probe not built is not measured
                 logger.info("probe %s not measured: %s", p.key, exc)
                 failed.add(p.key)
@@ -162,9 +176,9 @@ def measure(model: onnx.ModelProto, coupling, probes: Sequence[Probe],
             if key not in failed}
 
 
-def _edited(model, p: Probe, consumers, grams, damping) -> tuple[onnx.ModelProto, set]:
+def _edited(model, p: Probe, consumers, inverses) -> tuple[onnx.ModelProto, set]:
     """A copy of ``model`` with the probe's cut: its layer bypassed, or its group's consumers
-    OBS-compensated on ``grams``; and the initializers it rewrote."""
+    OBS-compensated with ``inverses`` (``measure``'s); and the initializers it rewrote."""
     from .blocks import remove_blocks
 
     work = onnx.ModelProto()
@@ -177,7 +191,7 @@ def _edited(model, p: Probe, consumers, grams, damping) -> tuple[onnx.ModelProto
     for site, rows in sorted(consumers.get(p.key[1], []), key=lambda c: -c[0].node):
         edit = _SiteEdit(work, site_for(work, site.node, constants(work))[0])
         v = np.concatenate([edit.w0, edit.b0[None, :]], axis=0)
-        v = _compensated(grams[site.output], v, rows[p.units], damping)
+        v = _obs_update(inverses[site.output], v, rows[p.units])
         edit.write(v[:-1], v[-1], moved_bias=True)
         touched.update(edit.node.input)
         if edit.add is not None:

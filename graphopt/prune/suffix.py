@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..data.segments import Segments, _segment, _session
+from ..data.segments import Segments, _segment, _session, _shared
 from ..ir.graph import node_reads
 
 
@@ -69,9 +69,12 @@ def run_suffixes(original: onnx.ModelProto, works: Iterable[tuple],
     edits; module doc, 2)."""
     feeds = list(feeds)
     runner = Segments(feeds, providers=providers)
+    arrays = {t.name: a for t in original.graph.initializer  # the weights, read once
+              if (a := _shared(t)) is not None}
     graph_inputs = {vi.name for vi in original.graph.input}
     out: dict[object, list[dict]] = {}
     for key, work, touched in works:
+        touched = _changed_initializers(original, work) if touched is None else set(touched)
         nodes, boundary = suffix_of(original, work, touched)
         produced = {o for i in nodes for o in work.graph.node[i].output if o}
         reach = [n for n in names if n in produced]
@@ -80,8 +83,9 @@ def run_suffixes(original: onnx.ModelProto, works: Iterable[tuple],
         kept = [b for b in boundary if b not in graph_inputs]
         for f, values in enumerate(runner.run(original, boundary)):
             if reach and session is None:
-                seg, arrays = _segment(work, nodes, kept, values, reach)
-                session = _session(seg, arrays, providers)
+                same = {k: a for k, a in arrays.items() if k not in touched}
+                seg, used = _segment(work, nodes, kept, values, reach, arrays_of=same)
+                session = _session(seg, used, providers)
                 wanted = [i.name for i in session.get_inputs()]
             if reach:
                 args = {k: (values[k] if k in values else feeds[f][k]) for k in wanted}

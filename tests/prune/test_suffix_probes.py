@@ -7,7 +7,7 @@ Model ``_two_blocks`` of ``test_reconstruct``: two residual blocks and a head. O
    onnxruntime from the graph inputs (1e-5), and the original's outputs come back as a
    plain run makes them. ``suffix_of`` starts at the edit: the nodes before it are not run.
 2. ``measure``: the damage equals the relative error of the whole edited copy (compensated
-   by numpy from the Gram sums of all feeds) against the original, on every feed, and on
+   with the damped inverse of all feeds' Gram sums) against the original, on every feed, and on
    a ``subset`` of them the same quantity over that subset only (compensation still on
    all): the subset changes where it is measured, not the cut.
 """
@@ -19,7 +19,7 @@ import numpy as np
 from graphopt.analysis.coupling import analyze
 from graphopt.analysis.structure import find_structure
 from graphopt.data.gram import accumulate, constants
-from graphopt.prune.scores import _consumers
+from graphopt.prune.scores import _consumers, damped_inverse
 from graphopt.prune.sensitivity import Probe, _edited, _relative_error, measure
 from graphopt.prune.suffix import run_suffixes, suffix_of
 from graphopt.testing import run
@@ -39,18 +39,18 @@ def _setup(weight: str = "Wa2"):
     return model, coupling, coupling.group(gid), {gid: consumers[gid]}, blocks
 
 
-def _grams(model, consumers, feeds):
+def _inverses(model, consumers, feeds):
     sites = [s for cs in consumers.values() for s, _ in cs]
-    return {n: st.xtx for n, st in accumulate(model, sites, feeds).items()}
+    return {n: damped_inverse(st.xtx, 0.1) for n, st in accumulate(model, sites, feeds).items()}
 
 
 def test_suffix_runs_equal_whole_runs_of_each_edited_copy():
     model, _, group, consumers, blocks = _setup()
     feeds = _feeds((16, 8), count=3)
-    grams = _grams(model, consumers, feeds)
+    inverses = _inverses(model, consumers, feeds)
     probes = [Probe(("group", group.id), np.array([1, 4, 6])),
               Probe(("layer", 1), block=blocks[1])]
-    works = [(p.key, *_edited(model, p, consumers, grams, 0.1)) for p in probes]
+    works = [(p.key, *_edited(model, p, consumers, inverses)) for p in probes]
     nodes, boundary = suffix_of(model, works[0][1], works[0][2])
     assert len(nodes) < len(works[0][1].graph.node) and "x" not in boundary
     ref, got = run_suffixes(model, iter(works), feeds, ["y"])
@@ -67,14 +67,14 @@ def test_measure_equals_the_edited_copy_run_whole_on_all_feeds_and_on_a_subset()
     feeds = _feeds((16, 8), count=4)
     key = ("group", group.id)
     probes = [Probe(key, np.array([0, 3, 5])), Probe(("layer", 0), block=blocks[0])]
-    grams = _grams(model, consumers, feeds)
+    inverses = _inverses(model, consumers, feeds)
     for subset in (None, [1, 3]):
         scored = feeds if subset is None else [feeds[i] for i in subset]
         got = measure(model, coupling, probes, feeds, consumers, damping=0.1, subset=subset)
         given = measure(model, coupling, probes, feeds, consumers, damping=0.1,
-                        subset=subset, grams=grams)
+                        subset=subset, inverses=inverses)
         for p in probes:
-            work, _ = _edited(model, p, consumers, grams, 0.1)
+            work, _ = _edited(model, p, consumers, inverses)
             oracle = _relative_error(scored, [{"y": run(model, f)["y"]} for f in scored],
                                      [{"y": run(work, f)["y"]} for f in scored])
             assert np.isclose(got[p.key], oracle, rtol=1e-4), (p.key, subset)
