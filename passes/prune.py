@@ -45,7 +45,7 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
    the units a group was probed at its damage is scaled by at least 1, and a later round
    probes only the groups cut past their probe (``graphopt.prune.search``). Each probe
    runs only the graph after its edit, with the scores' inverses; ``probe_feeds=N``
-   (default 0: all) measures the probes on N of the given feeds. Off by default: on
+   (default 8; 0: all) measures the probes on N of the given feeds. Off by default: on
    MiniLM macs=0.6 it moves the mirror's figures by +0.003 cosine in its domain and not
    both ways in the other (benchmarks/RECONSTRUCT.md).
    ``folds=N`` (default 1): the probes are cross-fitted over N folds of the calibration
@@ -149,7 +149,7 @@ class PruneConfig:
     target: str = "stream"
     search: int = 0
     folds: int = 1  # cross-fitted search probes (module doc)
-    probe_feeds: int = 0  # search probes measured on this many calibration feeds (0: all)
+    probe_feeds: int = 8  # search probes measured on this many calibration feeds (0: all)
     postnorm: bool = False
     swap_tokens: float = 0.2
     swap_copies: int = 1  # how many swapped copies (RECONSTRUCT.md: 2 helps other text)

@@ -2,7 +2,8 @@
 
 1. ``rescale``: each group with readable consumers is probed at what the allocation took
    from it (at least a quarter of what it may lose: the first units of its removal order),
-   each removable layer bypassed whole (``graphopt.prune.sensitivity.measure``); every
+   each removable layer bypassed whole (``graphopt.prune.sensitivity.measure``) unless
+   it is priced past ``LAYER_REACH`` times the dearest chunk the allocation takes; every
    candidate's damage is multiplied by its group's (or layer's) measured over predicted
    damage (``scaled``), and a group that could not be probed by the median factor of its
    kind. Past the units a group was probed at, a chunk is scaled by at least 1: a factor
@@ -33,6 +34,9 @@ from ..data.gram import constants
 from .budget import Candidate
 from .scores import _consumers
 from .sensitivity import Probe, measure
+
+
+LAYER_REACH = 8.0
 
 
 def fold_ids(count: int, given: int, folds: int) -> list[int] | None:
@@ -101,8 +105,14 @@ def rescale(model, coupling, groups, blocks, candidates: Sequence[Candidate], al
             probes.append(Probe(("group", gid), np.asarray(units)))
             predicted[("group", gid)] = dmg
             size[("group", gid)] = len(units)
+    # a layer is probed when the search could bring it into the cut: priced at most
+    # LAYER_REACH times the dearest unit chunk the allocation takes (factors seen: 0.3-5)
+    taken = [c.damage / max(c.cost, 1e-30) for c in candidates if c.kind != "layers"
+             and c.units and set(c.units) <= set(alloc.removal.get(c.key, ()))]
+    reach = LAYER_REACH * max(taken, default=math.inf)
     for c in candidates:
-        if c.kind == "layers" and c.damage > 0 and ("layer", c.key) not in state.probed:
+        if c.kind == "layers" and c.damage > 0 and ("layer", c.key) not in state.probed \
+                and (c.key in alloc.layers or c.damage / max(c.cost, 1e-30) <= reach):
             block = next(b for b, i in blocks if i == c.key)
             probes.append(Probe(("layer", c.key), block=block))
             predicted[("layer", c.key)] = c.damage
