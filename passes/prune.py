@@ -66,7 +66,8 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
    scored and refit on the calibration plus a copy with a share F of the tokens swapped
    for random vocabulary ids (``graphopt.data.vary``; twice the calibration rows;
    ``swap_copies=N`` copies, each with other swaps). ``spans=join|crop`` (off) adds copies
-   of joined sentence pairs and of cropped spans (``graphopt.data.spans``).
+   of joined sentence pairs and of cropped spans (``graphopt.data.spans``), each with its
+   swapped twins (3× today's rows; RECONSTRUCT.md: better on every set measured).
    The budget is counted as the cut really removes it (two cut groups meeting in one conv
    overlap; ``budget.exact_removed``) and met to within one width chunk's cost: a layer
    that would pass it by more waits (``budget.allocate``).
@@ -344,6 +345,11 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             from graphopt.data.spans import vary_spans
 
             more = vary_spans(feeds[:given], model, self.config.spans.split("|"))
+            if more and cfg.swap_tokens > 0:  # swapped twins: without them other text loses
+                from graphopt.data.vary import replace_tokens
+
+                more += replace_tokens(more, model, cfg.swap_tokens, copies=cfg.swap_copies,
+                                       seed=7)
             if more:
                 plan.folds = plan.folds and plan.folds + plan.folds[:given] * (len(more) // given)
                 feeds = list(feeds) + more

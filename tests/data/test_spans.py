@@ -133,8 +133,9 @@ def _prunable() -> onnx.ModelProto:
 
 def test_the_pass_calibrates_on_every_copy_with_folds_that_follow_their_feed():
     """prune with swap_copies=2, spans=join|crop, cv=2: the plan's feeds are the 4 given,
-    2 swapped copies of them, a joined and a cropped copy (4 × 5), and every copy of feed
-    i sits in feed i's fold; the joined copy of a feed starts with its rows' tokens."""
+    2 swapped copies of them, a joined and a cropped copy, and 2 swapped twins of each of
+    those (4 × 9); every copy of feed i sits in feed i's fold; the joined copy of a feed
+    starts with its rows' tokens, and its twins swap only inner real tokens."""
     from graphopt.core.contract import Context
 
     feeds = [_feed([7, 4, 9], s) for s in range(4)]
@@ -142,11 +143,15 @@ def test_the_pass_calibrates_on_every_copy_with_folds_that_follow_their_feed():
     p = build_pass("prune", {"macs": 0.7, "swap_copies": 2, "spans": "join|crop", "cv": 2,
                              "reconstruct": "none"})
     plan = p.plan(model, Context(calibration=feeds))
-    assert len(plan.feeds) == 20 and plan.folds == [0, 1, 0, 1] * 5
+    assert len(plan.feeds) == 36 and plan.folds == [0, 1, 0, 1] * 9
     for k in range(4):
         joined, real = plan.feeds[12 + k], feeds[k]
         assert joined["input_ids"][0][:6].tolist() == real["input_ids"][0][:6].tolist()
     assert sum(not np.array_equal(plan.feeds[4 + k]["input_ids"], plan.feeds[8 + k]["input_ids"])
                for k in range(4)) == 4  # two different swapped copies
+    for twin in (plan.feeds[20], plan.feeds[28]):  # the joined copy of feed 0, swapped
+        joined = plan.feeds[12]
+        assert np.array_equal(twin["attention_mask"], joined["attention_mask"])
+        assert twin["input_ids"][0][0] == joined["input_ids"][0][0] == 1
     with pytest.raises(ConfigError, match="swap_copies"):
         build_pass("prune", {"macs": 0.5, "swap_copies": 0})
