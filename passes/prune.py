@@ -341,10 +341,10 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                                   f"{cfg.swap_tokens:.0%} of the tokens swapped for random "
                                   "vocabulary ids (swap_tokens)")
                 plan.feeds = feeds
-        if data and self.config.spans != "none":
+        if data and cfg.spans != "none":
             from graphopt.data.spans import vary_spans
 
-            more = vary_spans(feeds[:given], model, self.config.spans.split("|"))
+            more = vary_spans(feeds[:given], model, cfg.spans.split("|"))
             if more and cfg.swap_tokens > 0:  # swapped twins: without them other text loses
                 from graphopt.data.vary import replace_tokens
 
@@ -354,7 +354,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                 plan.folds = plan.folds and plan.folds + plan.folds[:given] * (len(more) // given)
                 feeds = list(feeds) + more
                 plan.notes.append(f"calibration: {len(more)} more feeds of joined/cropped "
-                                  f"sentences ({self.config.spans}; spans)")
+                                  f"sentences ({cfg.spans}; spans)")
                 plan.feeds = feeds
         groups = prunable_groups(coupling, plan, cfg.kinds)
         if metric == "latency":
