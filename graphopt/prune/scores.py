@@ -61,14 +61,20 @@ def _consumers(model: onnx.ModelProto, coupling, group, inits
     return out or None
 
 
-def damped_inverse(h: np.ndarray, damping: float) -> np.ndarray:
-    """(H + λ·mean diag on the X part, the bias row free)⁻¹: the inverse every OBS step
-    here starts from (module doc, 1)."""
+def damping_diagonal(h: np.ndarray, damping: float) -> np.ndarray:
+    """What OBS adds to H's diagonal: λ·mean diag on the X part, the bias row free (both
+    with a 1e-10 floor)."""
     k = h.shape[0] - 1
     scale = float(np.mean(np.diag(h)[:k])) or 1.0
     d = np.full(k + 1, damping * scale + 1e-10 * scale)
     d[-1] = 1e-10 * scale
-    return _inverse(h, d)
+    return d
+
+
+def damped_inverse(h: np.ndarray, damping: float) -> np.ndarray:
+    """(H + ``damping_diagonal``)⁻¹: the inverse every OBS step here starts from (module
+    doc, 1)."""
+    return _inverse(h, damping_diagonal(h, damping))
 
 
 def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,

@@ -36,7 +36,7 @@ import onnx
 
 from ..data.gram import accumulate, constants, site_for, token_mask
 from .reconstruct import _SiteEdit
-from .scores import damped_inverse
+from .scores import damped_inverse, damping_diagonal
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,7 @@ def _compensated(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float)
     kept rows move by A_kk⁻¹ A_kq V_q (A = H + damping; one Cholesky solve of the kept
     block, the same as V − A⁻¹_:q (A⁻¹_qq)⁻¹ V_q without the whole inverse)."""
     k = h.shape[0] - 1
-    scale = float(np.mean(np.diag(h)[:k])) or 1.0
-    a = np.array(h, dtype=np.float64)
-    a.flat[::k + 2] += damping * scale + 1e-10 * scale
-    a[k, k] -= damping * scale  # the bias row is not damped
+    a = np.asarray(h, dtype=np.float64) + np.diag(damping_diagonal(h, damping))
     q = np.asarray(rows).ravel()
     keep = np.setdiff1d(np.arange(k + 1), q)
     rhs = a[np.ix_(keep, q)] @ v[q]
@@ -179,6 +176,12 @@ def measure(model: onnx.ModelProto, coupling, probes: Sequence[Probe],
 def _edited(model, p: Probe, consumers, inverses) -> tuple[onnx.ModelProto, set]:
     """A copy of ``model`` with the probe's cut: its layer bypassed, or its group's consumers
     OBS-compensated with ``inverses`` (``measure``'s); and the initializers it rewrote."""
+    return _with_cut(model, p, consumers,
+                     lambda name, v, rows: _obs_update(inverses[name], v, rows))
+
+
+def _with_cut(model, p: Probe, consumers, compensate) -> tuple[onnx.ModelProto, set]:
+    """``_edited`` with ``compensate(site output, V, removed rows) -> V`` as the refit."""
     from .blocks import remove_blocks
 
     work = onnx.ModelProto()
@@ -191,7 +194,7 @@ def _edited(model, p: Probe, consumers, inverses) -> tuple[onnx.ModelProto, set]
     for site, rows in sorted(consumers.get(p.key[1], []), key=lambda c: -c[0].node):
         edit = _SiteEdit(work, site_for(work, site.node, constants(work))[0])
         v = np.concatenate([edit.w0, edit.b0[None, :]], axis=0)
-        v = _obs_update(inverses[site.output], v, rows[p.units])
+        v = compensate(site.output, v, rows[p.units])
         edit.write(v[:-1], v[-1], moved_bias=True)
         touched.update(edit.node.input)
         if edit.add is not None:
@@ -201,8 +204,6 @@ def _edited(model, p: Probe, consumers, inverses) -> tuple[onnx.ModelProto, set]
 
 def _measure_folds(model, probes, feeds, consumers, damping, weights, folds):
     """``measure`` cross-fitted over ``folds`` (whole-model runs per fold)."""
-    from .blocks import remove_blocks
-
     feeds = list(feeds)
     fold = np.asarray(folds, np.int64)
     parts = [np.flatnonzero(fold == k) for k in np.unique(fold)]
@@ -218,18 +219,10 @@ def _measure_folds(model, probes, feeds, consumers, damping, weights, folds):
         got: list = [None] * len(feeds)
         try:
             for k, idx in enumerate(parts if p.block is None else [np.arange(len(feeds))]):
-                work = onnx.ModelProto()
-                work.CopyFrom(model)
-                if p.block is not None:  # nothing is fit: one run measures every feed
-                    remove_blocks(work, [p.block])
-                else:
-                    for site, rows in consumers.get(p.key[1], []):
-                        others = [g[site.output].xtx for j, g in enumerate(grams)
-                                  if j != k or len(parts) == 1]
-                        edit = _SiteEdit(work, site_for(work, site.node, constants(work))[0])
-                        v = np.concatenate([edit.w0, edit.b0[None, :]], axis=0)
-                        v = _compensated(np.sum(others, axis=0), v, rows[p.units], damping)
-                        edit.write(v[:-1], v[-1], moved_bias=True)
+                # a bypassed layer fits nothing: one run measures every feed
+                others = [g for j, g in enumerate(grams) if j != k or len(parts) == 1]
+                work, _ = _with_cut(model, p, consumers, lambda name, v, rows: _compensated(
+                    np.sum([g[name].xtx for g in others], axis=0), v, rows, damping))
                 for i, o in zip(idx, _outputs(work, [feeds[i] for i in idx], names)):
                     got[i] = o
             out[p.key] = _relative_error(feeds, ref, got)
