@@ -144,20 +144,28 @@ def _capture(work, original, names, feeds, runner, ref_runner, streams, weights)
     return stats, {s.output: _SiteEdit(work, s) for s in sites}
 
 
-def _choose(consumers, stats, edits, count: int, damping: float) -> np.ndarray:
-    """The ``count`` units the greedy OBS removes first from each consumer's full-width
-    refit (module doc, 2)."""
+def _greedy(consumers, stats, edits, limit: int, damping: float, energy):
+    """Greedy OBS of a group on its consumers' full-width refits, ``limit`` units deep:
+    (the single consumer's removal order, or None; the summed per-unit damages, each
+    consumer's divided by ``energy(site output, its Gram sums)``)."""
     total = None
+    picked: list[int] | None = [] if len(consumers) == 1 else None
     for name, rows in consumers:
         st, ed = stats[name], edits[name]
         w, b = solve(st, ed.w0, ed.b0, "lstsq", damping)
         v = np.concatenate([w, b[None, :]], axis=0)
-        if len(consumers) == 1:
-            picked: list[int] = []
-            _obs_greedy(st.xtx, v, rows, damping, count, picked=picked)
-            return np.sort(np.asarray(picked[:count], dtype=np.int64))
-        score = _obs_greedy(st.xtx, v, rows, damping, count) / max(st.tt, 1e-30)
+        score = _obs_greedy(st.xtx, v, rows, damping, limit, picked=picked)
+        score = score / max(energy(name, st), 1e-30)
         total = score if total is None else total + score
+    return picked, total
+
+
+def _choose(consumers, stats, edits, count: int, damping: float) -> np.ndarray:
+    """The ``count`` units the greedy OBS removes first from each consumer's full-width
+    refit (module doc, 2)."""
+    picked, total = _greedy(consumers, stats, edits, count, damping, lambda _, st: st.tt)
+    if picked is not None:
+        return np.sort(np.asarray(picked[:count], dtype=np.int64))
     return np.sort(np.argsort(total, kind="stable")[:count].astype(np.int64))
 
 
@@ -177,17 +185,9 @@ def _curve(consumers, stats, edits, remaining, damping):
     """(removal order, per-unit marginal damage on the stream scale of the one-shot scores)
     of a group on its consumers' full-width refit, up to its cap (``Remaining``)."""
     cap = remaining.cap(remaining.current)
-    total = None
-    picked: list[int] = []
-    for name, rows in consumers:
-        st, ed = stats[name], edits[name]
-        w, b = solve(st, ed.w0, ed.b0, "lstsq", damping)
-        v = np.concatenate([w, b[None, :]], axis=0)
-        score = _obs_greedy(st.xtx, v, rows, damping, cap,
-                            picked=picked if len(consumers) == 1 else None)
-        score = score / max(st.n * remaining.norms.get(name, st.tt / max(st.n, 1)), 1e-30)
-        total = score if total is None else total + score
-    if len(consumers) == 1:
+    picked, total = _greedy(consumers, stats, edits, cap, damping, lambda name, st: (
+        st.n * remaining.norms.get(name, st.tt / max(st.n, 1))))
+    if picked is not None:
         order = np.asarray(picked[:cap] + [u for u in np.argsort(total, kind="stable")
                                            if u not in set(picked[:cap])], dtype=np.int64)
     else:
