@@ -52,11 +52,11 @@ def _assemble(like: Mapping[str, np.ndarray], name: str, feeds: Sequence[Mapping
     ids = np.asarray(like[name])
     lengths = [sum(len(p) for _, _, p in parts) for parts in rows]
     width = max(lengths)
+    m = _mask(like, ids)
     pad_of = {}
     for key, value in like.items():
         v = np.asarray(value)
         if v.shape == ids.shape:
-            m = _mask(like, ids)
             pad_of[key] = v[~m][0] if (~m).any() else np.zeros((), v.dtype)
     out: Feed = {}
     for key, value in like.items():
