@@ -108,3 +108,35 @@ def test_a_group_measured_harmless_is_cut_past_its_probe_only_at_predicted_damag
     assert sorted(safe.removal[0]) == [0, 1] and sorted(safe.removal[1]) == [0, 1]
     assert sorted(bare.removal[0]) == [0, 1, 2, 3] and 1 not in bare.removal
     assert safe.removed_cost == bare.removed_cost == 2.0
+
+
+def test_probes_read_logits_through_an_identity_after_the_softmax():
+    """PP-OCR's classifier writes Softmax -> Identity -> output: the probes must read the
+    logits (the Softmax's input), not the probabilities a confident classifier hides its
+    change in. Oracle: the measured damage equals the logits' relative error of the edited
+    copy, and differs from the probabilities'."""
+    import onnx
+    from onnx import helper
+
+    from graphopt.prune.sensitivity import measured_tensors
+
+    model = _two_blocks()
+    g = model.graph
+    head = g.output[0].name
+    g.node.extend([helper.make_node("Softmax", [head], ["p"], axis=-1),
+                   helper.make_node("Identity", ["p"], ["probs"])])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, None))
+    assert measured_tensors(model) == [head]
+    plain, coupling, group, consumers, _ = _setup()  # the logits as its output
+    feeds = _feeds((16, 8), count=3)
+    inverses = _inverses(model, consumers, feeds)
+    probe = Probe(("group", group.id), np.array([1, 4, 6]))
+    got = measure(model, coupling, [probe], feeds, consumers, inverses=inverses)[probe.key]
+    work, _ = _edited(model, probe, consumers, inverses)
+    cut, _ = _edited(plain, probe, consumers, inverses)
+    logits = _relative_error(feeds, [{head: run(plain, f)[head]} for f in feeds],
+                             [{head: run(cut, f)[head]} for f in feeds])
+    probs = _relative_error(feeds, [{"probs": run(model, f)["probs"]} for f in feeds],
+                            [{"probs": run(work, f)["probs"]} for f in feeds])
+    assert np.isclose(got, logits, rtol=1e-4) and not np.isclose(got, probs, rtol=0.1)
