@@ -154,8 +154,11 @@ def optimize(
             val_feeds = held
             source = f"held-out calibration ({len(held)} of {len(feeds) + len(held)} feeds)"
     shapes = _shapes_from_feeds(original, shapes, feeds)
-    ctx = Context(input_shapes=shapes or None, calibration=feeds, seed=seed)
     again = final == "all" and bool(held)
+    # the run on all calibration reuses what the held-out run captured of the original
+    # model where the two runs' feeds agree (graphopt.prune.shared)
+    ctx = Context(input_shapes=shapes or None, calibration=feeds, seed=seed,
+                  shared={"everything": everything} if again else None)
     if again:
         work_again = onnx.ModelProto()
         work_again.CopyFrom(work)
@@ -208,7 +211,8 @@ def _optimize_on_all(manager, reference, rest_model, rest_report, work, everythi
                          "model was not measured on unseen data)")
     if manager.progress:
         manager.progress(f"all {every} calibration samples")
-    again = Context(input_shapes=ctx.input_shapes, calibration=everything, seed=ctx.seed)
+    again = Context(input_shapes=ctx.input_shapes, calibration=ctx.shared["everything"],
+                    seed=ctx.seed, shared=ctx.shared)
     optimized, report = manager.run(work, again, source=input_file)
     report.metadata["cost_before"] = report.cost_before.to_dict()
     report.metadata["cost_after"] = report.cost_after.to_dict()

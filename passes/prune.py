@@ -109,7 +109,9 @@ from graphopt.prune.importance import _step, unit_scores
 from graphopt.prune.latency import checked_cut, latency_note, nchwc_block, time_cut
 from graphopt.prune.latency import measure as measure_latency
 from graphopt.prune.reconstruct import consumer_sites, frontier_sites
-from graphopt.prune.streams import consumer_outputs, scores_and_streams
+from graphopt.prune.shared import calibration_copies
+from graphopt.prune.shared import scores as shared_scores
+from graphopt.prune.streams import consumer_outputs
 
 from ._prune_units import prunable_groups, removable_blocks, removable_cost
 from ._refit import GUESS_NOTE, check_reconstruct, keep_original, refit_step, resolve_mode
@@ -325,37 +327,13 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         plan = PrunePlan(coupling, key=_model_key(model))
         data = bool(ctx.calibration)
         feeds = ctx.calibration_feeds(model)
-        given = len(feeds)  # swapped-token copies follow, in the same order
-        if data and cfg.cv and given >= cfg.cv:  # a swapped copy: its feed's fold
-            plan.folds = [i % cfg.cv for i in range(given)]
+        given = len(feeds)  # the copies follow in blocks of ``given`` (shared.calibration_copies)
         if not data:
             plan.notes.append(GUESS_NOTE)
-        elif cfg.swap_tokens > 0:
-            from graphopt.data.vary import replace_tokens
-
-            more = replace_tokens(feeds, model, cfg.swap_tokens, copies=cfg.swap_copies)
-            if more:  # a model without token-id inputs keeps its calibration as given
-                plan.folds = plan.folds and plan.folds * (1 + cfg.swap_copies)
-                feeds = list(feeds) + more
-                plan.notes.append(f"calibration: {len(more)} more feeds with "
-                                  f"{cfg.swap_tokens:.0%} of the tokens swapped for random "
-                                  "vocabulary ids (swap_tokens)")
-                plan.feeds = feeds
-        if data and cfg.spans != "none":
-            from graphopt.data.spans import vary_spans
-
-            more = vary_spans(feeds[:given], model, cfg.spans.split("|"))
-            if more and cfg.swap_tokens > 0:  # swapped twins: without them other text loses
-                from graphopt.data.vary import replace_tokens
-
-                more += replace_tokens(more, model, cfg.swap_tokens, copies=cfg.swap_copies,
-                                       seed=7)
-            if more:
-                plan.folds = plan.folds and plan.folds + plan.folds[:given] * (len(more) // given)
-                feeds = list(feeds) + more
-                plan.notes.append(f"calibration: {len(more)} more feeds of joined/cropped "
-                                  f"sentences ({cfg.spans}; spans)")
-                plan.feeds = feeds
+        more, plan.folds, notes = calibration_copies(feeds, model, cfg, data)
+        if notes:
+            feeds = plan.feeds = more
+            plan.notes += notes
         groups = prunable_groups(coupling, plan, cfg.kinds)
         if metric == "latency":
             plan.latency = measure_latency(model, coupling, groups, feeds[0], cfg.provider,
@@ -385,7 +363,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         ratios = AUTO_RATIOS if cfg.max_ratio is None else (cfg.max_ratio,)
         for plan.max_ratio in ratios:
             candidates = self._candidates(model, coupling, groups, blocks, feeds, data, cost,
-                                          metric, plan)
+                                          metric, plan, ctx, given)
             best = removable_cost(candidates)
             if need > best * (1 + 1e-9) + 1e-9:
                 continue
@@ -544,7 +522,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         return norm_streams(model, stream_sums(model, consumer_outputs(model, groups)))
 
     def _candidates(self, model, coupling, groups, blocks, feeds, data, cost, metric,
-                    plan) -> list[Candidate]:
+                    plan, ctx, given) -> list[Candidate]:
         cfg = self.config
         layer_of: dict[int, int] = {}
         for b, i in blocks:
@@ -555,10 +533,11 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         if data:
             weights = self._weights(model, coupling, groups)
             plan.inverses = {} if cfg.search and cfg.folds == 1 else None
-            scores, fallback, damage = scores_and_streams(
-                model, coupling, groups, cfg.score, feeds, [b for b, _ in blocks],
-                damping=cfg.damping, max_ratio=plan.max_ratio, weights=weights,
-                keep=plan.inverses)
+            scores, fallback, damage, note = shared_scores(
+                model, coupling, groups, cfg.score, feeds, given, [b for b, _ in blocks],
+                cfg=cfg, ctx=ctx, damping=cfg.damping, max_ratio=plan.max_ratio,
+                weights=weights, keep=plan.inverses)
+            plan.notes += [note] if note else []
             if fallback:
                 scores.update(unit_scores(coupling, fallback, "activation", feeds=feeds))
         else:

@@ -70,6 +70,7 @@ class Context:
     calibration: list[dict[str, np.ndarray]] | None = None
     seed: int = 0
     calibration_batches: int = 4
+    shared: dict | None = None  # what two runs of one optimize share (graphopt.prune.shared)
 
     def sample_feeds(self, model: onnx.ModelProto, count: int = 1) -> list[dict[str, np.ndarray]]:
         """Inputs for numeric checks: the calibration data if any, else generated."""

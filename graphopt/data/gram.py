@@ -316,6 +316,14 @@ class GramStats:
         out.parts = list(parts)
         return out
 
+    def snapshot(self) -> "GramStats":
+        """A copy with the rows added so far, flushed: the sums a capture ending here has."""
+        out = GramStats(self._xtx.copy(), None if self._xty is None else self._xty.copy(),
+                        self.tt, self.n, self.single)
+        out._pending, out._rows, out._half = list(self._pending), self._rows, self._half
+        out.flush()
+        return out
+
     def minus(self, part: "GramStats") -> "GramStats":
         """The sums without ``part``'s rows."""
         return GramStats(self.xtx - part.xtx, None if self.xty is None else
@@ -444,6 +452,8 @@ def accumulate(
     observe: Mapping[str, Callable[[int, np.ndarray], None]] | None = None,
     folds: Sequence[int] | None = None,
     single: bool = False,
+    upto: int | None = None,
+    early: dict | None = None,
 ) -> dict[str, GramStats]:
     """Gram sums of every site's input in ``model`` (and targets from ``reference``).
 
@@ -467,6 +477,7 @@ def accumulate(
     chunks. ``observe[name](feed_index, array)``: more tensors of ``model`` fetched in the
     same runs (with the first chunk) and handed over feed by feed, so a caller's other
     statistics need no run of their own. ``single``: ``GramStats``' float32 products.
+    ``early[site.output]``: the sums of the first ``upto`` feeds (``GramStats.snapshot``).
     Returns ``{site.output: GramStats}``.
     """
     feeds = list(feeds)
@@ -510,6 +521,8 @@ def accumulate(
         values_of = segments.run(model, names)
         refs = ref_segments.run(other, ref_names) if ref_names else None
         for f_idx, feed in enumerate(feeds):
+            if f_idx == upto and early is not None and folds is None:
+                early.update({s.output: parts[s.output][None].snapshot() for s in chunk})
             values = next(values_of)
             values_t = next(refs) if refs is not None else values
             for name, take in seen.items():

@@ -201,7 +201,8 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
                 max_ratio: float = 0.9, norms: Mapping[str, float] | None = None,
                 weights: Mapping[str, str] | None = None,
                 observe: Mapping[str, Callable[[int, np.ndarray], None]] | None = None,
-                keep: dict | None = None) -> tuple[dict[int, np.ndarray], list]:
+                keep: dict | None = None, upto: int | None = None,
+                early: dict | None = None) -> tuple[dict[int, np.ndarray], list]:
     """Scores per group id by ``method`` (module doc), and the groups it cannot score.
 
     ``obs`` damage is squared error per row (token, pixel) of the consumer's output, divided
@@ -214,7 +215,10 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
     share these runs. Which sites ``norms`` has is read at once, its values only after
     every capture (so it may be filled by ``observe``: ``graphopt.prune.streams.StreamStats``).
     ``keep``: filled with each ``obs`` site's ``damped_inverse`` (site output -> array;
-    float32 when the float32 products are used) for a later user (the search's probes)."""
+    float32 when the float32 products are used) for a later user (the search's probes).
+    ``early`` (a dict, with ``upto``): ``early["scores"]`` is set to the scores of the first
+    ``upto`` feeds, normalized by ``early["norms"]``, from the same capture runs (the
+    sums ``accumulate`` had after those feeds): what a call on those feeds alone returns."""
     inits = constants(model)
     plan: dict[int, list[tuple[LinearSite, np.ndarray]]] = {}
     fallback = []
@@ -226,9 +230,10 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
             plan[g.id] = consumers
     sites = {s.output: s for cs in plan.values() for s, _ in cs}
     if not sites:
+        if early is not None:
+            early["scores"] = {}
         return {}, fallback
     feeds = list(feeds)
-    totals = {gid: np.zeros(coupling.group(gid).size) for gid in plan}
     readers: dict[str, list[tuple[int, np.ndarray]]] = {}
     for gid, consumers in plan.items():
         for site, rows in consumers:
@@ -238,44 +243,63 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
     order = sorted(sites.values(), key=lambda s: s.node)
     chunks_ = chunked(order, dims)
     watch = _watch_by_chunk(model, chunks_, observe or {})
-    parts = []  # (gid, site output, per-unit damage, how it is normalized, its divisor)
+    parts: list = []  # (gid, site output, per-unit damage, how it is normalized, divisor)
+    early_parts: list = []  # the same, of the first ``upto`` feeds (``early``)
     for chunk, seen in zip(chunks_, watch):  # one chunk of Gram sums at a time
         # float32 Gram products (summed in float64) where the damping dwarfs their
         # rounding (MiniLM macs=0.6, the PP-OCR classifier at macs=0.8: same fidelity to
         # 4 digits); a near-zero damping (exactly dependent units) needs float64
+        snaps = {} if early is not None else None
         stats = accumulate(model, chunk, feeds, weights=weights, segments=runner,
-                           observe=seen, single=damping >= 1e-3)
+                           observe=seen, single=damping >= 1e-3, upto=upto, early=snaps)
         for site in chunk:
-            st = stats[site.output]
-            inverse = None
-            if keep is not None and method == "obs":
-                inverse = damped_inverse(st.xtx, damping)
-                keep[site.output] = inverse.astype(np.float32) if damping >= 1e-3 else inverse
-            v = site.matrix(onnx.numpy_helper.to_array(inits[site.weight])).astype(np.float64)
-            node = model.graph.node[site.node]
-            bias = np.zeros(v.shape[1])
-            if site.op in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
-                bias = onnx.numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-                bias = bias.reshape(-1) if bias.size == v.shape[1] else np.zeros(v.shape[1])
-            va = np.concatenate([v, bias[None, :]], axis=0)
-            for gid, rows in readers[site.output]:
-                if method == "obs":
-                    limit = int(np.ceil(max_ratio * len(rows)))
-                    dmg = _obs_greedy(st.xtx, va, rows, damping, limit, inverse=inverse)
-                    if norms and site.output in norms:
-                        parts.append((gid, site.output, dmg, "obs", st.n))  # × the norm
-                    else:
-                        own = _energy(st.xtx, va) if site.op == "Conv" else st.n
-                        parts.append((gid, site.output, dmg, "own", own))
-                else:
-                    n = max(st.n, 1)
-                    mean = st.xtx[-1, :-1] / n
-                    var = np.maximum(np.diag(st.xtx)[:-1] / n - mean * mean, 0.0)
-                    energy = (v * v).sum(1) * var
-                    parts.append((gid, site.output, energy[rows].sum(1),
-                                  "std", np.sqrt(energy)[rows].sum(1)))
-        del stats
-    for gid, name, value, kind, extra in parts:  # the norms are complete now
+            _score_site(model, inits, site, stats[site.output], readers[site.output], method,
+                        damping, max_ratio, norms, keep, parts)
+            if snaps is not None:
+                _score_site(model, inits, site, snaps.pop(site.output), readers[site.output],
+                            method, damping, max_ratio, early.get("norms"), None, early_parts)
+        del stats, snaps
+    if early is not None:
+        early["scores"] = _totals(coupling, plan, early_parts, early.get("norms"))
+    return _totals(coupling, plan, parts, norms), fallback
+
+
+def _score_site(model, inits, site, st, readers, method, damping, max_ratio, norms, keep,
+                parts) -> None:
+    """Append one site's per-unit damages for each group reading it to ``parts``."""
+    inverse = None
+    if keep is not None and method == "obs":
+        inverse = damped_inverse(st.xtx, damping)
+        keep[site.output] = inverse.astype(np.float32) if damping >= 1e-3 else inverse
+    v = site.matrix(onnx.numpy_helper.to_array(inits[site.weight])).astype(np.float64)
+    node = model.graph.node[site.node]
+    bias = np.zeros(v.shape[1])
+    if site.op in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
+        bias = onnx.numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        bias = bias.reshape(-1) if bias.size == v.shape[1] else np.zeros(v.shape[1])
+    va = np.concatenate([v, bias[None, :]], axis=0)
+    for gid, rows in readers:
+        if method == "obs":
+            limit = int(np.ceil(max_ratio * len(rows)))
+            dmg = _obs_greedy(st.xtx, va, rows, damping, limit, inverse=inverse)
+            if norms and site.output in norms:
+                parts.append((gid, site.output, dmg, "obs", st.n))  # × the norm
+            else:
+                own = _energy(st.xtx, va) if site.op == "Conv" else st.n
+                parts.append((gid, site.output, dmg, "own", own))
+        else:
+            n = max(st.n, 1)
+            mean = st.xtx[-1, :-1] / n
+            var = np.maximum(np.diag(st.xtx)[:-1] / n - mean * mean, 0.0)
+            energy = (v * v).sum(1) * var
+            parts.append((gid, site.output, energy[rows].sum(1),
+                          "std", np.sqrt(energy)[rows].sum(1)))
+
+
+def _totals(coupling, plan, parts, norms) -> dict[int, np.ndarray]:
+    """Scores per group from ``_score_site``'s parts, once the norms are complete."""
+    totals = {gid: np.zeros(coupling.group(gid).size) for gid in plan}
+    for gid, name, value, kind, extra in parts:
         if kind == "obs":
             totals[gid] += value / max(extra * norms[name], 1e-30)
         elif kind == "own":
@@ -284,7 +308,7 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
             totals[gid] += value / norms[name]
         else:
             totals[gid] += extra
-    return totals, fallback
+    return totals
 
 
 def _watch_by_chunk(model, chunks_, observe) -> list[dict]:

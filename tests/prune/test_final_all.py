@@ -19,6 +19,7 @@ from graphopt.api import optimize
 from graphopt.cli.commands import main
 from graphopt.errors import ConfigError
 from graphopt.fidelity import measure, split_holdout
+from graphopt.prune.shared import SHARED_NOTE
 
 from .test_budget import _mlp
 
@@ -59,6 +60,7 @@ def test_final_all_writes_the_model_from_all_feeds_and_the_figure_of_the_rest():
     assert "other 96, on the 32" in fid["final"] and "final" not in exact
     assert report.metadata["held_out_run"]["samples"] == 16 * len(rest) == 96
     assert report.passes[0].status == "changed"
+    assert SHARED_NOTE in report.passes[0].details["notes"]
 
 
 def test_with_validation_or_no_holdout_there_is_one_run():
@@ -105,3 +107,55 @@ def test_cli_final_labels_the_figure_and_refuses_bad_values(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and not bad.exists()
     assert len(err) == 1 and err[0].startswith("error:"), err
+
+
+def test_one_capture_serves_both_runs_of_a_token_model(hf_export, token_feeds):
+    """A tiny BERT (swapped-token copies in the scoring feeds): the held-out run's capture of
+    the original model gives the full run its scores (the note says so), and still the
+    model written == optimize on all feeds alone, weight for weight, and the figure == the
+    exact held-out figure of the model optimized from the rest alone (final=rest)."""
+    model = hf_export("bert", layers=2)
+    feeds = [token_feeds(model, seed=s, batch=3, seq=9) for s in range(8)]
+    spec = ["prune:macs=0.7"]
+    written, report = optimize(model, spec, calibration=feeds, latency=False)
+    alone, _ = optimize(model, spec, calibration=feeds, holdout=0)
+    from_rest, rest_report = optimize(model, spec, calibration=feeds, final="rest")
+    assert SHARED_NOTE in report.passes[0].details["notes"]
+    assert SHARED_NOTE not in rest_report.passes[0].details["notes"]
+    assert _same(written, alone) and not _same(written, from_rest)
+    assert report.metadata["fidelity"]["outputs"] == rest_report.metadata["fidelity"]["outputs"]
+
+
+def test_early_scores_are_those_of_the_first_feeds_alone(hf_export, token_feeds):
+    """Oracle for the share: ``data_scores`` with ``upto=n`` gives, from one capture, the
+    scores a call on the first n feeds alone gives, number for number, and its own scores
+    equal a call without ``upto``."""
+    from graphopt.analysis.coupling import analyze
+    from graphopt.prune.scores import data_scores
+    from graphopt.prune.streams import StreamStats
+
+    from graphopt.passes._prune_units import prunable_groups
+    from graphopt.passes.prune import PrunePlan
+
+    model = hf_export("bert", layers=2)
+    coupling = analyze(model, None)
+    groups = prunable_groups(coupling, PrunePlan(coupling), ("heads", "neurons"))
+    feeds = [token_feeds(model, seed=s, batch=3, seq=9) for s in range(6)]
+
+    def alone(fs):
+        norms = StreamStats(model, groups, fs)
+        got, _ = data_scores(model, coupling, groups, "obs", fs, norms=norms,
+                             observe=norms.observers())
+        return got
+
+    both, first = StreamStats(model, groups, feeds), StreamStats(model, groups, feeds[:4])
+    observe = {n: (lambda f, v, n=n: (both.observe(f, n, v), f < 4 and first.observe(f, n, v)))
+               for n in both.names}
+    early = {"norms": first}
+    got, _ = data_scores(model, coupling, groups, "obs", feeds, norms=both, observe=observe,
+                         upto=4, early=early)
+    ref_all, ref_first = alone(feeds), alone(feeds[:4])
+    assert got.keys() == ref_all.keys() == early["scores"].keys() and len(got) >= 2
+    assert all(np.array_equal(got[g], ref_all[g]) for g in got)
+    assert all(np.array_equal(early["scores"][g], ref_first[g]) for g in got)
+    assert not all(np.array_equal(got[g], early["scores"][g]) for g in got)
