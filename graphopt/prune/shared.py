@@ -83,10 +83,12 @@ def _key(model, cfg, max_ratio, count) -> tuple:
 
 def scores(model, coupling, groups, method, feeds, given, blocks, *, cfg, ctx, damping,
            max_ratio, weights=None, keep=None):
-    """(scores, groups not scored, damage per block exit, note or None): as
-    ``graphopt.prune.streams.scores_and_streams`` on ``feeds`` (``given`` of them the
-    user's, then the copies), captured in ``canonical`` order, shared between the two
-    runs of ``final="all"`` where it can be (module doc, 3)."""
+    """(scores, groups not scored, damage per block exit, note or None):
+    ``graphopt.prune.scores.data_scores`` of ``groups`` divided by their stream norms, and
+    the ``layer_damage`` of ``blocks``, the stream tensors taken from the scores' own
+    capture runs (``StreamStats``' observers), on ``feeds`` (``given`` of them the user's,
+    then the copies) in ``canonical`` order; shared between the two runs of
+    ``final="all"`` where it can be (module doc, 3). ``keep``: as ``data_scores``'."""
     from .scores import data_scores
 
     order = canonical(len(feeds), given)

@@ -8,7 +8,7 @@
 - ``layer_damage``: E‖exit − entry‖² / E‖exit‖² per removable block, what bypassing it
   costs on the same scale.
 - ``stream_stats``: both from one capture (one run of the model over the feeds);
-  ``scores_and_streams``: both from the pruning scores' own capture runs.
+  ``graphopt.prune.shared.scores``: both from the pruning scores' own capture runs.
 - ``consumer_outputs``: the output tensors of the weight layers that read the groups.
 """
 
@@ -71,22 +71,6 @@ def stream_stats(model, coupling, groups, feeds, weights=None, blocks=()
     stats = StreamStats(model, groups, feeds, weights, blocks)
     stats.capture(model)
     return stats.norms(), stats.damage()
-
-
-def scores_and_streams(model, coupling, groups, method, feeds, blocks, *, damping,
-                       max_ratio, weights=None, keep=None):
-    """``graphopt.prune.scores.data_scores`` of ``groups`` divided by their stream norms,
-    and ``layer_damage`` of ``blocks``: the stream tensors are taken from the scores' own
-    capture runs (``observe``), not from a run of their own. Returns (scores, the groups
-    not scored, damage per block exit); ``keep``: as ``data_scores``'."""
-    from .scores import data_scores
-
-    streams = StreamStats(model, groups, feeds, weights, blocks)
-    scores, fallback = data_scores(model, coupling, groups, method, feeds, damping=damping,
-                                   max_ratio=max_ratio, norms=streams, weights=weights,
-                                   observe=streams.observers(), keep=keep)
-    streams.capture(model)  # what the scores did not run (no group was scored)
-    return scores, fallback, streams.damage()
 
 
 class StreamStats(Mapping):
