@@ -49,9 +49,16 @@ def main() -> None:
     import graphopt.passes.prune as P
     from graphopt.analysis.structure import find_structure
 
-    caps, scale = _pairs(args.cap), _pairs(args.scale)
-    forced = None if args.layers is None else \
-        set() if args.layers == "none" else {int(i) for i in args.layers.split(",")}
+    try:
+        caps, scale = _pairs(args.cap), _pairs(args.scale)
+        forced = None if args.layers is None else \
+            set() if args.layers == "none" else {int(i) for i in args.layers.split(",")}
+        if args.group_caps:
+            kind, values = args.group_caps.split(":")
+            [float(v) for v in values.split(",")]
+    except ValueError as e:
+        parser.error(f"--layers I,J|none, --cap/--scale KIND=F,..., --group-caps "
+                     f"KIND:R0,R1,...: {e}")
     candidates, allocate = P.Prune._candidates, P.Prune._allocate
 
     def wrapped(self, model, coupling, groups, blocks, feeds, data, cost, metric, plan):
