@@ -61,8 +61,10 @@ def main() -> None:
                      f"KIND:R0,R1,...: {e}")
     candidates, allocate = P.Prune._candidates, P.Prune._allocate
 
-    def wrapped(self, model, coupling, groups, blocks, feeds, data, cost, metric, plan):
-        out = candidates(self, model, coupling, groups, blocks, feeds, data, cost, metric, plan)
+    def wrapped(self, model, coupling, groups, blocks, feeds, data, cost, metric, plan,
+                *more):
+        out = candidates(self, model, coupling, groups, blocks, feeds, data, cost, metric, plan,
+                         *more)
         if args.print:
             for c in out:
                 if c.kind == "layers":
