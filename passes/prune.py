@@ -45,7 +45,8 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
    the units a group was probed at its damage is scaled by at least 1, and a later round
    probes only the groups cut past their probe (``graphopt.prune.search``). Each probe
    runs only the graph after its edit, with the scores' inverses; ``probe_feeds=N``
-   (default 8; 0: all) measures the probes on N of the given feeds. Off by default: on
+   (default: the given feeds holding 64 samples; 0: all) measures the probes on N of the
+   given feeds; a classifier is read before its Softmax. Off by default: on
    MiniLM macs=0.6 it moves the mirror's figures by +0.003 cosine in its domain and not
    both ways in the other (benchmarks/RECONSTRUCT.md).
    ``folds=N`` (default 1): the probes are cross-fitted over N folds of the calibration
@@ -152,7 +153,7 @@ class PruneConfig:
     target: str = "stream"
     search: int = 0
     folds: int = 1  # cross-fitted search probes (module doc)
-    probe_feeds: int = 8  # search probes measured on this many calibration feeds (0: all)
+    probe_feeds: int | None = None  # search probes on N calibration feeds (0: all; None: 64 samples)
     postnorm: bool = False
     swap_tokens: float = 0.2
     swap_copies: int = 1  # how many swapped copies (RECONSTRUCT.md: 2 helps other text)
@@ -189,7 +190,7 @@ class PruneConfig:
         if any(k not in ("none", "join", "crop") for k in self.spans.split("|")):
             raise ConfigError(f"spans must be none, join, crop or join|crop, got "
                               f"{self.spans}")
-        if self.probe_feeds < 0:
+        if self.probe_feeds is not None and self.probe_feeds < 0:
             raise ConfigError(f"probe_feeds must be 0 (all) or more, got {self.probe_feeds}")
         if self.folds < 1:
             raise ConfigError(f"folds must be 1 or more, got {self.folds}")
@@ -500,14 +501,16 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                  given, state):
         """Damages scaled by measured over predicted output damage per group and layer
         (``graphopt.prune.search.rescale``), and what was measured so far."""
-        from graphopt.prune.search import SearchState, fold_ids, probe_subset, rescale
+        from graphopt.prune.search import (SearchState, feed_samples, fold_ids, probe_subset,
+                                           rescale)
 
         state = state or SearchState()
         out, note = rescale(model, coupling, groups, blocks, candidates, alloc, feeds,
                             plan.kinds, self.config.damping,
                             self._weights(model, coupling, groups),
                             fold_ids(len(feeds), given, self.config.folds), inverses=plan.inverses,
-                            subset=probe_subset(len(feeds), given, self.config.probe_feeds),
+                            subset=probe_subset(len(feeds), given, self.config.probe_feeds,
+                                                feed_samples(feeds[:given])),
                             state=state)
         plan.notes.append(note)
         return out, state

@@ -140,3 +140,19 @@ def test_probes_read_logits_through_an_identity_after_the_softmax():
     probs = _relative_error(feeds, [{"probs": run(model, f)["probs"]} for f in feeds],
                             [{"probs": run(work, f)["probs"]} for f in feeds])
     assert np.isclose(got, logits, rtol=1e-4) and not np.isclose(got, probs, rtol=0.1)
+
+
+def test_probe_feeds_by_default_hold_64_samples_of_the_given_feeds():
+    """``probe_feeds`` None: the fewest given feeds (spread evenly, never a swapped copy)
+    whose batches hold PROBE_SAMPLES (64) samples: 4 CNN feeds of 16 images, 8 MiniLM feeds
+    of 8 sentences; all of them when fewer; an explicit N as before."""
+    from graphopt.prune.search import PROBE_SAMPLES, feed_samples, probe_subset
+
+    assert PROBE_SAMPLES == 64
+    assert probe_subset(16, 8, None, [16] * 8) == [0, 2, 5, 7]
+    assert probe_subset(32, 16, None, [8] * 16) == [0, 2, 4, 6, 9, 11, 13, 15]
+    assert probe_subset(6, 3, None, [16] * 3) == [0, 1, 2]  # every given feed, no copy
+    assert probe_subset(3, 3, None, [16] * 3) is None  # all, and no copies: every feed
+    assert probe_subset(16, 8, 2, [16] * 8) == [0, 7] and probe_subset(16, 8, 0) is None
+    feeds = [{"x": np.zeros((16, 3, 4, 4))}, {"ids": np.zeros((8, 5), np.int64)}]
+    assert feed_samples(feeds) == [16, 8]
