@@ -155,10 +155,11 @@ def optimize(
             source = f"held-out calibration ({len(held)} of {len(feeds) + len(held)} feeds)"
     shapes = _shapes_from_feeds(original, shapes, feeds)
     again = final == "all" and bool(held)
-    # the run on all calibration reuses what the held-out run captured of the original
-    # model where the two runs' feeds agree (graphopt.prune.shared)
+    # the run on all calibration reuses what the held-out run's first lossy pass captured
+    # of the model where the two runs' feeds agree (graphopt.prune.shared)
+    first = next((p for p in recipe.passes if not getattr(p, "lossless", True)), None)
     ctx = Context(input_shapes=shapes or None, calibration=feeds, seed=seed,
-                  shared={"everything": everything} if again else None)
+                  shared={"everything": everything, "pass": first} if again else None)
     if again:
         work_again = onnx.ModelProto()
         work_again.CopyFrom(work)

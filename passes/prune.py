@@ -539,7 +539,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             scores, fallback, damage, note = shared_scores(
                 model, coupling, groups, cfg.score, feeds, given, [b for b, _ in blocks],
                 cfg=cfg, ctx=ctx, damping=cfg.damping, max_ratio=plan.max_ratio,
-                weights=weights, keep=plan.inverses)
+                weights=weights, keep=plan.inverses, owner=self)
             plan.notes += [note] if note else []
             if fallback:
                 scores.update(unit_scores(coupling, fallback, "activation", feeds=feeds))

@@ -9,7 +9,8 @@
    beginning of that run's capture.
 3. ``graphopt.optimize(final="all")`` runs the passes on the calibration without its
    held-out share (for the figure), then on all of it (the model written): it puts
-   ``{"everything": all the feeds}`` in ``Context.shared``. When the held-out run's
+   ``{"everything": all the feeds, "pass": the recipe's first lossy pass}`` in
+   ``Context.shared`` (a later pass sees a model that differs by run). When the held-out run's
    scoring feeds are, in that order, the first feeds of the full run's (the share is
    whole feeds, and the copies of the first feeds are the same in both), one capture
    of the original model over the full run's feeds gives both runs' Gram sums
@@ -82,18 +83,22 @@ def _key(model, cfg, max_ratio, count) -> tuple:
 
 
 def scores(model, coupling, groups, method, feeds, given, blocks, *, cfg, ctx, damping,
-           max_ratio, weights=None, keep=None):
+           max_ratio, weights=None, keep=None, owner=None):
     """(scores, groups not scored, damage per block exit, note or None):
     ``graphopt.prune.scores.data_scores`` of ``groups`` divided by their stream norms, and
     the ``layer_damage`` of ``blocks``, the stream tensors taken from the scores' own
     capture runs (``StreamStats``' observers), on ``feeds`` (``given`` of them the user's,
     then the copies) in ``canonical`` order; shared between the two runs of
-    ``final="all"`` where it can be (module doc, 3). ``keep``: as ``data_scores``'."""
+    ``final="all"`` where it can be (module doc, 3): only for the pass ``owner`` that
+    ``Context.shared["pass"]`` names, the first lossy pass of the recipe, whose input
+    model is the same in both runs. ``keep``: as ``data_scores``'."""
     from .scores import data_scores
 
     order = canonical(len(feeds), given)
     mine = [feeds[i] for i in order]
     share = getattr(ctx, "shared", None)
+    if share is not None and (owner is None or share.get("pass") is not owner):
+        share = None
     key = _key(model, cfg, max_ratio, len(feeds))
     if share is not None and keep is None:
         kept = share.setdefault("scores", {}).pop(key, None)

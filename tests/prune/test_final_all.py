@@ -159,3 +159,13 @@ def test_early_scores_are_those_of_the_first_feeds_alone(hf_export, token_feeds)
     assert all(np.array_equal(got[g], ref_all[g]) for g in got)
     assert all(np.array_equal(early["scores"][g], ref_first[g]) for g in got)
     assert not all(np.array_equal(got[g], early["scores"][g]) for g in got)
+
+
+def test_only_the_first_lossy_pass_shares_its_capture():
+    """Two prunes: the second sees a model the first cut differently in each run, so it
+    captures on its own; the model written == optimize on all feeds alone."""
+    passes = ["prune:macs=0.8", "prune:macs=0.6"]
+    model, report = optimize(_mlp(), passes, calibration=_feeds())
+    assert _same(model, optimize(_mlp(), passes, calibration=_feeds(), holdout=0)[0])
+    first, second = (p.details["notes"] for p in report.passes)
+    assert SHARED_NOTE in first and SHARED_NOTE not in second
