@@ -157,39 +157,26 @@ def optimize(
     again = final == "all" and bool(held)
     # the run on all calibration reuses what the held-out run's first lossy pass captured
     # of the model where the two runs' feeds agree (graphopt.prune.shared)
-    # the run on all calibration runs beside this one (its own copies of the passes, which
-    # keep state between check and run), unless observers watch the phases of one run
-    both = _Beside(recipe.passes, again and not observers)
+    first = next((p for p in recipe.passes if not getattr(p, "lossless", True)), None)
     ctx = Context(input_shapes=shapes or None, calibration=feeds, seed=seed,
-                  shared=both.share(everything) if again else None)
+                  shared={"everything": everything, "pass": first} if again else None)
+    if again:
+        work_again = onnx.ModelProto()
+        work_again.CopyFrom(work)
     manager = PassManager(recipe.passes, on_error=on_error or recipe.on_error, verify=verify,
                           progress=progress, observers=observers)
     # The input file is the first rollback copy when it holds ``work`` exactly (nothing
     # normalized) and onnxruntime reads it: large models are then not written once more.
     input_file = reference.runnable if isinstance(reference.runnable, Path) and not normalized \
         else None
-    if again:
-        work_again = onnx.ModelProto()
-        work_again.CopyFrom(work)
-        both.start(PassManager(both.passes, on_error=on_error or recipe.on_error,
-                               verify=verify, progress=progress),
-                   work_again, Context(input_shapes=ctx.input_shapes, calibration=everything,
-                                       seed=seed, shared=ctx.shared), input_file)
-    try:
-        optimized, report = manager.run(work, ctx, source=input_file)
-    except Exception:
-        both.abandon()
-        raise
-    both.scored.set()
+    optimized, report = manager.run(work, ctx, source=input_file)
     report.metadata["cost_before"] = report.cost_before.to_dict()
     report.metadata["cost_after"] = report.cost_after.to_dict()
     changed_lossy = any(not p.lossless and p.status == "changed" for p in report.passes)
     if changed_lossy and again:
         optimized, report = _optimize_on_all(
             manager, reference, optimized, report, work_again, everything, val_feeds,
-            source, ctx, latency, provider, input_file, both)
-    elif again:
-        both.result()  # not used: nothing lossy changed
+            source, ctx, latency, provider, input_file)
     elif changed_lossy:
         if val_feeds:
             report.metadata["fidelity"] = measure_fidelity(
@@ -213,7 +200,7 @@ def optimize(
 
 
 def _optimize_on_all(manager, reference, rest_model, rest_report, work, everything, held,
-                     source, ctx, latency, provider, input_file, both):
+                     source, ctx, latency, provider, input_file):
     """``final="all"``: the held-out figure of the model optimized from the rest, then the
     passes again on ``everything``; that model and its report, fidelity labelled (doc 6)."""
     fidelity = measure_fidelity(reference, rest_model, held, source,
@@ -223,14 +210,11 @@ def _optimize_on_all(manager, reference, rest_model, rest_report, work, everythi
                          f"calibration samples; the figure is of the model optimized from the "
                          f"other {every - apart}, on the {apart} it did not see (the written "
                          "model was not measured on unseen data)")
-    if both.thread is not None:
-        optimized, report = both.result()
-    else:
-        if manager.progress:
-            manager.progress(f"all {every} calibration samples")
-        again = Context(input_shapes=ctx.input_shapes, calibration=everything, seed=ctx.seed,
-                        shared=ctx.shared)
-        optimized, report = manager.run(work, again, source=input_file)
+    if manager.progress:
+        manager.progress(f"all {every} calibration samples")
+    again = Context(input_shapes=ctx.input_shapes, calibration=ctx.shared["everything"],
+                    seed=ctx.seed, shared=ctx.shared)
+    optimized, report = manager.run(work, again, source=input_file)
     report.metadata["cost_before"] = report.cost_before.to_dict()
     report.metadata["cost_after"] = report.cost_after.to_dict()
     if latency:
@@ -241,62 +225,6 @@ def _optimize_on_all(manager, reference, rest_model, rest_report, work, everythi
     report.metadata["held_out_run"] = {"cost_after": rest_report.cost_after.to_dict(),
                                        "samples": every - apart}
     return optimized, report
-
-
-class _Beside:
-    """``final="all"``'s run on all calibration, in a thread beside the held-out run
-    (``concurrent``; else run after it): on 2 cores the captures' onnxruntime runs and
-    Gram products of one run fill what the other leaves idle. ``share``: the
-    ``Context.shared`` of both runs (``graphopt.prune.shared``); the full run's first lossy
-    pass waits there (``"scored"``) until the held-out run's capture has served it or the
-    held-out run has ended."""
-
-    def __init__(self, passes, concurrent: bool):
-        import copy
-        import threading
-
-        self.concurrent = concurrent
-        self.originals = list(passes)
-        self.passes = [copy.copy(p) for p in passes] if concurrent else self.originals
-        self.thread = None
-        self.scored = threading.Event()
-        self.out: dict = {}
-
-    def share(self, everything) -> dict:
-        firsts = [next((p for p in ps if not getattr(p, "lossless", True)), None)
-                  for ps in (self.originals, self.passes)]
-        return {"everything": everything, "passes": firsts, "scored": self.scored}
-
-    def start(self, manager, work, ctx, source) -> None:
-        if not self.concurrent:
-            self.scored.set()  # nothing runs beside: nothing waits
-            return
-        import threading
-
-        def run():
-            try:
-                self.out["run"] = manager.run(work, ctx, source=source)
-            except BaseException as exc:  # noqa: BLE001 (re-raised by result())
-                self.out["error"] = exc
-
-        if manager.progress:
-            manager.progress(f"all {_samples(ctx.calibration)} calibration samples, beside")
-        self.thread = threading.Thread(target=run, name="graphopt-final-all", daemon=True)
-        self.thread.start()
-
-    def abandon(self) -> None:
-        """The held-out run failed: let the other end before the error goes on."""
-        self.scored.set()
-        if self.thread is not None:
-            self.thread.join()
-
-    def result(self):
-        if self.thread is None:
-            return None
-        self.thread.join()
-        if "error" in self.out:
-            raise self.out["error"]
-        return self.out["run"]
 
 
 def _samples(feeds) -> int:

@@ -9,9 +9,8 @@
    beginning of that run's capture.
 3. ``graphopt.optimize(final="all")`` runs the passes on the calibration without its
    held-out share (for the figure), then on all of it (the model written): it puts
-   ``{"everything": all the feeds, "passes": the recipe's first lossy pass in each run,
-   "scored": an Event}`` in ``Context.shared`` (a later pass sees a model that differs by
-   run; the full run runs beside the held-out one and waits for the Event). When the held-out run's
+   ``{"everything": all the feeds, "pass": the recipe's first lossy pass}`` in
+   ``Context.shared`` (a later pass sees a model that differs by run). When the held-out run's
    scoring feeds are, in that order, the first feeds of the full run's (the share is
    whole feeds, and the copies of the first feeds are the same in both), one capture
    of the original model over the full run's feeds gives both runs' Gram sums
@@ -91,20 +90,19 @@ def scores(model, coupling, groups, method, feeds, given, blocks, *, cfg, ctx, d
     capture runs (``StreamStats``' observers), on ``feeds`` (``given`` of them the user's,
     then the copies) in ``canonical`` order; shared between the two runs of
     ``final="all"`` where it can be (module doc, 3): only for the pass ``owner`` that
-    ``Context.shared["passes"]`` names, the first lossy pass of the recipe, whose input
+    ``Context.shared["pass"]`` names, the first lossy pass of the recipe, whose input
     model is the same in both runs. ``keep``: as ``data_scores``'."""
     from .scores import data_scores
 
     order = canonical(len(feeds), given)
     mine = [feeds[i] for i in order]
     share = getattr(ctx, "shared", None)
-    if share is not None and not any(owner is p for p in share.get("passes", ())):
+    if share is not None and (owner is None or share.get("pass") is not owner):
         share = None
     key = _key(model, cfg, max_ratio, len(feeds))
-    if share is not None and keep is None and ctx.calibration is share.get("everything"):
-        share["scored"].wait()  # the held-out run beside this one (graphopt.api._Beside)
+    if share is not None and keep is None:
         kept = share.setdefault("scores", {}).pop(key, None)
-        if kept is not None:
+        if kept is not None and ctx.calibration is share.get("everything"):
             got, unscored, damage = kept
             return got, [g for g in groups if g.id in unscored], damage, SHARED_NOTE
     full = _full_run(model, cfg, ctx, mine, share) if keep is None else None
@@ -125,14 +123,10 @@ def scores(model, coupling, groups, method, feeds, given, blocks, *, cfg, ctx, d
                                 early=early)
     streams.capture(model)  # what the scores did not run (no group was scored)
     if full is None:
-        if share is not None:
-            share["scored"].set()  # nothing for the full run
         return got, unscored, streams.damage(), None
     mine_stats.capture(model)
     full_key = _key(model, cfg, max_ratio, len(full))
-    share.setdefault("scores", {})[full_key] = (got, {g.id for g in unscored},
-                                                streams.damage())
-    share["scored"].set()
+    share["scores"][full_key] = (got, {g.id for g in unscored}, streams.damage())
     return early["scores"], unscored, mine_stats.damage(), None
 
 
