@@ -99,9 +99,9 @@ def scores(model, coupling, groups, method, feeds, given, blocks, *, cfg, ctx, d
     share = getattr(ctx, "shared", None)
     if share is not None and (owner is None or share.get("pass") is not owner):
         share = None
-    key = _key(model, cfg, max_ratio, len(feeds))
     if share is not None and keep is None:
-        kept = share.setdefault("scores", {}).pop(key, None)
+        kept = share.setdefault("scores", {}).pop(_key(model, cfg, max_ratio, len(feeds)),
+                                                  None)
         if kept is not None and ctx.calibration is share.get("everything"):
             got, unscored, damage = kept
             return got, [g for g in groups if g.id in unscored], damage, SHARED_NOTE
@@ -112,9 +112,7 @@ def scores(model, coupling, groups, method, feeds, given, blocks, *, cfg, ctx, d
     if full is not None:
         mine_stats = StreamStats(model, groups, mine, weights, blocks)
         early = {"norms": mine_stats}
-        observe = {n: (lambda f, v, n=n: (streams.observe(f, n, v),
-                                          f < len(mine) and mine_stats.observe(f, n, v)))
-                   for n in streams.names}
+        observe = {n: _into_both(streams, mine_stats, len(mine), n) for n in streams.names}
     else:
         observe = streams.observers()
     got, unscored = data_scores(model, coupling, groups, method, run, damping=damping,
@@ -128,6 +126,16 @@ def scores(model, coupling, groups, method, feeds, given, blocks, *, cfg, ctx, d
     full_key = _key(model, cfg, max_ratio, len(full))
     share["scores"][full_key] = (got, {g.id for g in unscored}, streams.damage())
     return early["scores"], unscored, mine_stats.damage(), None
+
+
+def _into_both(full, early, upto, name):
+    """An ``observe`` callback handing ``name``'s value to the full run's statistics, and to
+    the early run's too for the first ``upto`` feeds."""
+    def take(feed, value):
+        full.observe(feed, name, value)
+        if feed < upto:
+            early.observe(feed, name, value)
+    return take
 
 
 def _full_run(model, cfg, ctx, mine, share):
