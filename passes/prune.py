@@ -46,9 +46,11 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
    probes only the groups cut past their probe (``graphopt.prune.search``). Each probe
    runs only the graph after its edit, with the scores' inverses; ``probe_feeds=N``
    (default: the given feeds holding 64 samples; 0: all) measures the probes on N of the
-   given feeds; a classifier is read before its Softmax. Off by default: on
-   MiniLM macs=0.6 it moves the mirror's figures by +0.003 cosine in its domain and not
-   both ways in the other (benchmarks/RECONSTRUCT.md).
+   given feeds; a classifier is read before its Softmax. ``search=auto`` (default): one
+   round when the probes' estimated work (MACs on the probe feeds) is at most 100 GMAC
+   (10 s at a conservative 10 GMAC/s), else none (``graphopt.prune.search_work``; the
+   report says which, with the estimate; RECONSTRUCT.md: the PP-OCR classifier on, MiniLM
+   and BERT-base off). Without calibration data no round runs.
    ``folds=N`` (default 1): the probes are cross-fitted over N folds of the calibration
    (a feed and its swapped-token copy in one fold): each fold is measured with the
    compensation solved on the others, so a group whose refit only fits the calibration's
@@ -132,7 +134,7 @@ class PruneConfig:
     group at most, ``round_to`` channels, ``reconstruct``/``damping`` as in the other
     structural passes, ``refit`` (``cut``: the layers reading cut units; ``all``: every
     weight layer downstream), ``target`` (``output`` or ``stream``), ``search`` rounds of
-    measured sensitivity, ``postnorm`` row weights, ``swap_tokens`` (share of tokens
+    measured sensitivity (``auto``: module doc, 4), ``postnorm`` row weights, ``swap_tokens`` (share of tokens
     swapped in an extra calibration copy), ``cv`` folds choosing the damping per site, and
     the ``provider`` and intra-op ``threads`` (0: onnxruntime's default) a latency budget
     is measured with, and how many ``checks`` (A/B timings of the cut, each followed by a
@@ -151,7 +153,7 @@ class PruneConfig:
     score: str = "obs"
     refit: str = "cut"
     target: str = "stream"
-    search: int = 0
+    search: int | str = "auto"  # rounds, or "auto" (graphopt.prune.search_work)
     folds: int = 1  # cross-fitted search probes (module doc)
     probe_feeds: int | None = None  # search probes on N calibration feeds (0: all; None: 64 samples)
     postnorm: bool = False
@@ -196,8 +198,8 @@ class PruneConfig:
             raise ConfigError(f"folds must be 1 or more, got {self.folds}")
         if self.cv < 0 or self.cv == 1:
             raise ConfigError(f"cv must be 0 (off) or 2 or more folds, got {self.cv}")
-        if self.search < 0:
-            raise ConfigError(f"search must be 0 or more rounds, got {self.search}")
+        if self.search != "auto" and (not isinstance(self.search, int) or self.search < 0):
+            raise ConfigError(f"search must be auto or 0 or more rounds, got {self.search}")
         if self.target not in TARGETS:
             raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got "
                               f"'{self.target}'")
@@ -245,6 +247,8 @@ class PrunePlan:
     folds: list | None = None  # fold id per refit feed (``cv``)
     max_ratio: float = 0.9  # as used
     inverses: dict | None = None  # the scores' damped inverse per site (``search``'s probes)
+    rounds: int = 0  # search rounds to run (``search_work.decide``)
+    search: dict = field(default_factory=dict)  # the report's details["search"]
 
 
 def _model_key(model: onnx.ModelProto) -> tuple:
@@ -298,7 +302,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         details = {"budget": {"metric": metric, "keep": fraction, "total": plan.total,
                               "removed": plan.removed,
                               "kept_fraction": 1 - plan.removed / plan.total if plan.total
-                              else 1.0}, "notes": list(plan.notes)}
+                              else 1.0}, "notes": list(plan.notes), "search": plan.search}
         if plan.latency is not None:
             details["latency_table"] = plan.latency.report()
             details["latency_checks"] = plan.checks
@@ -362,6 +366,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                                      "data (their damage is measured)"))
         need = plan.total * (1.0 - fraction)
         ratios = AUTO_RATIOS if cfg.max_ratio is None else (cfg.max_ratio,)
+        self._decide_search(model, coupling, groups, blocks, feeds, given, data, plan,
+                            ratios[0])
         for plan.max_ratio in ratios:
             candidates = self._candidates(model, coupling, groups, blocks, feeds, data, cost,
                                           metric, plan, ctx, given)
@@ -388,7 +394,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             plan.notes.append(f"max_ratio {ratios[0]:g} cannot meet {metric}={fraction:g}: "
                               f"groups may lose up to {plan.max_ratio:g} of their units")
         base, state = candidates, None
-        for _ in range(cfg.search if data else 0):
+        for _ in range(plan.rounds):
             candidates, state = self._rescale(model, coupling, groups, blocks, base, alloc,
                                               feeds, plan, given, state)
             alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric,
@@ -515,6 +521,27 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         plan.notes.append(note)
         return out, state
 
+    def _cap(self, g, plan: PrunePlan, max_ratio: float) -> int:
+        """The most units ``g`` may lose (``min_keep``, ``max_ratio``; module doc, 3)."""
+        hb = plan.heads.get(g.id)
+        keep = max(math.ceil(self.config.min_keep / hb.heads_per_unit), 1) if hb else \
+            self.config.min_keep
+        return min(int(math.floor(max_ratio * g.size + 1e-9)), g.size - keep)
+
+    def _decide_search(self, model, coupling, groups, blocks, feeds, given, data, plan,
+                       max_ratio):
+        """``plan.rounds`` and the report's search fields (``graphopt.prune.search_work``)."""
+        from graphopt.prune.search import feed_samples, probe_subset
+        from graphopt.prune.search_work import decide, probe_work
+
+        cfg = self.config
+        room = [g for g in groups if self._cap(g, plan, max_ratio) > 0]
+        subset = probe_subset(len(feeds), given, cfg.probe_feeds, feed_samples(feeds[:given]))
+        work = probe_work(model, coupling, room, [b for b, _ in blocks], feeds, subset,
+                          cfg.folds) if data else None
+        plan.rounds, plan.search, note = decide(cfg.search, data, work)
+        plan.notes += [note] if note else []
+
     def _weights(self, model, coupling, groups) -> dict[str, str] | None:
         """``postnorm``: consumer site output -> the residual sum its LayerNorm reads."""
         if not self.config.postnorm:
@@ -535,7 +562,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                     layer_of[g.id] = i
         if data:
             weights = self._weights(model, coupling, groups)
-            plan.inverses = {} if cfg.search and cfg.folds == 1 else None
+            plan.inverses = {} if plan.rounds and cfg.folds == 1 else None
             scores, fallback, damage, note = shared_scores(
                 model, coupling, groups, cfg.score, feeds, given, [b for b, _ in blocks],
                 cfg=cfg, ctx=ctx, damping=cfg.damping, max_ratio=plan.max_ratio,
@@ -549,9 +576,7 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                                                           not data) else None
         out: list[Candidate] = []
         for g in groups:
-            hb = plan.heads.get(g.id)
-            keep = max(math.ceil(cfg.min_keep / hb.heads_per_unit), 1) if hb else cfg.min_keep
-            cap = min(int(math.floor(plan.max_ratio * g.size + 1e-9)), g.size - keep)
+            cap = self._cap(g, plan, plan.max_ratio)
             if cap <= 0:
                 continue
             s = np.asarray(scores[g.id], dtype=np.float64)

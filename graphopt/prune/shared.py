@@ -18,7 +18,8 @@
    alone ends) and stream statistics, so both get the scores a run of their own computes,
    number for number; the full run's are kept in ``Context.shared`` for it. BERT-base,
    256 sentences: one forward of the original over 384 sequences fewer
-   (benchmarks/README.md). Otherwise each run captures its own.
+   (benchmarks/README.md). Otherwise each run captures its own, as it does when the pass
+   keeps the scores' inverses for a search round (``search``, ``keep``).
 """
 
 from __future__ import annotations

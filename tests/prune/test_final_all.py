@@ -23,7 +23,9 @@ from graphopt.prune.shared import SHARED_NOTE
 
 from .test_budget import _mlp
 
-PASS = ["prune:macs=0.6"]
+# search=0: the search keeps the scores' inverses, so with it each run captures its own
+# (``graphopt.prune.shared``, 3); on these tiny models search=auto would run it
+PASS = ["prune:macs=0.6,search=0"]
 
 
 def _feeds(count=8, seed=3):
@@ -116,7 +118,7 @@ def test_one_capture_serves_both_runs_of_a_token_model(hf_export, token_feeds):
     exact held-out figure of the model optimized from the rest alone (final=rest)."""
     model = hf_export("bert", layers=2)
     feeds = [token_feeds(model, seed=s, batch=3, seq=9) for s in range(8)]
-    spec = ["prune:macs=0.7"]
+    spec = ["prune:macs=0.7,search=0"]
     written, report = optimize(model, spec, calibration=feeds, latency=False)
     alone, _ = optimize(model, spec, calibration=feeds, holdout=0)
     from_rest, rest_report = optimize(model, spec, calibration=feeds, final="rest")
@@ -164,7 +166,7 @@ def test_early_scores_are_those_of_the_first_feeds_alone(hf_export, token_feeds)
 def test_only_the_first_lossy_pass_shares_its_capture():
     """Two prunes: the second sees a model the first cut differently in each run, so it
     captures on its own; the model written == optimize on all feeds alone."""
-    passes = ["prune:macs=0.8", "prune:macs=0.6"]
+    passes = ["prune:macs=0.8,search=0", "prune:macs=0.6,search=0"]
     model, report = optimize(_mlp(), passes, calibration=_feeds())
     assert _same(model, optimize(_mlp(), passes, calibration=_feeds(), holdout=0)[0])
     first, second = (p.details["notes"] for p in report.passes)
