@@ -23,7 +23,9 @@ Tokens that the feed's attention mask marks as padding (a 2-D integer input name
 ``*mask*`` whose shape is the activation's leading two dims) are left out. Memory: the sums
 per site (O(K²) and O(K·N)) and one feed's activations; sites are captured a chunk at a time
 (``max_bytes`` of sums per chunk) when there are many. Sums are float64, so batches in any
-split give the same result as one big batch (to float64 rounding).
+split give the same result as one big batch (to float64 rounding). Sites of one chunk that
+read the same rows (``graphopt.data.site_rows.same_rows``: Q, K and V on one input) share
+one X̃ᵀX̃, summed once: their ``GramStats`` hold the same array (read it, never write it).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import InputSpecError
-from .segments import Segments, empty_like
+from .segments import Segments
+from .site_rows import row_weights, same_rows, target_rows
 
 logger = logging.getLogger(__name__)
 
@@ -203,21 +206,26 @@ def _row_keep(site: LinearSite, value: np.ndarray, mask: np.ndarray | None) -> n
 class GramStats:
     """Running sums of one site (see the module doc); ``n`` rows so far.
 
-    Rows are buffered (float32 as captured) and multiplied out in float64 once about K of
-    them are in: a Gram product of a few hundred rows costs its K² output more than its
+    Rows are buffered (float32 as captured) and multiplied out once about K of them are in: a Gram product of a few hundred rows costs its K² output more than its
     flops, so one product per batch would spend the time writing the sums. The product is
     BLAS's symmetric rank-k update (``syrk``: one triangle, half the flops of the general
     product) where scipy imports, mirrored to the other triangle when ``xtx`` is read.
-    ``single``: the products of each flush's rows in float32 (twice as fast), summed in
-    float64: ~1e-7 relative, for sums that only rank (the pruning scores), not for a refit
-    whose oracle needs float64 (exactly dependent units, damping 1e-9)."""
+    ``single``: the products of each flush's rows (X̃ᵀX̃ and X̃ᵀT) in float32 (twice as
+    fast), summed in float64: ~1e-7 relative, for sums whose use is damped well above that
+    (the pruning scores, a refit at damping ≥ 1e-3), not for a refit whose oracle needs
+    float64 (exactly dependent units, damping 1e-9).
+    ``widths``: the targets come in blocks of these widths, one per site reading the same
+    rows (``add`` takes a list), each block's ‖T‖² summed on its own (``tts``); ``split``
+    gives one site's sums each. The rows' products, the cost, are made once for them all."""
 
     def __init__(self, xtx: np.ndarray, xty: np.ndarray | None = None, tt: float = 0.0,
-                 n: int = 0, single: bool = False):
+                 n: int = 0, single: bool = False, widths: Sequence[int] | None = None):
         self._xtx, self._xty = xtx, xty
         self.single = single
         self.tt = tt
         self.n = n
+        self.widths = tuple(widths) if widths is not None else None
+        self.tts = np.zeros(len(self.widths)) if self.widths is not None else None
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._rows = 0
         self._half = False  # only the lower triangle of xtx[:k, :k] is summed so far
@@ -245,12 +253,19 @@ class GramStats:
 
     def add(self, x: np.ndarray, t: np.ndarray | None = None,
             w: np.ndarray | None = None) -> None:
-        """Add rows ``x`` (and targets ``t``); ``w``: a weight per row (sums of w·x̃x̃ᵀ)."""
+        """Add rows ``x`` (and targets ``t``: with ``widths``, a list of one block per
+        width); ``w``: a weight per row (sums of w·x̃x̃ᵀ)."""
         x = np.asarray(x)
         if t is not None and self._xty is not None:
-            t = np.asarray(t)
-            tt = np.einsum("ij,ij->i", t, t, dtype=np.float64)
-            self.tt += float(tt.sum() if w is None else (tt * w).sum())
+            blocks = [np.asarray(b) for b in (t if self.widths is not None else [t])]
+            norms = []
+            for b in blocks:
+                tt = np.einsum("ij,ij->i", b, b, dtype=np.float64)
+                norms.append(float(tt.sum() if w is None else (tt * w).sum()))
+            self.tt += sum(norms)
+            if self.tts is not None:
+                self.tts += norms
+            t = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
         else:
             t = None
         self._pending.append((x, t, None if w is None else np.asarray(w, np.float64)))
@@ -280,9 +295,10 @@ class GramStats:
         self._xtx[k, :k] += sums
         self._xtx[k, k] += float(w.sum()) if weighted else x.shape[0]
         if self._xty is not None and self._pending[0][1] is not None:
-            t = np.concatenate([p[1] for p in self._pending]).astype(np.float64, copy=False)
-            self._xty[:k] += x.T @ (t * w[:, None]) if weighted else x.T @ t
-            self._xty[k] += w @ t if weighted else t.sum(0)
+            t = np.concatenate([p[1] for p in self._pending]).astype(x.dtype, copy=False)
+            tw = (t * w[:, None]).astype(x.dtype, copy=False) if weighted else t
+            self._xty[:k] += x.T @ tw
+            self._xty[k] += w @ t if weighted else t.sum(0, dtype=np.float64)
         self._pending = []
         self._rows = 0
 
@@ -316,10 +332,22 @@ class GramStats:
         out.parts = list(parts)
         return out
 
+    def split(self) -> list["GramStats"]:
+        """One ``GramStats`` per target block (``widths``): its X̃ᵀT columns and ‖T‖², and
+        this X̃ᵀX̃ array itself, shared by all of them (read it, never write it in place)."""
+        xtx, xty = self.xtx, self.xty
+        out, at = [], 0
+        for j, width in enumerate(self.widths):
+            block = None if xty is None else np.ascontiguousarray(xty[:, at:at + width])
+            out.append(GramStats(xtx, block, float(self.tts[j]), self.n, self.single))
+            at += width
+        return out
+
     def snapshot(self) -> "GramStats":
         """A copy with the rows added so far, flushed: the sums a capture ending here has."""
         out = GramStats(self._xtx.copy(), None if self._xty is None else self._xty.copy(),
-                        self.tt, self.n, self.single)
+                        self.tt, self.n, self.single, self.widths)
+        out.tts = None if self.tts is None else self.tts.copy()
         out._pending, out._rows, out._half = list(self._pending), self._rows, self._half
         out.flush()
         return out
@@ -384,38 +412,6 @@ def chunked(sites: Sequence[LinearSite], dims: Mapping[str, tuple[int, int]],
         chunks[-1].append(s)
         used += size
     return [c for c in chunks if c]
-
-
-def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A model computing only ``names`` (as its outputs): the nodes they need, those nodes'
-    constants, all graph inputs. onnxruntime runs every node of a graph whatever is fetched,
-    so a capture of early tensors on the whole model would pay for the whole model."""
-    from ..ir.graph import subgraph_refs
-
-    graph = model.graph
-    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-    need: set[int] = set()
-    stack = [producer[n] for n in names if n in producer]
-    while stack:
-        i = stack.pop()
-        if i in need:
-            continue
-        need.add(i)
-        node = graph.node[i]
-        for name in list(node.input) + sorted(subgraph_refs(node)):
-            if name in producer and producer[name] not in need:
-                stack.append(producer[name])
-    used = {x for i in need for x in list(graph.node[i].input) +
-            sorted(subgraph_refs(graph.node[i]))}
-    out = empty_like(model)
-    g = out.graph
-    inits = {i.name for i in graph.initializer}
-    g.input.extend(vi for vi in graph.input if vi.name not in inits or vi.name in used)
-    g.initializer.extend(t for t in graph.initializer if t.name in used)
-    g.node.extend(graph.node[i] for i in sorted(need))
-    for name in names:
-        g.output.add().name = name
-    return out
 
 
 def _session(model: onnx.ModelProto, names: Sequence[str], providers):
@@ -495,13 +491,18 @@ def accumulate(
     for chunk in chunked(sites, dims, max_bytes):
         seen, watched = watched, {}  # the observed tensors come with the first chunk
 
-        def fresh(s):
-            k, n = dims[s.output]
-            return GramStats(np.zeros((k + 1,) * 2), np.zeros((k + 1, n)) if targets else None,
-                             single=single)
+        weighed = {s.output: weights[s.output] for s in chunk if weights and s.output in weights}
+        readers = same_rows(chunk, weighed)
+
+        def fresh(group):
+            widths = [dims[s.output][1] for s in group]
+            k = dims[group[0].output][0]
+            return GramStats(np.zeros((k + 1,) * 2),
+                             np.zeros((k + 1, sum(widths))) if targets else None,
+                             single=single, widths=widths)
 
         ids = sorted(set(folds)) if folds is not None else [None]
-        parts = {s.output: {i: fresh(s) for i in ids} for s in chunk}
+        parts = {g[0].output: {i: fresh(g) for i in ids} for g in readers}
         x_names = list(dict.fromkeys(s.input for s in chunk))
         t_names = list(dict.fromkeys(s.output for s in chunk)) if targets else []
         same = targets and other is model
@@ -509,7 +510,6 @@ def accumulate(
                   if targets and not same and streams and s.output in streams}
         extra = list(dict.fromkeys([o for o in routed] + list(routed.values())))
         t_names = list(dict.fromkeys(t_names + list(routed.values())))
-        weighed = {s.output: weights[s.output] for s in chunk if weights and s.output in weights}
         if targets and not same:
             t_names = list(dict.fromkeys(t_names + list(weighed.values())))
         else:
@@ -522,71 +522,48 @@ def accumulate(
         refs = ref_segments.run(other, ref_names) if ref_names else None
         for f_idx, feed in enumerate(feeds):
             if f_idx == upto and early is not None and folds is None:
-                early.update({s.output: parts[s.output][None].snapshot() for s in chunk})
+                early.update({s.output: piece for g in readers for s, piece in
+                              zip(g, parts[g[0].output][None].snapshot().split())})
             values = next(values_of)
             values_t = next(refs) if refs is not None else values
             for name, take in seen.items():
                 take(f_idx, values[name])
             mask = token_mask(feed)
-            for s in chunk:
-                x = values[s.input]
-                keep = _row_keep(s, x, mask)
-                rows = s.rows(x)
-                t = s.target_rows(values_t[s.output]) if targets else None
-                if t is not None and target_columns and s.output in target_columns:
-                    t = t[:, target_columns[s.output]]
-                if s.output in routed:
-                    t = _stream_target(s, t, values[s.output], values[routed[s.output]],
-                                       values_t[routed[s.output]],
-                                       (target_columns or {}).get(s.output))
-                w = _row_weights(s, (values_t if targets and not same else values)
-                                 [weighed[s.output]], rows) if s.output in weighed else None
+            for group in readers:
+                lead = group[0]
+                x = values[lead.input]
+                keep = _row_keep(lead, x, mask)
+                rows = lead.rows(x)
+                ts = [target_rows(s, values, values_t, routed, target_columns)
+                      for s in group] if targets else None
+                w = row_weights(lead, (values_t if targets and not same else values)
+                                 [weighed[lead.output]], rows) if lead.output in weighed else None
                 if keep is not None:
                     rows = rows[keep]
-                    t = t[keep] if t is not None else None
+                    ts = [t[keep] for t in ts] if ts is not None else None
                     w = w[keep] if w is not None else None
                 if max_rows and rows.shape[0] > max_rows:
                     pick = np.sort(np.random.default_rng(f_idx).choice(
                         rows.shape[0], max_rows, replace=False))
                     rows = rows[pick]
-                    t = t[pick] if t is not None else None
+                    ts = [t[pick] for t in ts] if ts is not None else None
                     w = w[pick] if w is not None else None
-                if t is not None and t.shape[0] != rows.shape[0]:
-                    raise InputSpecError(f"site '{s.output}': {rows.shape[0]} input rows but "
-                                         f"{t.shape[0]} target rows")
-                parts[s.output][folds[f_idx] if folds is not None else None].add(rows, t, w)
+                for s, t in zip(group, ts or ()):
+                    if t.shape[0] != rows.shape[0]:
+                        raise InputSpecError(f"site '{s.output}': {rows.shape[0]} input rows "
+                                             f"but {t.shape[0]} target rows")
+                parts[lead.output][folds[f_idx] if folds is not None else None].add(rows, ts, w)
         for it in (values_of, refs):
             if it is not None:
                 next(it, None)  # let the runner keep what the next capture needs
-        for name, by_fold in parts.items():
-            out[name] = GramStats.total(list(by_fold.values())) if folds is not None else \
-                by_fold[None]
-            out[name].flush()
+        got = {}
+        for group in readers:
+            pieces = {i: p.split() for i, p in parts.pop(group[0].output).items()}
+            for j, s in enumerate(group):
+                got[s.output] = GramStats.total([pieces[i][j] for i in ids]) \
+                    if folds is not None else pieces[None][j]
+        out.update({s.output: got[s.output] for s in chunk})
     return out
-
-
-def _row_weights(site: LinearSite, stream: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
-    """1 / variance over the last axis of each row of ``stream`` (``accumulate``'s
-    ``weights``); None where its rows do not line up with the site's."""
-    s = site.target_rows(stream).astype(np.float64)
-    if s.shape[0] != rows.shape[0]:
-        return None
-    var = s.var(axis=1)
-    return 1.0 / np.maximum(var, 1e-6 * max(float(var.mean()), 1e-30))
-
-
-def _stream_target(site: LinearSite, plain: np.ndarray, y: np.ndarray, stream: np.ndarray,
-                   stream_ref: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
-    """``y + (S_ref − S)`` as target rows (``accumulate``'s ``streams``), else ``plain``."""
-    if np.shape(y) != np.shape(stream):
-        return plain
-    ref = site.target_rows(stream_ref)
-    if columns is not None:
-        ref = ref[:, columns]
-    now = site.target_rows(stream)
-    if ref.shape != now.shape:
-        return plain
-    return site.target_rows(y) + (ref - now)
 
 
 def weight_matrix(model: onnx.ModelProto, site: LinearSite) -> np.ndarray:

@@ -23,6 +23,8 @@ tensors a later capture will need:
 
 The model may change between calls (weights rewritten, nodes added); what is kept is
 named by tensor, so a name that survives an edit upstream of every change stays valid.
+``prefix_model(model, names)`` is the plain prefix model of ``names``, for a capture that
+runs once (``graphopt.sparsity.hessian``'s grouped convs).
 """
 
 from __future__ import annotations
@@ -144,6 +146,38 @@ def segment_session(model: onnx.ModelProto, names: Sequence[str],
 
 
 # ------------------------------------------------------------------ graph walking
+
+
+def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A model computing only ``names`` (as its outputs): the nodes they need, those nodes'
+    constants, all graph inputs. onnxruntime runs every node of a graph whatever is fetched,
+    so a capture of early tensors on the whole model would pay for the whole model."""
+    from ..ir.graph import subgraph_refs
+
+    graph = model.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    need: set[int] = set()
+    stack = [producer[n] for n in names if n in producer]
+    while stack:
+        i = stack.pop()
+        if i in need:
+            continue
+        need.add(i)
+        node = graph.node[i]
+        for name in list(node.input) + sorted(subgraph_refs(node)):
+            if name in producer and producer[name] not in need:
+                stack.append(producer[name])
+    used = {x for i in need for x in list(graph.node[i].input) +
+            sorted(subgraph_refs(graph.node[i]))}
+    out = empty_like(model)
+    g = out.graph
+    inits = {i.name for i in graph.initializer}
+    g.input.extend(vi for vi in graph.input if vi.name not in inits or vi.name in used)
+    g.initializer.extend(t for t in graph.initializer if t.name in used)
+    g.node.extend(graph.node[i] for i in sorted(need))
+    for name in names:
+        g.output.add().name = name
+    return out
 
 
 def _readers(graph: onnx.GraphProto) -> dict[str, list[int]]:

@@ -16,7 +16,8 @@ their outputs stay close to the original model's:
 3. ``mode="bias"`` keeps W₀ and sets only the bias (the mean correction); ``"lstsq"`` fits
    both. A MatMul without a bias gets an ``Add`` when its bias moves; a Conv or Gemm gets
    its bias input.
-4. Only Gram sums are kept (``graphopt.data.gram.accumulate``), never activations.
+4. Only Gram sums are kept (``graphopt.data.gram.accumulate``), never activations; their
+   products are float32 (summed in float64) at ``damping`` ≥ ``SINGLE_DAMPING``.
 5. Each site's relative error ‖XW + b − T‖² / ‖T‖² before (W₀, bias as cut) and after is
    returned (``SiteFit``) for the pass report.
 
@@ -43,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 MODES = ("none", "bias", "lstsq")
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
+#: From this damping on, the refit's Gram products are float32 (summed in float64:
+#: ``GramStats``' ``single``), as the scores' are: ~1e-7 relative rounding against a damping
+#: of 1e-3 of the mean diagonal or more. The oracles' near-zero damping keeps float64.
+SINGLE_DAMPING = 1e-3
 
 
 @dataclass
@@ -347,7 +352,8 @@ def reconstruct(
         stats = accumulate(pruned, sites, feeds, targets=True, reference=original,
                            target_columns=target_columns, streams=routes, weights=weights,
                            segments=runner, ref_segments=ref_runner,
-                           folds=folds if mode == "lstsq" else None)
+                           folds=folds if mode == "lstsq" else None,
+                           single=damping >= SINGLE_DAMPING)
         for site in sites:
             st, ed = stats[site.output], edits[site.output]
             if st.n == 0 or st.tt <= 0:

@@ -36,10 +36,10 @@ from graphopt.data.gram import (
     accumulate,
     chunked,
     im2col,
-    prefix_model,
     site_dims,
     site_for,
 )
+from graphopt.data.segments import prefix_model
 from graphopt.errors import InputSpecError
 
 from .layers import WeightLayer, initializers
