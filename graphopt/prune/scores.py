@@ -36,6 +36,7 @@ from ..data.gram import (
     site_for,
 )
 from ..data.segments import Segments
+from ..runtime.blas import on_one_blas_thread
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def damped_inverse(h: np.ndarray, damping: float) -> np.ndarray:
     return _inverse(h, damping_diagonal(h, damping))
 
 
+@on_one_blas_thread  # its many small products (graphopt.runtime.blas)
 def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,
                 limit: int, steps: int = 48, refresh: float = 0.5,
                 picked: list | None = None, inverse: np.ndarray | None = None) -> np.ndarray:
@@ -152,27 +154,24 @@ def _obs_greedy(h: np.ndarray, v: np.ndarray, rows: np.ndarray, damping: float,
     return score
 
 
+@on_one_blas_thread  # graphopt.runtime.blas: 2-8x faster than threaded on a busy machine
 def _inverse(h: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """(h + diag(d))⁻¹ for a symmetric positive definite sum, from its Cholesky factor
-    L (LAPACK potrf) where scipy is installed: L⁻¹ (trtri), then L⁻ᵀL⁻¹ (BLAS trmm), half
-    the flops of a general inverse. Not LAPACK's own potri: its second half (lauum) ran
-    ~6× slower than trmm in OpenBLAS here (K = 3073: potrf+potri 3.3 s CPU, potrf+trtri+
-    trmm 1.2 s; the same inverse to 3e-15 relative)."""
+    """(h + diag(d))⁻¹ for a symmetric positive definite sum: LAPACK's Cholesky inverse
+    (potrf/potri, half the flops of a general inverse) where scipy is installed."""
     a = h.copy()
     a.flat[::a.shape[0] + 1] += d
     try:
-        from scipy.linalg import blas, lapack
+        from scipy.linalg import lapack
     except ImportError:
         return np.linalg.inv(a)
-    c, info = lapack.dpotrf(a, lower=True, overwrite_a=True, clean=True)
+    c, info = lapack.dpotrf(a, lower=True, overwrite_a=True, clean=False)
     if info == 0:
-        c, info = lapack.dtrtri(c, lower=True, overwrite_c=True)
+        inv, info = lapack.dpotri(c, lower=True, overwrite_c=True)
     if info != 0:  # not positive definite to rounding: the general inverse
         a = h.copy()
         a.flat[::a.shape[0] + 1] += d
         return np.linalg.inv(a)
-    inv = blas.dtrmm(1.0, c, c, side=0, lower=1, trans_a=1)  # L⁻ᵀ · L⁻¹ (c: L⁻¹, zeros above)
-    return mirror_lower(inv)  # bitwise symmetric, as the callers' blocks assume
+    return mirror_lower(inv)
 
 
 def _damages(blocks: np.ndarray, v: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphopt.runtime.blas import one_blas_thread
+
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
@@ -72,7 +74,7 @@ def _upper_inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     """
     mean = float(np.mean(np.diag(h))) or 1.0
     eye = np.eye(h.shape[0])
-    with _one_blas_thread():
+    with one_blas_thread():  # graphopt.runtime.blas: faster on a busy machine
         for factor in (1, 10, 100, 1000):
             try:
                 lower = np.linalg.cholesky((h + damp * factor * mean * eye)[::-1, ::-1])
@@ -80,18 +82,6 @@ def _upper_inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
                 continue
             return np.linalg.inv(lower[::-1, ::-1])
     raise np.linalg.LinAlgError("the layer Hessian is not positive definite even damped")
-
-
-def _one_blas_thread():
-    """Factorizations of a few thousand columns are fastest single-threaded on a busy
-    machine (OpenBLAS' threaded Cholesky was 10x slower with other processes running)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        import contextlib
-
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
 
 
 def sparsegpt(wt: np.ndarray, hessian: np.ndarray, *, ratio: float = 0.0, n: int = 0,
@@ -158,7 +148,7 @@ def masked_refit(wt: np.ndarray, h: np.ndarray, xt: np.ndarray, damp: float) -> 
     fit from chasing the calibration rows."""
     out = wt.astype(np.float64).copy()
     lam = damp * float(np.mean(np.diag(h)) or 1.0)
-    with _one_blas_thread():
+    with one_blas_thread():  # graphopt.runtime.blas: faster on a busy machine
         for r in range(out.shape[0]):
             keep = np.flatnonzero(out[r])
             if not keep.size:

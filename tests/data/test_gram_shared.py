@@ -109,8 +109,8 @@ def test_single_target_products_are_float64_sums_to_float32_rounding():
 
 @pytest.mark.parametrize("k", [1, 40, 300])
 def test_obs_inverse_is_the_inverse(k):
-    """``scores._inverse`` (Cholesky factor, its triangular inverse, L⁻ᵀL⁻¹) against the
-    general inverse; bitwise symmetric."""
+    """``scores._inverse`` (Cholesky inverse on one BLAS thread) against the general
+    inverse; bitwise symmetric."""
     rng = np.random.default_rng(k)
     x = np.c_[np.maximum(rng.normal(size=(3 * k + 5, k)), 0), np.ones(3 * k + 5)]
     h = x.T @ x  # with the ones column, as the scores' sums
