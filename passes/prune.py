@@ -134,11 +134,11 @@ class PruneConfig:
     group at most, ``round_to`` channels, ``reconstruct``/``damping`` as in the other
     structural passes, ``refit`` (``cut``: the layers reading cut units; ``all``: every
     weight layer downstream), ``target`` (``output`` or ``stream``), ``search`` rounds of
-    measured sensitivity (``auto``: module doc, 4), ``postnorm`` row weights, ``swap_tokens`` (share of tokens
-    swapped in an extra calibration copy), ``cv`` folds choosing the damping per site, and
-    the ``provider`` and intra-op ``threads`` (0: onnxruntime's default) a latency budget
-    is measured with, and how many ``checks`` (A/B timings of the cut, each followed by a
-    corrected allocation) it gets."""
+    measured sensitivity (``auto``: module doc, 4), ``postnorm`` row weights,
+    ``swap_tokens`` (share of tokens swapped in an extra calibration copy), ``cv`` folds
+    choosing the damping per site, and the ``provider`` and intra-op ``threads`` (0:
+    onnxruntime's default) a latency budget is measured with, and how many ``checks`` (A/B
+    timings of the cut, each followed by a corrected allocation) it gets."""
 
     macs: float | None = None
     params: float | None = None

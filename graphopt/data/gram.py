@@ -206,8 +206,9 @@ def _row_keep(site: LinearSite, value: np.ndarray, mask: np.ndarray | None) -> n
 class GramStats:
     """Running sums of one site (see the module doc); ``n`` rows so far.
 
-    Rows are buffered (float32 as captured) and multiplied out once about K of them are in: a Gram product of a few hundred rows costs its K² output more than its
-    flops, so one product per batch would spend the time writing the sums. The product is
+    Rows are buffered (float32 as captured) and multiplied out once about K of them are
+    in: a Gram product of a few hundred rows costs its K² output more than its flops, so
+    one product per batch would spend the time writing the sums. The product is
     BLAS's symmetric rank-k update (``syrk``: one triangle, half the flops of the general
     product) where scipy imports, mirrored to the other triangle when ``xtx`` is read.
     ``single``: the products of each flush's rows (X̃ᵀX̃ and X̃ᵀT) in float32 (twice as
