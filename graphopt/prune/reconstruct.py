@@ -53,7 +53,8 @@ SINGLE_DAMPING = 1e-3
 
 @dataclass
 class SiteFit:
-    """One refit site: relative output error before and after, and the rows it saw."""
+    """One refit site: relative output error before and after, the rows it saw and the
+    inputs (weight rows) each of its outputs was fit with."""
 
     site: str
     op: str
@@ -61,9 +62,10 @@ class SiteFit:
     before: float
     after: float
     damping: float | None = None  # chosen by cross-validation (``folds``)
+    inputs: int = 0
 
     def to_dict(self) -> dict:
-        out = {"site": self.site, "op": self.op, "rows": self.rows,
+        out = {"site": self.site, "op": self.op, "rows": self.rows, "inputs": self.inputs,
                "error_before": round(self.before, 6), "error_after": round(self.after, 6)}
         if self.damping is not None:
             out["damping"] = self.damping if math.isfinite(self.damping) else "inf"
@@ -373,7 +375,7 @@ def reconstruct(
             ed.write(w if mode == "lstsq" else ed.w0, b,
                      moved_bias=bool(np.any(np.abs(b - ed.b0) > 0)))
             runner.invalidate(pruned, [site.output])
-            fits.append(SiteFit(site.output, site.op, st.n, before, after, lam))
+            fits.append(SiteFit(site.output, site.op, st.n, before, after, lam, st.k))
             logger.info("refit %s: relative error %.4g -> %.4g (%d rows, damping %s)",
                         site.output, before, after, st.n, damping if lam is None else lam)
     return fits, skipped
