@@ -248,6 +248,7 @@ class PrunePlan:
     max_ratio: float = 0.9  # as used
     inverses: dict | None = None  # the scores' damped inverse per site (``search``'s probes)
     rounds: int = 0  # search rounds to run (``search_work.decide``)
+    probes: list | None = None  # the feeds the probes run on (``search.probe_subset``)
     search: dict = field(default_factory=dict)  # the report's details["search"]
 
 
@@ -507,17 +508,14 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                  given, state):
         """Damages scaled by measured over predicted output damage per group and layer
         (``graphopt.prune.search.rescale``), and what was measured so far."""
-        from graphopt.prune.search import (SearchState, feed_samples, fold_ids, probe_subset,
-                                           rescale)
+        from graphopt.prune.search import SearchState, fold_ids, rescale
 
         state = state or SearchState()
         out, note = rescale(model, coupling, groups, blocks, candidates, alloc, feeds,
                             plan.kinds, self.config.damping,
                             self._weights(model, coupling, groups),
                             fold_ids(len(feeds), given, self.config.folds), inverses=plan.inverses,
-                            subset=probe_subset(len(feeds), given, self.config.probe_feeds,
-                                                feed_samples(feeds[:given])),
-                            state=state)
+                            subset=plan.probes, state=state)
         plan.notes.append(note)
         return out, state
 
@@ -536,8 +534,9 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
 
         cfg = self.config
         room = [g for g in groups if self._cap(g, plan, max_ratio) > 0]
-        subset = probe_subset(len(feeds), given, cfg.probe_feeds, feed_samples(feeds[:given]))
-        work = probe_work(model, coupling, room, [b for b, _ in blocks], feeds, subset,
+        plan.probes = probe_subset(len(feeds), given, cfg.probe_feeds,
+                                   feed_samples(feeds[:given]))
+        work = probe_work(model, coupling, room, [b for b, _ in blocks], feeds, plan.probes,
                           cfg.folds) if data else None
         plan.rounds, plan.search, note = decide(cfg.search, data, work)
         plan.notes += [note] if note else []

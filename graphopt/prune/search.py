@@ -16,8 +16,9 @@
    default the fewest feeds holding ``PROBE_SAMPLES`` samples (MiniLM: 8 feeds of 8
    sentences; the PP-OCR classifier: 4 of 16 images, 98.83 % / 95.31 % top-1 at macs=0.8 /
    0.6 against 98.05 % / 96.48 % on all 8). MiniLM macs=0.6 on the mirror: the factors of
-   4 feeds are those of 12 to ±0.1 and give the same cut (search6 notes). Each probe runs only the graph after its edit
-   (``graphopt.prune.suffix``), compensated with the scores' own damped inverses.
+   4 feeds are those of 12 to ±0.1 and give the same cut (search6 notes). Each probe runs
+   only the graph after its edit (``graphopt.prune.suffix``), compensated with the scores'
+   own damped inverses.
    Whether ``prune`` runs a round by default (``search=auto``): ``graphopt.prune.search_work``.
 2. ``fold_ids``: ``folds=N`` cross-fits the probes over N folds of the calibration; the
    swapped-token copies (``graphopt.data.vary``) follow the ``given`` feeds in order, and

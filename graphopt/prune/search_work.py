@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 
 from ..data.gram import constants
+from ..data.segments import _readers
 from .budget import node_macs
 from .scores import _consumers
 from .search import feed_samples
@@ -55,16 +56,6 @@ class Work:
     probes: int
     groups: int
     samples: int
-
-
-def _readers(model: onnx.ModelProto) -> dict[str, list[int]]:
-    from ..ir.graph import node_reads
-
-    out: dict[str, list[int]] = {}
-    for i, node in enumerate(model.graph.node):
-        for name in node_reads(node):
-            out.setdefault(name, []).append(i)
-    return out
 
 
 def _reached(model, readers, starts: Sequence[int], skip: frozenset = frozenset()) -> set[int]:
@@ -108,7 +99,7 @@ def probe_work(model: onnx.ModelProto, coupling, groups, blocks, feeds, subset=N
         if found is not None:
             starts.append(([site.node for site, _ in found], frozenset()))
     n_groups = len(starts)
-    readers = _readers(model)
+    readers = _readers(model.graph)
     for b in blocks:  # a bypassed layer: its exit's readers read its entry instead
         starts.append((readers.get(b.exit, []), frozenset(b.nodes)))
     reach = [np.fromiter(_reached(model, readers, nodes, skip), np.int64)
