@@ -218,6 +218,14 @@ def _f(x: Any, digits: int = 4) -> str:
     return "–" if x is None else f"{float(x):.{digits}f}"
 
 
+def speedup_cell(c: Mapping[str, Any], times: str = "x", none: str = "-") -> str:
+    """``2.31x ±3%``: a candidate's speedup and its relative standard error (sweep doc 4)."""
+    if not c.get("speedup"):
+        return none
+    error = c.get("speedup_error")
+    return f"{c['speedup']:.2f}{times}" + (f" ±{error:.1%}" if error is not None else "")
+
+
 def fidelity_columns(data: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The fidelity columns beyond cosine that some candidate has: top-1 (classifier-like
     outputs only, ``graphopt.sweep.classifier_outputs``) and the similarity-rank Spearman
@@ -246,7 +254,7 @@ def _candidate_rows(data: Mapping[str, Any]) -> list[list[str]]:
         frac = f" ({macs / original['macs']:.2f})" if macs and original.get("macs") else ""
         rows.append([name, passes, _num(c.get("params")), _num(macs) + frac,
                      _f(c.get("latency_ms"), 2),
-                     f"{c['speedup']:.2f}×" if c.get("speedup") else "–",
+                     speedup_cell(c, "×", "–"),
                      _f(fid.get("cosine"))]
                     + [_f(fid.get(k), 3 if k == "top1" else 4) for k, _ in extra]
                     + [_e(", ".join(fid.get("notes", [])))])

@@ -17,9 +17,14 @@
    embedding's argmax means nothing, so it gets none).
 4. Latency: ``graphopt.benchmark`` of the candidate against the original, A/B interleaved
    in one process on ``provider``, on ``bench_batches`` validation batches (ratios of summed
-   medians); ``speedup = original / candidate``.
+   medians); ``speedup = original / candidate``, ``speedup_error`` its relative standard
+   error (``graphopt.runtime.benchmark``'s ``ratio_error`` of each batch, weighted by the
+   candidate's time on it).
 5. ``pick_candidate``: the fastest candidate (by speedup, else by MACs) whose ``min_cosine``
-   or ``min_top1`` meets the floor; ties go to the higher fidelity. None when none does.
+   or ``min_top1`` meets the floor; ties go to the higher fidelity. A candidate whose
+   speedup is within two combined standard errors of the fastest's (``TIE_ERRORS``) is
+   not measurably slower and ties with it: otherwise the pick between two equally fast
+   candidates would follow the timing noise of the run. None when none meets the floor.
 6. Bad input (a budget list or floor that does not parse, an unknown quantize mode, a
    provider that does not run here, feeds that do not fit) raises before anything is
    written. A candidate whose passes fail verification is recorded with its error and the
@@ -45,6 +50,7 @@ from .errors import ConfigError, GraphoptError, InputSpecError
 logger = logging.getLogger(__name__)
 
 BUDGET_KINDS = ("macs", "params", "latency")
+TIE_ERRORS = 2.0  # speedups this many combined standard errors apart tie (module doc, 5)
 QUANTIZE_MODES = ("none", "dynamic", "static", "fp16")
 PICK_METRICS = {"min_cosine": "cosine", "min_top1": "top1"}
 LOSSLESS = ("cleanup", "fold-batchnorm", "fold-pad", "drop-nan-guard")
@@ -234,6 +240,7 @@ class Candidate:
     latency_ms: float | None = None
     original_ms: float | None = None
     speedup: float | None = None
+    speedup_error: float | None = None
     fidelity: dict[str, Any] = field(default_factory=dict)
     report: list[dict[str, Any]] = field(default_factory=list)
     kept: dict[str, Any] = field(default_factory=dict)
@@ -279,13 +286,17 @@ def pick_candidate(candidates: Sequence[Mapping[str, Any] | Candidate], metric: 
           and c["fidelity"][metric] >= floor]
     if not ok:
         return None
-    timed = all(c.get("speedup") for c in ok)
+    if not all(c.get("speedup") for c in ok):
+        return max(ok, key=lambda c: (-(c.get("macs") or 0), c["fidelity"][metric]))["name"]
+    fastest = max(ok, key=lambda c: c["speedup"])
 
-    def key(c):
-        speed = c["speedup"] if timed else -(c.get("macs") or 0)
-        return (speed, c["fidelity"][metric])
+    def as_fast(c) -> bool:
+        errors = [c.get("speedup_error") or 0.0, fastest.get("speedup_error") or 0.0]
+        spread = TIE_ERRORS * float(np.hypot(*errors))
+        return c["speedup"] * (1 + spread) >= fastest["speedup"]
 
-    return max(ok, key=key)["name"]
+    return max((c for c in ok if as_fast(c)),
+               key=lambda c: (c["fidelity"][metric], c["speedup"]))["name"]
 
 
 # --------------------------------------------------------------------------- running
@@ -356,16 +367,22 @@ def _mask_input(model: onnx.ModelProto) -> str | None:
     return None if isinstance(found, str) else found.mask
 
 
-def _latency(original, candidate, feeds, provider, threads, timing) -> tuple[float, float]:
+def _latency(original, candidate, feeds, provider, threads, timing
+             ) -> tuple[float, float, float | None]:
+    """(candidate ms, original ms, relative error of their ratio) summed over ``feeds``."""
     from .runtime.benchmark import benchmark
 
     a = b = 0.0
+    parts = []
     for feed in feeds:
         result = benchmark(candidate, vs=original, provider=provider, feeds=feed,
                            threads=threads, **timing)
         a += result.a.median_ms
         b += result.b.median_ms
-    return a, b
+        parts.append((result.a.median_ms, result.ratio_error))
+    if any(e is None for _, e in parts) or a <= 0:
+        return a, b, None
+    return a, b, float(np.sqrt(sum((ms / a * e) ** 2 for ms, e in parts)))
 
 
 def run_sweep(
@@ -472,8 +489,8 @@ def run_sweep(
             tick(f"validating {plan.name}")
             cand.fidelity = _fidelity(original, model_out, val, provider, mask)
             tick(f"timing {plan.name} against the original")
-            cand.latency_ms, cand.original_ms = _latency(original, model_out, bench_feeds,
-                                                         provider, threads, timing)
+            cand.latency_ms, cand.original_ms, cand.speedup_error = _latency(
+                original, model_out, bench_feeds, provider, threads, timing)
             cand.speedup = cand.original_ms / cand.latency_ms if cand.latency_ms else None
             tick(f"done {plan.name}")
         except (_CandidateError, GraphoptError) as exc:

@@ -170,6 +170,20 @@ def test_pick_fastest_meeting_the_floor(metric, floor, expected):
     assert pick_candidate(TABLE, metric, floor) == expected
 
 
+def test_pick_ties_within_the_timing_noise():
+    """A candidate within two combined standard errors of the fastest is as fast: the
+    higher fidelity wins. Outside that, or without errors, the fastest wins."""
+    def rows(err_fast, err_other):
+        fast, other = _row("fast", 2.20, 0.955), _row("other", 2.10, 0.965)
+        fast["speedup_error"], other["speedup_error"] = err_fast, err_other
+        return [fast, other]
+
+    assert pick_candidate(rows(0.03, 0.03), "cosine", 0.95) == "other"  # 4.8 % < 2·4.2 %
+    assert pick_candidate(rows(0.01, 0.01), "cosine", 0.95) == "fast"   # 4.8 % > 2·1.4 %
+    assert pick_candidate(rows(None, None), "cosine", 0.95) == "fast"
+    assert pick_candidate(rows(0.03, 0.03), "cosine", 0.96) == "other"  # only one meets it
+
+
 def test_pick_without_timings_uses_macs():
     rows = [_row("big", None, 0.99, macs=100), _row("small", None, 0.96, macs=40),
             _row("tiny", None, 0.90, macs=20)]
@@ -190,6 +204,7 @@ def test_sweep_measures_every_candidate(swept):
     assert names == ["macs=1", "macs=1+dynamic", "macs=0.5", "macs=0.5+dynamic"]
     for c in result.candidates:
         assert c.error is None and c.speedup > 0 and c.latency_ms > 0
+        assert c.speedup_error is not None and c.speedup_error >= 0  # 3 rounds: a spread
         assert Path(c.path).parent == folder / "out" / "candidates" and Path(c.path).exists()
     lossless, q = result.candidates[0], result.candidates[1]
     assert lossless.fidelity["cosine"] > 0.99999 and lossless.macs == result.original["macs"]

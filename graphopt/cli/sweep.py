@@ -140,7 +140,7 @@ def render_sweep(console, data: dict[str, Any]) -> None:
     from rich.table import Table
 
     from graphopt.core.report import si_number
-    from graphopt.htmlreport import fidelity_columns
+    from graphopt.htmlreport import fidelity_columns, speedup_cell
 
     from .render import _bytes
 
@@ -165,7 +165,7 @@ def render_sweep(console, data: dict[str, Any]) -> None:
         table.add_row(name, escape(_short(c["passes"])), si_number(c.get("params")),
                       si_number(c.get("macs")) + frac, _bytes(c.get("size_bytes")),
                       _fmt(c.get("latency_ms"), 2),
-                      f"{c['speedup']:.2f}x" if c.get("speedup") else "-",
+                      speedup_cell(c),
                       _fmt(fid.get("cosine"), 4),
                       *[_fmt(fid.get(k), 3 if k == "top1" else 4) for k, _ in extra])
     console.print(table)

@@ -13,7 +13,11 @@
    thermal throttling or frequency scaling weighs on both models alike.
 4. ``ratio = a.median_ms / b.median_ms``: below 1 means A (``model``) is faster than B
    (``vs``). ``graphopt bench optimized.onnx --vs original.onnx`` reads as "the optimized
-   model takes 0.78x the original's time".
+   model takes 0.78x the original's time". ``ratio_error``: the relative standard error of
+   the ratio, from the spread of the per-round ratios (A over B in the same round):
+   1.2533 · σ / √n / median, σ = IQR / 1.349 (the median's standard error under a normal
+   spread, robust to a few outlier rounds). It is the noise within one run; drift between
+   separate runs comes on top.
 5. On CUDA/TensorRT inputs are copied to the device once and outputs stay there
    (ORT I/O binding), so timings are the model's compute, not host-device copies.
 
@@ -102,6 +106,7 @@ class BenchmarkResult:
     rounds: int = 0
     interleaved: bool = False
     notes: list[str] = field(default_factory=list)
+    ratio_error: float | None = None
 
     @classmethod
     def from_rounds(cls, stats: Sequence[LatencyStats], times: Sequence[Sequence[float]], *,
@@ -112,7 +117,9 @@ class BenchmarkResult:
         return cls(a=stats[0], b=stats[1] if len(stats) > 1 else None, provider=provider,
                    session_providers=session_providers, threads=threads,
                    input_shapes=dict(shapes), warmup=warmup, rounds=len(times[0]),
-                   interleaved=len(stats) > 1, notes=notes)
+                   interleaved=len(stats) > 1, notes=notes,
+                   ratio_error=round_ratio_error(times[0], times[1]) if len(times) > 1
+                   else None)
 
     @property
     def ratio(self) -> float | None:
@@ -133,8 +140,19 @@ class BenchmarkResult:
             "b": self.b.to_dict() if self.b is not None else None,
             "ratio": self.ratio,
             "ratio_definition": "a.median_ms / b.median_ms (below 1: a is faster)",
+            "ratio_error": self.ratio_error,
             "notes": list(self.notes),
         }
+
+
+def round_ratio_error(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Relative standard error of the median of the per-round ratios ``a[i] / b[i]``
+    (module doc, 4); None with fewer than 2 rounds."""
+    r = np.asarray([x / y for x, y in zip(a, b) if y > 0])
+    if len(r) < 2 or np.median(r) <= 0:
+        return None
+    q1, q3 = np.percentile(r, [25, 75])
+    return float(1.2533 * (q3 - q1) / 1.349 / np.sqrt(len(r)) / np.median(r))
 
 
 # --------------------------------------------------------------------------- timing core
@@ -313,4 +331,5 @@ def benchmark(
 
 __all__ = [
     "BenchmarkResult", "LatencyStats", "benchmark", "interleaved_times", "round_order",
+    "round_ratio_error",
 ]
