@@ -47,10 +47,11 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
    runs only the graph after its edit, with the scores' inverses; ``probe_feeds=N``
    (default: the given feeds holding 64 samples; 0: all) measures the probes on N of the
    given feeds; a classifier is read before its Softmax. ``search=auto`` (default): one
-   round when the probes' estimated work (MACs on the probe feeds) is at most 100 GMAC
-   (10 s at a conservative 10 GMAC/s), else none (``graphopt.prune.search_work``; the
-   report says which, with the estimate; RECONSTRUCT.md: the PP-OCR classifier on, MiniLM
-   and BERT-base off). Without calibration data no round runs.
+   round when the probes' estimated CPU time (their MACs, elements written and model
+   copies, counted) is at most 30 s, else none (``graphopt.prune.search_work``; the report
+   says which; RECONSTRUCT.md: the PP-OCR classifier and MiniLM on, BERT-base off); with
+   ``final=all`` the run on all data reuses the held-out run's factors (one round in all,
+   ``graphopt.prune.shared``). Without calibration data no round runs.
    ``folds=N`` (default 1): the probes are cross-fitted over N folds of the calibration
    (a feed and its swapped-token copy in one fold): each fold is measured with the
    compensation solved on the others, so a group whose refit only fits the calibration's
@@ -112,7 +113,9 @@ from graphopt.prune.importance import _step, unit_scores
 from graphopt.prune.latency import checked_cut, latency_note, nchwc_block, time_cut
 from graphopt.prune.latency import measure as measure_latency
 from graphopt.prune.reconstruct import consumer_sites, frontier_sites
-from graphopt.prune.shared import calibration_copies
+from graphopt.prune.search import scaled
+from graphopt.prune.search_work import plan_rounds
+from graphopt.prune.shared import calibration_copies, held_out_search, keep_search
 from graphopt.prune.shared import scores as shared_scores
 from graphopt.prune.streams import consumer_outputs
 
@@ -367,8 +370,10 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
                                      "data (their damage is measured)"))
         need = plan.total * (1.0 - fraction)
         ratios = AUTO_RATIOS if cfg.max_ratio is None else (cfg.max_ratio,)
-        self._decide_search(model, coupling, groups, blocks, feeds, given, data, plan,
-                            ratios[0])
+        reused = held_out_search(ctx, self, model, cfg)  # final=all: one round per optimize
+        room = [g for g in groups if self._cap(g, plan, ratios[0]) > 0]
+        plan_rounds(cfg, model, coupling, room, [b for b, _ in blocks], feeds, given, data,
+                    plan, reused)
         for plan.max_ratio in ratios:
             candidates = self._candidates(model, coupling, groups, blocks, feeds, data, cost,
                                           metric, plan, ctx, given)
@@ -394,12 +399,14 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         if plan.max_ratio != ratios[0]:
             plan.notes.append(f"max_ratio {ratios[0]:g} cannot meet {metric}={fraction:g}: "
                               f"groups may lose up to {plan.max_ratio:g} of their units")
-        base, state = candidates, None
-        for _ in range(plan.rounds):
-            candidates, state = self._rescale(model, coupling, groups, blocks, base, alloc,
-                                              feeds, plan, given, state)
+        base, state = candidates, reused
+        for _ in range(plan.rounds + (reused is not None)):  # the held-out run's factors
+            candidates, state = (scaled(base, state, plan.kinds), state) if reused is not None \
+                else self._rescale(model, coupling, groups, blocks, base, alloc, feeds, plan,
+                                   given, state)
             alloc, plan.removed = self._allocate(coupling, candidates, blocks, cost, metric,
                                                  need, plan.latency)
+        keep_search(ctx, self, model, cfg, state)
         if plan.latency is not None and cfg.checks:
             alloc, plan.removed = self._check_latency(model, coupling, candidates, blocks,
                                                       cost, plan, feeds[0], alloc)
@@ -525,21 +532,6 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
         keep = max(math.ceil(self.config.min_keep / hb.heads_per_unit), 1) if hb else \
             self.config.min_keep
         return min(int(math.floor(max_ratio * g.size + 1e-9)), g.size - keep)
-
-    def _decide_search(self, model, coupling, groups, blocks, feeds, given, data, plan,
-                       max_ratio):
-        """``plan.rounds`` and the report's search fields (``graphopt.prune.search_work``)."""
-        from graphopt.prune.search import feed_samples, probe_subset
-        from graphopt.prune.search_work import decide, probe_work
-
-        cfg = self.config
-        room = [g for g in groups if self._cap(g, plan, max_ratio) > 0]
-        plan.probes = probe_subset(len(feeds), given, cfg.probe_feeds,
-                                   feed_samples(feeds[:given]))
-        work = probe_work(model, coupling, room, [b for b, _ in blocks], feeds, plan.probes,
-                          cfg.folds) if data else None
-        plan.rounds, plan.search, note = decide(cfg.search, data, work)
-        plan.notes += [note] if note else []
 
     def _weights(self, model, coupling, groups) -> dict[str, str] | None:
         """``postnorm``: consumer site output -> the residual sum its LayerNorm reads."""

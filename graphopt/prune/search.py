@@ -79,9 +79,11 @@ def feed_samples(feeds) -> list[int]:
 @dataclass
 class SearchState:
     """What the rounds measured: per probe key (("group", id) or ("layer", position)) the
-    units probed (0 for a layer), the measured and the scores' predicted damage."""
+    units probed (0 for a layer), the measured and the scores' predicted damage; and the
+    last round's note."""
 
     probed: dict = field(default_factory=dict)
+    note: str = ""  # the last round's note (the factors)
 
 
 def rescale(model, coupling, groups, blocks, candidates: Sequence[Candidate], alloc, feeds,
@@ -148,6 +150,7 @@ def rescale(model, coupling, groups, blocks, candidates: Sequence[Candidate], al
             + ", ".join(f"{kinds.get(k[1], 'layer') if k[0] == 'group' else 'layer'} {k[1]} "
                         f"×{r:.2g}" + (f" at {state.probed[k][0]}" if k[0] == "group" else "")
                         for k, r in sorted(ratio.items())))
+    state.note = note
     return out, note
 
 
