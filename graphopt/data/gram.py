@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import InputSpecError
+from .gramstats import GramStats, mirror_lower  # noqa: F401  (re-exported)
 from .segments import Segments
 from .site_rows import row_weights, same_rows, target_rows
 
@@ -203,187 +205,6 @@ def _row_keep(site: LinearSite, value: np.ndarray, mask: np.ndarray | None) -> n
     return keep.reshape(-1)
 
 
-class GramStats:
-    """Running sums of one site (see the module doc); ``n`` rows so far.
-
-    Rows are buffered (float32 as captured) and multiplied out once about K of them are
-    in: a Gram product of a few hundred rows costs its K² output more than its flops, so
-    one product per batch would spend the time writing the sums. The product is
-    BLAS's symmetric rank-k update (``syrk``: one triangle, half the flops of the general
-    product) where scipy imports, mirrored to the other triangle when ``xtx`` is read.
-    ``single``: the products of each flush's rows (X̃ᵀX̃ and X̃ᵀT) in float32 (twice as
-    fast), summed in float64: ~1e-7 relative, for sums whose use is damped well above that
-    (the pruning scores, a refit at damping ≥ 1e-3), not for a refit whose oracle needs
-    float64 (exactly dependent units, damping 1e-9).
-    ``widths``: the targets come in blocks of these widths, one per site reading the same
-    rows (``add`` takes a list), each block's ‖T‖² summed on its own (``tts``); ``split``
-    gives one site's sums each. The rows' products, the cost, are made once for them all."""
-
-    def __init__(self, xtx: np.ndarray, xty: np.ndarray | None = None, tt: float = 0.0,
-                 n: int = 0, single: bool = False, widths: Sequence[int] | None = None):
-        self._xtx, self._xty = xtx, xty
-        self.single = single
-        self.tt = tt
-        self.n = n
-        self.widths = tuple(widths) if widths is not None else None
-        self.tts = np.zeros(len(self.widths)) if self.widths is not None else None
-        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
-        self._rows = 0
-        self._half = False  # only the lower triangle of xtx[:k, :k] is summed so far
-        self.parts: list[GramStats] = []  # per-fold sums (``accumulate``'s ``folds``)
-
-    @property
-    def xtx(self) -> np.ndarray:
-        """X̃ᵀX̃, [K+1, K+1]."""
-        self.flush()
-        if self._half:
-            mirror_lower(self._xtx[:self.k, :self.k])
-            self._half = False
-        return self._xtx
-
-    @property
-    def xty(self) -> np.ndarray | None:
-        """X̃ᵀT, [K+1, N] (None without targets)."""
-        self.flush()
-        return self._xty
-
-    @property
-    def k(self) -> int:
-        """Input features (without the ones column)."""
-        return self._xtx.shape[0] - 1
-
-    def add(self, x: np.ndarray, t: np.ndarray | None = None,
-            w: np.ndarray | None = None) -> None:
-        """Add rows ``x`` (and targets ``t``: with ``widths``, a list of one block per
-        width); ``w``: a weight per row (sums of w·x̃x̃ᵀ)."""
-        x = np.asarray(x)
-        if t is not None and self._xty is not None:
-            blocks = [np.asarray(b) for b in (t if self.widths is not None else [t])]
-            norms = []
-            for b in blocks:
-                tt = np.einsum("ij,ij->i", b, b, dtype=np.float64)
-                norms.append(float(tt.sum() if w is None else (tt * w).sum()))
-            self.tt += sum(norms)
-            if self.tts is not None:
-                self.tts += norms
-            t = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
-        else:
-            t = None
-        self._pending.append((x, t, None if w is None else np.asarray(w, np.float64)))
-        self._rows += x.shape[0]
-        self.n += x.shape[0]
-        if self._rows >= max(256, min(self.k, 4096)):
-            self.flush()
-
-    def flush(self) -> None:
-        """Add the buffered rows into the sums (float64)."""
-        if not self._pending:
-            return
-        x = np.concatenate([p[0] for p in self._pending])
-        x = x.astype(np.float32 if self.single else np.float64, copy=False)
-        weighted = any(p[2] is not None for p in self._pending)
-        w = np.concatenate([p[2] if p[2] is not None else np.ones(len(p[0]))
-                            for p in self._pending]) if weighted else None
-        k = x.shape[1]
-        if not self._add_syrk(x, w):
-            # numpy sends x.T @ x to BLAS syrk and then mirrors it, which ran slower than
-            # the general product on a second buffer here
-            xw = x * w[:, None] if weighted else x.copy()
-            self._xtx[:k, :k] += xw.T @ x  # both triangles (the lower one is what counts)
-            del xw
-        sums = w @ x if weighted else x.sum(0, dtype=np.float64)
-        self._xtx[:k, k] += sums
-        self._xtx[k, :k] += sums
-        self._xtx[k, k] += float(w.sum()) if weighted else x.shape[0]
-        if self._xty is not None and self._pending[0][1] is not None:
-            t = np.concatenate([p[1] for p in self._pending]).astype(x.dtype, copy=False)
-            tw = (t * w[:, None]).astype(x.dtype, copy=False) if weighted else t
-            self._xty[:k] += x.T @ tw
-            self._xty[k] += w @ t if weighted else t.sum(0, dtype=np.float64)
-        self._pending = []
-        self._rows = 0
-
-    def _add_syrk(self, x: np.ndarray, w: np.ndarray | None) -> bool:
-        """Add xᵀ·diag(w)·x into the lower triangle of xtx[:k, :k] by ``dsyrk`` (False:
-        scipy is missing or a weight is negative; nothing was added)."""
-        if not x.shape[0]:
-            return True
-        if w is not None and np.any(w < 0):
-            return False
-        try:
-            from scipy.linalg import blas
-        except ImportError:
-            return False
-        a = x * np.sqrt(w)[:, None].astype(x.dtype) if w is not None else x
-        # a.T is [k, rows] in Fortran order: syrk (trans=0) makes a.T·a without a copy, its
-        # upper triangle (Fortran) being the lower one of the C-ordered transpose
-        c = (blas.ssyrk if x.dtype == np.float32 else blas.dsyrk)(1.0, a.T, trans=0, lower=0)
-        k = x.shape[1]
-        self._xtx[:k, :k] += c.T
-        self._half = True
-        return True
-
-    @classmethod
-    def total(cls, parts: Sequence["GramStats"]) -> "GramStats":
-        """The sums of ``parts`` (same shapes), which it keeps as ``.parts``."""
-        xty = [p.xty for p in parts]
-        out = cls(sum(p.xtx for p in parts),
-                  None if xty[0] is None else sum(xty),
-                  float(sum(p.tt for p in parts)), int(sum(p.n for p in parts)))
-        out.parts = list(parts)
-        return out
-
-    def split(self) -> list["GramStats"]:
-        """One ``GramStats`` per target block (``widths``): its X̃ᵀT columns and ‖T‖², and
-        this X̃ᵀX̃ array itself, shared by all of them (read it, never write it in place)."""
-        xtx, xty = self.xtx, self.xty
-        out, at = [], 0
-        for j, width in enumerate(self.widths):
-            block = None if xty is None else np.ascontiguousarray(xty[:, at:at + width])
-            out.append(GramStats(xtx, block, float(self.tts[j]), self.n, self.single))
-            at += width
-        return out
-
-    def snapshot(self) -> "GramStats":
-        """A copy with the rows added so far, flushed: the sums a capture ending here has."""
-        out = GramStats(self._xtx.copy(), None if self._xty is None else self._xty.copy(),
-                        self.tt, self.n, self.single, self.widths)
-        out.tts = None if self.tts is None else self.tts.copy()
-        out._pending, out._rows, out._half = list(self._pending), self._rows, self._half
-        out.flush()
-        return out
-
-    def minus(self, part: "GramStats") -> "GramStats":
-        """The sums without ``part``'s rows."""
-        return GramStats(self.xtx - part.xtx, None if self.xty is None else
-                         self.xty - part.xty, self.tt - part.tt, self.n - part.n)
-
-    def error(self, weight: np.ndarray, bias: np.ndarray | None = None) -> float:
-        """‖X W + b − T‖² on the accumulated rows (``weight`` [K, N], ``bias`` [N])."""
-        if self.xty is None:
-            raise ValueError("error() needs targets (accumulate with targets=True)")
-        v = np.concatenate([weight, (bias if bias is not None else
-                                     np.zeros(weight.shape[1]))[None, :]], axis=0)
-        v = v.astype(np.float64)
-        return float(np.einsum("ij,ij->", v, self.xtx @ v) - 2 * np.einsum("ij,ij->", v, self.xty)
-                     + self.tt)
-
-
-def mirror_lower(a: np.ndarray, block: int = 256) -> np.ndarray:
-    """Copy the lower triangle of the square ``a`` onto its upper one, in place, by
-    blocks (a fancy-indexed copy of the triangle of a 3073² matrix takes ~1.4 s, this
-    ~0.03 s). Returns ``a``."""
-    k = a.shape[0]
-    for i in range(0, k, block):
-        end = min(i + block, k)
-        if end < k:
-            a[i:end, end:] = a[end:, i:end].T
-        diag = a[i:end, i:end]
-        upper = np.triu_indices(end - i, 1)
-        diag[upper] = diag.T[upper]
-    return a
-
-
 def site_dims(model: onnx.ModelProto, site: LinearSite,
               consts: Mapping[str, onnx.TensorProto] | None = None) -> tuple[int, int]:
     """(K, N) of the site's weight matrix, from the weight tensor's dims."""
@@ -489,81 +310,89 @@ def accumulate(
     out: dict[str, GramStats] = {}
     other = reference if reference is not None else model
     watched = dict(observe or {})
-    for chunk in chunked(sites, dims, max_bytes):
-        seen, watched = watched, {}  # the observed tensors come with the first chunk
+    # the Gram products of a full buffer run on this thread while the next feeds are
+    # captured (GramStats' ``flusher``): the same products, in the same order
+    flusher = ThreadPoolExecutor(1, thread_name_prefix="graphopt-gram")
+    try:
+        for chunk in chunked(sites, dims, max_bytes):
+            seen, watched = watched, {}  # the observed tensors come with the first chunk
 
-        weighed = {s.output: weights[s.output] for s in chunk if weights and s.output in weights}
-        readers = same_rows(chunk, weighed)
+            weighed = {s.output: weights[s.output] for s in chunk
+                       if weights and s.output in weights}
+            readers = same_rows(chunk, weighed)
 
-        def fresh(group):
-            widths = [dims[s.output][1] for s in group]
-            k = dims[group[0].output][0]
-            return GramStats(np.zeros((k + 1,) * 2),
-                             np.zeros((k + 1, sum(widths))) if targets else None,
-                             single=single, widths=widths)
+            def fresh(group):
+                widths = [dims[s.output][1] for s in group]
+                k = dims[group[0].output][0]
+                return GramStats(np.zeros((k + 1,) * 2),
+                                 np.zeros((k + 1, sum(widths))) if targets else None,
+                                 single=single, widths=widths, flusher=flusher)
 
-        ids = sorted(set(folds)) if folds is not None else [None]
-        parts = {g[0].output: {i: fresh(g) for i in ids} for g in readers}
-        x_names = list(dict.fromkeys(s.input for s in chunk))
-        t_names = list(dict.fromkeys(s.output for s in chunk)) if targets else []
-        same = targets and other is model
-        routed = {s.output: streams[s.output] for s in chunk
-                  if targets and not same and streams and s.output in streams}
-        extra = list(dict.fromkeys([o for o in routed] + list(routed.values())))
-        t_names = list(dict.fromkeys(t_names + list(routed.values())))
-        if targets and not same:
-            t_names = list(dict.fromkeys(t_names + list(weighed.values())))
-        else:
-            extra = list(dict.fromkeys(extra + list(weighed.values())))
-        names = x_names + [n for n in dict.fromkeys(t_names + extra) if n not in x_names] \
-            if same else x_names + [n for n in extra if n not in x_names]
-        names += [n for n in seen if n not in names]
-        ref_names = t_names if targets and not same else []
-        values_of = segments.run(model, names)
-        refs = ref_segments.run(other, ref_names) if ref_names else None
-        for f_idx, feed in enumerate(feeds):
-            if f_idx == upto and early is not None and folds is None:
-                early.update({s.output: piece for g in readers for s, piece in
-                              zip(g, parts[g[0].output][None].snapshot().split())})
-            values = next(values_of)
-            values_t = next(refs) if refs is not None else values
-            for name, take in seen.items():
-                take(f_idx, values[name])
-            mask = token_mask(feed)
+            ids = sorted(set(folds)) if folds is not None else [None]
+            parts = {g[0].output: {i: fresh(g) for i in ids} for g in readers}
+            x_names = list(dict.fromkeys(s.input for s in chunk))
+            t_names = list(dict.fromkeys(s.output for s in chunk)) if targets else []
+            same = targets and other is model
+            routed = {s.output: streams[s.output] for s in chunk
+                      if targets and not same and streams and s.output in streams}
+            extra = list(dict.fromkeys([o for o in routed] + list(routed.values())))
+            t_names = list(dict.fromkeys(t_names + list(routed.values())))
+            if targets and not same:
+                t_names = list(dict.fromkeys(t_names + list(weighed.values())))
+            else:
+                extra = list(dict.fromkeys(extra + list(weighed.values())))
+            names = x_names + [n for n in dict.fromkeys(t_names + extra) if n not in x_names] \
+                if same else x_names + [n for n in extra if n not in x_names]
+            names += [n for n in seen if n not in names]
+            ref_names = t_names if targets and not same else []
+            values_of = segments.run(model, names)
+            refs = ref_segments.run(other, ref_names) if ref_names else None
+            for f_idx, feed in enumerate(feeds):
+                if f_idx == upto and early is not None and folds is None:
+                    early.update({s.output: piece for g in readers for s, piece in
+                                  zip(g, parts[g[0].output][None].snapshot().split())})
+                values = next(values_of)
+                values_t = next(refs) if refs is not None else values
+                for name, take in seen.items():
+                    take(f_idx, values[name])
+                mask = token_mask(feed)
+                for group in readers:
+                    lead = group[0]
+                    x = values[lead.input]
+                    keep = _row_keep(lead, x, mask)
+                    rows = lead.rows(x)
+                    ts = [target_rows(s, values, values_t, routed, target_columns)
+                          for s in group] if targets else None
+                    w = row_weights(lead, (values_t if targets and not same else values)
+                                    [weighed[lead.output]], rows) \
+                        if lead.output in weighed else None
+                    if keep is not None:
+                        rows = rows[keep]
+                        ts = [t[keep] for t in ts] if ts is not None else None
+                        w = w[keep] if w is not None else None
+                    if max_rows and rows.shape[0] > max_rows:
+                        pick = np.sort(np.random.default_rng(f_idx).choice(
+                            rows.shape[0], max_rows, replace=False))
+                        rows = rows[pick]
+                        ts = [t[pick] for t in ts] if ts is not None else None
+                        w = w[pick] if w is not None else None
+                    for s, t in zip(group, ts or ()):
+                        if t.shape[0] != rows.shape[0]:
+                            raise InputSpecError(f"site '{s.output}': {rows.shape[0]} input rows "
+                                                 f"but {t.shape[0]} target rows")
+                    parts[lead.output][folds[f_idx] if folds is not None else None].add(rows, ts, w)
+            for it in (values_of, refs):
+                if it is not None:
+                    next(it, None)  # let the runner keep what the next capture needs
+            got = {}
             for group in readers:
-                lead = group[0]
-                x = values[lead.input]
-                keep = _row_keep(lead, x, mask)
-                rows = lead.rows(x)
-                ts = [target_rows(s, values, values_t, routed, target_columns)
-                      for s in group] if targets else None
-                w = row_weights(lead, (values_t if targets and not same else values)
-                                 [weighed[lead.output]], rows) if lead.output in weighed else None
-                if keep is not None:
-                    rows = rows[keep]
-                    ts = [t[keep] for t in ts] if ts is not None else None
-                    w = w[keep] if w is not None else None
-                if max_rows and rows.shape[0] > max_rows:
-                    pick = np.sort(np.random.default_rng(f_idx).choice(
-                        rows.shape[0], max_rows, replace=False))
-                    rows = rows[pick]
-                    ts = [t[pick] for t in ts] if ts is not None else None
-                    w = w[pick] if w is not None else None
-                for s, t in zip(group, ts or ()):
-                    if t.shape[0] != rows.shape[0]:
-                        raise InputSpecError(f"site '{s.output}': {rows.shape[0]} input rows "
-                                             f"but {t.shape[0]} target rows")
-                parts[lead.output][folds[f_idx] if folds is not None else None].add(rows, ts, w)
-        for it in (values_of, refs):
-            if it is not None:
-                next(it, None)  # let the runner keep what the next capture needs
-        got = {}
-        for group in readers:
-            pieces = {i: p.split() for i, p in parts.pop(group[0].output).items()}
-            for j, s in enumerate(group):
-                got[s.output] = GramStats.total([pieces[i][j] for i in ids]) \
-                    if folds is not None else pieces[None][j]
-        out.update({s.output: got[s.output] for s in chunk})
+                pieces = {i: p.split() for i, p in parts.pop(group[0].output).items()}
+                for j, s in enumerate(group):
+                    got[s.output] = GramStats.total([pieces[i][j] for i in ids]) \
+                        if folds is not None else pieces[None][j]
+            out.update({s.output: got[s.output] for s in chunk})
+    finally:
+        flusher.shutdown(wait=True)
     return out
 
 

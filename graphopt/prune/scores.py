@@ -36,7 +36,7 @@ from ..data.gram import (
     site_for,
 )
 from ..data.segments import Segments
-from ..runtime.blas import on_one_blas_thread
+from ..runtime.blas import on_one_blas_thread, on_one_blas_thread_each
 
 logger = logging.getLogger(__name__)
 
@@ -255,25 +255,34 @@ def data_scores(model: onnx.ModelProto, coupling, groups: Sequence, method: str,
         snaps = {} if early is not None else None
         stats = accumulate(model, chunk, feeds, weights=weights, segments=runner,
                            observe=seen, single=damping >= 1e-3, upto=upto, early=snaps)
+        jobs, into = [], []  # scored side by side, added in this order (_site_job)
         for site in chunk:
-            _score_site(model, inits, site, stats[site.output], readers[site.output], method,
-                        damping, max_ratio, norms, keep, parts)
+            jobs.append(_site_job(model, inits, site, stats[site.output],
+                                  readers[site.output], method, damping, max_ratio, norms,
+                                  keep is not None))
+            into.append((site, parts))
             if snaps is not None:
-                _score_site(model, inits, site, snaps.pop(site.output), readers[site.output],
-                            method, damping, max_ratio, early.get("norms"), None, early_parts)
-        del stats, snaps
+                jobs.append(_site_job(model, inits, site, snaps.pop(site.output),
+                                      readers[site.output], method, damping, max_ratio,
+                                      early.get("norms"), False))
+                into.append((site, early_parts))
+        for (site_parts, inverse), (site, dest) in zip(on_one_blas_thread_each(jobs), into):
+            dest.extend(site_parts)
+            if inverse is not None:
+                keep[site.output] = inverse
+        del stats, snaps, jobs
     if early is not None:
         early["scores"] = _totals(coupling, plan, early_parts, early.get("norms"))
     return _totals(coupling, plan, parts, norms), fallback
 
 
-def _score_site(model, inits, site, st, readers, method, damping, max_ratio, norms, keep,
-                parts) -> None:
-    """Append one site's per-unit damages for each group reading it to ``parts``."""
-    inverse = None
-    if keep is not None and method == "obs":
-        inverse = damped_inverse(st.xtx, damping)
-        keep[site.output] = inverse.astype(np.float32) if damping >= 1e-3 else inverse
+def _site_job(model, inits, site, st, readers, method, damping, max_ratio, norms, keep):
+    """One site's scores as a job for ``on_one_blas_thread_each``, returning (its per-unit
+    damages for each group reading it, as ``parts`` entries; its ``damped_inverse`` for
+    ``data_scores``' ``keep`` when ``keep``, else None). The sites of a chunk, and a
+    site's sums after the first feeds beside those after all of them (``early``), are
+    scored independently, so side by side; what runs on BLAS' default threads (a conv's
+    output energy) is computed here, before, so its rounding stays that of those threads."""
     v = site.matrix(onnx.numpy_helper.to_array(inits[site.weight])).astype(np.float64)
     node = model.graph.node[site.node]
     bias = np.zeros(v.shape[1])
@@ -281,22 +290,33 @@ def _score_site(model, inits, site, st, readers, method, damping, max_ratio, nor
         bias = onnx.numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
         bias = bias.reshape(-1) if bias.size == v.shape[1] else np.zeros(v.shape[1])
     va = np.concatenate([v, bias[None, :]], axis=0)
-    for gid, rows in readers:
-        if method == "obs":
-            limit = int(np.ceil(max_ratio * len(rows)))
-            dmg = _obs_greedy(st.xtx, va, rows, damping, limit, inverse=inverse)
-            if norms and site.output in norms:
-                parts.append((gid, site.output, dmg, "obs", st.n))  # × the norm
+    own = None
+    if method == "obs" and not (norms and site.output in norms):
+        own = _energy(st.xtx, va) if site.op == "Conv" else st.n
+
+    def job() -> tuple[list, np.ndarray | None]:
+        inverse = kept = None
+        parts: list = []
+        if keep and method == "obs":
+            inverse = damped_inverse(st.xtx, damping)
+            kept = inverse.astype(np.float32) if damping >= 1e-3 else inverse
+        for gid, rows in readers:
+            if method == "obs":
+                limit = int(np.ceil(max_ratio * len(rows)))
+                dmg = _obs_greedy(st.xtx, va, rows, damping, limit, inverse=inverse)
+                if own is None:
+                    parts.append((gid, site.output, dmg, "obs", st.n))  # × the norm
+                else:
+                    parts.append((gid, site.output, dmg, "own", own))
             else:
-                own = _energy(st.xtx, va) if site.op == "Conv" else st.n
-                parts.append((gid, site.output, dmg, "own", own))
-        else:
-            n = max(st.n, 1)
-            mean = st.xtx[-1, :-1] / n
-            var = np.maximum(np.diag(st.xtx)[:-1] / n - mean * mean, 0.0)
-            energy = (v * v).sum(1) * var
-            parts.append((gid, site.output, energy[rows].sum(1),
-                          "std", np.sqrt(energy)[rows].sum(1)))
+                n = max(st.n, 1)
+                mean = st.xtx[-1, :-1] / n
+                var = np.maximum(np.diag(st.xtx)[:-1] / n - mean * mean, 0.0)
+                energy = (v * v).sum(1) * var
+                parts.append((gid, site.output, energy[rows].sum(1),
+                              "std", np.sqrt(energy)[rows].sum(1)))
+        return parts, kept
+    return job
 
 
 def _totals(coupling, plan, parts, norms) -> dict[int, np.ndarray]:
