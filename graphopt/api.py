@@ -55,6 +55,31 @@ def _recipe(passes_or_recipe: Any) -> Recipe:
     return Recipe(passes_from_specs(list(passes_or_recipe)))
 
 
+def _on_provider(recipe: Recipe, provider: str, latency: bool) -> Recipe:
+    """``recipe`` with ``provider`` for the passes that time on their default provider;
+    a ``ConfigError`` when it does not start here and would be used (``optimize`` doc 8)."""
+    import dataclasses
+
+    passes = []
+    for p in recipe.passes:
+        cfg = getattr(p, "config", None)
+        fields = {f.name: f for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(
+            cfg) else {}
+        if "provider" in fields and cfg.provider == fields["provider"].default \
+                and provider != cfg.provider:
+            p = type(p)(dataclasses.replace(cfg, provider=provider))  # checked again there
+        passes.append(p)
+    lossy = any(not getattr(p, "lossless", True) for p in passes)
+    if latency and lossy and provider != "cpu":
+        from graphopt.runtime.providers import working_providers
+
+        if provider not in working_providers():
+            raise ConfigError(f"provider '{provider}' does not start on this machine "
+                              f"(working: {', '.join(working_providers())}): the latency "
+                              "ratio is measured on it (--provider cpu, or --no-latency)")
+    return dataclasses.replace(recipe, passes=passes)
+
+
 def _shapes_from_feeds(model: onnx.ModelProto, shapes: dict, feeds) -> dict:
     """Inputs with dynamic dims that ``shapes`` leaves open take the first calibration
     feed's shape: costs (MACs of a budget, the report) are counted at the sizes the model
@@ -120,8 +145,12 @@ def optimize(
        measured on unseen data; the held-out one is of a model with less data).
        ``final="rest"``: the model optimized from the rest is returned, its figure exact.
     7. Feeds that do not match the model's inputs are refused before any pass runs.
+    8. ``provider`` is where latency is measured: the report's latency ratio, and the
+       passes' own latency measurements (``prune:latency=F``'s table) where a pass leaves
+       its ``provider`` option at the default. A provider that does not start on this
+       machine is refused before any pass runs when something would be timed on it.
     """
-    recipe = _recipe(passes_or_recipe)
+    recipe = _on_provider(_recipe(passes_or_recipe), provider, latency)
     # ``original`` gives the input specs; ``reference`` is what the result is measured
     # against: the model given in memory, or the file (onnxruntime reads it); over 2 GB
     # ``original`` is the file's outline, and the passes' ``work`` is the one copy in memory.

@@ -190,6 +190,46 @@ def test_latency_budget_on_a_missing_provider_is_one_error_line(tmp_path, capsys
     assert len(err) == 1 and err[0].startswith("error:") and "cuda" in err[0], err
 
 
+@pytest.mark.parametrize("spec, extra", [
+    ("prune:latency=0.5", []),             # the budget's table is timed on --provider
+    ("prune:macs=0.5", []),                # the report's latency ratio is timed on it
+])
+def test_cli_provider_is_where_latency_is_timed(tmp_path, capsys, spec, extra):
+    """``--provider cuda`` where CUDA does not start: one error line before any work,
+    whether the budget's latency table or the report's ratio would be timed on it; with
+    ``--no-latency`` a MACs budget runs (nothing is timed)."""
+    from graphopt.runtime.providers import working_providers
+
+    if "cuda" in working_providers():
+        pytest.skip("CUDA works here: the refusal cannot be shown")
+    src, out = tmp_path / "mlp.onnx", tmp_path / "out.onnx"
+    onnx.save(_mlp(), src)
+    code = main(["optimize", str(src), "-o", str(out), "--pass", spec, "--provider", "cuda",
+                 "--input-shape", "x:16x8", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert len(err) == 1 and err[0].startswith("error:") and "'cuda'" in err[0], err
+    if spec == "prune:macs=0.5":
+        code = main(["optimize", str(src), "-o", str(out), "--pass", spec, "--provider",
+                     "cuda", "--input-shape", "x:16x8", "--no-latency"])
+        assert code == 0 and out.exists()
+
+
+def test_optimize_provider_reaches_a_pass_left_at_the_default():
+    """The pass's ``provider`` option left at its default takes ``optimize``'s; one given
+    another value keeps it; the recipe given is not changed."""
+    from graphopt.api import _on_provider
+    from graphopt.core.recipe import Recipe
+
+    default, own = build_pass("prune", {"macs": 0.5}), build_pass(
+        "prune", {"macs": 0.5, "provider": "tensorrt"})
+    recipe = Recipe([default, own])
+    got = _on_provider(recipe, "cuda", latency=False)
+    assert [p.config.provider for p in got.passes] == ["cuda", "tensorrt"]
+    assert [p.config.provider for p in recipe.passes] == ["cpu", "tensorrt"]
+    assert _on_provider(recipe, "cpu", latency=True).passes[0] is default
+
+
 def test_negative_threads_are_refused():
     with pytest.raises(ConfigError, match="threads"):
         build_pass("prune", {"latency": 0.5, "threads": -1})
