@@ -44,8 +44,9 @@ def split_holdout(feeds: Sequence[Feed], fraction: float
 
 
 def check_feeds_match(model: onnx.ModelProto, feeds: Sequence[Feed], what: str) -> None:
-    """Every feed has every model input, with the input's rank: else one ``InputSpecError``
-    naming the first mismatch (raised before any pass runs)."""
+    """Every feed has every model input, with the input's rank, element type and fixed
+    dims: else one ``InputSpecError`` naming the first mismatch (raised before any pass
+    runs; onnxruntime would refuse the feed mid-run)."""
     from .errors import InputSpecError
     from .ir.inputs import input_specs
 
@@ -59,10 +60,22 @@ def check_feeds_match(model: onnx.ModelProto, feeds: Sequence[Feed], what: str) 
                 f"{what} input set {i} lacks {', '.join(missing)} (model inputs: "
                 f"{', '.join(s.name for s in specs)}; it has {', '.join(sorted(feed)) or 'none'})")
         for s in specs:
-            if np.ndim(feed[s.name]) != len(s.dims):
+            value = np.asarray(feed[s.name])
+            if value.ndim != len(s.dims):
                 raise InputSpecError(
-                    f"{what} input set {i}: '{s.name}' has rank {np.ndim(feed[s.name])}, the "
+                    f"{what} input set {i}: '{s.name}' has rank {value.ndim}, the "
                     f"model takes rank {len(s.dims)}")
+            if value.dtype != s.dtype:
+                raise InputSpecError(
+                    f"{what} input set {i}: '{s.name}' is {value.dtype}, the model takes "
+                    f"{s.dtype}")
+            fixed = [(k, d, n) for k, (d, n) in enumerate(zip(s.dims, value.shape))
+                     if isinstance(d, int) and d > 0 and d != n]
+            if fixed:
+                k, d, n = fixed[0]
+                raise InputSpecError(
+                    f"{what} input set {i}: '{s.name}' has {n} on axis {k}, the model takes "
+                    f"{d} there (shape {list(value.shape)})")
 
 
 def _mask_input(model: onnx.ModelProto, feed: Feed) -> str | None:

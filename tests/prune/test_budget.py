@@ -7,6 +7,8 @@ MACs per row: 8·6 + 6·3 = 66; one hidden unit saves 8 + 3 = 11.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -97,6 +99,21 @@ def test_without_calibration_the_report_says_it_guessed():
 def test_calibration_feeds_that_miss_an_input_are_refused():
     with pytest.raises(InputSpecError, match="lacks x"):
         optimize(_mlp(), ["prune:macs=0.7"], calibration=[{"y": np.zeros((2, 8), np.float32)}])
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (np.zeros((2, 8), np.float64), "'x' is float64, the model takes float32"),
+    (np.zeros((2, 5), np.float32), "'x' has 5 on axis 1, the model takes 8 there"),
+    (np.zeros((2, 8, 1), np.float32), "'x' has rank 3, the model takes rank 2"),
+])
+def test_calibration_feeds_of_another_type_or_size_are_refused(value, fragment):
+    """A feed onnxruntime would refuse mid-run (element type, a fixed dim, the rank) is one
+    InputSpecError before any pass runs, for calibration and validation alike."""
+    with pytest.raises(InputSpecError, match=re.escape(fragment)):
+        optimize(_mlp(), ["prune:macs=0.7"], calibration=[{"x": value}])
+    good = [{"x": np.zeros((2, 8), np.float32)}]
+    with pytest.raises(InputSpecError, match="validation input set 0: " + re.escape(fragment)):
+        optimize(_mlp(), ["prune:macs=0.7"], calibration=good, validation=[{"x": value}])
 
 
 def test_holdout_split():
