@@ -1,7 +1,7 @@
 """What a ``search`` round costs, in parts: the constants of ``graphopt.prune.search_work``.
 
     python benchmarks/bench_search_cost.py cnn
-    HF_HUB_OFFLINE=1 python benchmarks/bench_search_cost.py minilm        # --mirror 128's calibration
+    HF_HUB_OFFLINE=1 python benchmarks/bench_search_cost.py minilm   # --mirror 128's calibration
     HF_HUB_OFFLINE=1 python benchmarks/bench_search_cost.py minilm --shipped
     HF_HUB_OFFLINE=1 python benchmarks/bench_search_cost.py bert
 

@@ -110,13 +110,13 @@ def measure(original: onnx.ModelProto | Opened, optimized: onnx.ModelProto, feed
 def latency_ratio(original: onnx.ModelProto | Opened, optimized: onnx.ModelProto, feed: Feed,
                   provider: str = "cpu") -> float:
     """Latency of ``optimized`` over ``original`` on one feed, A/B interleaved: after one
-    untimed run of each and one warm-up round (BERT-base on CPU: the round after the untimed
-    run was 3-5 % slow, the ones after it not; three were run before), rounds until each model has ``LATENCY_TIME``
-    seconds of timed runs, at least ``LATENCY_ROUNDS`` of them: a 1 ms model gets hundreds
-    of rounds, a 0.5 s one ten. Ten, not fewer: on BERT-base (batch 16, 2 cores, quiet)
-    the ratio of 5-round windows spread by sd 0.016 against 0.010 for 10, and at load 4-5
-    one 5-round figure came out 0.233 where the ratio is ~0.50 (benchmarks/README.md,
-    "Speed, session 9")."""
+    untimed run of each and one warm-up round (BERT-base on CPU: the round after the
+    untimed run was 3-5 % slow, the ones after it not; three were run before), rounds until
+    each model has ``LATENCY_TIME`` seconds of timed runs, at least ``LATENCY_ROUNDS`` of
+    them: a 1 ms model gets hundreds of rounds, a 0.5 s one ten. Ten, not fewer: on
+    BERT-base (batch 16, 2 cores, quiet) the ratio of 5-round windows spread by sd 0.016
+    against 0.010 for 10, and at load 4-5 one 5-round figure came out 0.233 where the ratio
+    is ~0.50 (benchmarks/README.md, "Speed, session 9")."""
     from .ir.model import open_for_run
     from .runtime.benchmark import benchmark
 
