@@ -44,9 +44,8 @@ def _calibration_feeds(calibration: Calibration | None, model: onnx.ModelProto):
 def _recipe(passes_or_recipe: Any) -> Recipe:
     if isinstance(passes_or_recipe, Recipe):
         return passes_or_recipe
-    if isinstance(passes_or_recipe, (str, os.PathLike)) and Path(passes_or_recipe).suffix.lower() in (
-        ".yaml", ".yml", ".json"
-    ):
+    if isinstance(passes_or_recipe, (str, os.PathLike)) and \
+            Path(passes_or_recipe).suffix.lower() in (".yaml", ".yml", ".json"):
         return load_recipe(passes_or_recipe)
     if isinstance(passes_or_recipe, str):
         passes_or_recipe = [passes_or_recipe]

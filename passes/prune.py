@@ -158,7 +158,7 @@ class PruneConfig:
     target: str = "stream"
     search: int | str = "auto"  # rounds, or "auto" (graphopt.prune.search_work)
     folds: int = 1  # cross-fitted search probes (module doc)
-    probe_feeds: int | None = None  # search probes on N calibration feeds (0: all; None: 64 samples)
+    probe_feeds: int | None = None  # search probes on N feeds (0: all; None: 64 samples)
     postnorm: bool = False
     swap_tokens: float = 0.2
     swap_copies: int = 1  # how many swapped copies (RECONSTRUCT.md: 2 helps other text)

@@ -150,7 +150,8 @@ def render_sweep(console, data: dict[str, Any]) -> None:
     table = Table("candidate", "passes", "params", "MACs", "size", "latency ms", "speedup",
                   "cosine", *[h for _, h in extra],
                   title=f"sweep of {data['model']} on {data['provider']}", title_justify="left")
-    table.add_row("original", "-", si_number(original.get("params")), si_number(original.get("macs")),
+    table.add_row("original", "-", si_number(original.get("params")),
+                  si_number(original.get("macs")),
                   _bytes(original.get("size_bytes")), _fmt(original.get("latency_ms"), 2),
                   "1.00x", "1.0000", *["1.0000" if k == "spearman" else "-" for k, _ in extra])
     for c in data["candidates"]:

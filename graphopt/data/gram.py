@@ -55,7 +55,8 @@ class LinearSite:
 
     ``output`` is the node's output tensor (names survive pruning rewrites, so a site is
     found again in a pruned copy by it); ``input`` the activation it reads; ``weight`` the
-    weight (an initializer or a ``Constant``); ``kernel``/``strides``/``pads``/``dilations`` describe a conv.
+    weight (an initializer or a ``Constant``); ``kernel``/``strides``/``pads``/``dilations``
+    describe a conv.
     """
 
     output: str
