@@ -52,6 +52,7 @@ import onnx
 
 from ..data.gram import constants
 from ..data.segments import _readers
+from ..ir.model import typed_bytes
 from .budget import node_macs
 from .scores import _consumers
 from .search import feed_samples
@@ -165,19 +166,7 @@ def probe_work(model: onnx.ModelProto, coupling, groups, blocks, feeds, subset=N
     setups = len(starts) + (n_groups * (folds - 1) if folds > 1 else 0)
     return Work(float(total[0]), len(starts), n_groups, sum(feed_samples(chosen)),
                 elements=float(total[1]), setups=setups,
-                weight_bytes=_weight_bytes(inits.values()))
-
-
-def _weight_bytes(tensors) -> float:
-    """The bytes of the tensors' values (dims × item size: no data is read)."""
-    total = 0.0
-    for t in tensors:
-        try:
-            item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        except (KeyError, TypeError, ValueError):  # a type numpy has no name for
-            continue
-        total += float(np.prod(t.dims, dtype=np.float64)) * item
-    return total
+                weight_bytes=float(sum(typed_bytes(t) for t in inits.values())))
 
 
 def _si(n: float) -> str:

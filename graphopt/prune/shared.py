@@ -86,8 +86,7 @@ def _same(a, b) -> bool:
 
 
 def _key(model, cfg, max_ratio, count) -> tuple:
-    return (repr(cfg), max_ratio, count, tuple(n.op_type for n in model.graph.node),
-            tuple((i.name, tuple(i.dims)) for i in model.graph.initializer))
+    return (max_ratio, count) + _search_key(model, cfg)
 
 
 def scores(model, coupling, groups, method, feeds, given, blocks, *, cfg, ctx, damping,
@@ -104,9 +103,7 @@ def scores(model, coupling, groups, method, feeds, given, blocks, *, cfg, ctx, d
 
     order = canonical(len(feeds), given)
     mine = [feeds[i] for i in order]
-    share = getattr(ctx, "shared", None)
-    if share is not None and (owner is None or share.get("pass") is not owner):
-        share = None
+    share = _owned(ctx, owner)
     if share is not None and keep is None:
         kept = share.setdefault("scores", {}).pop(_key(model, cfg, max_ratio, len(feeds)),
                                                   None)
@@ -167,6 +164,7 @@ def _owned(ctx, owner):
 
 
 def _search_key(model, cfg) -> tuple:
+    """The pass's config and the model's outline: what two runs' shares must agree on."""
     return (repr(cfg), tuple(n.op_type for n in model.graph.node),
             tuple((i.name, tuple(i.dims)) for i in model.graph.initializer))
 
