@@ -112,7 +112,7 @@ def optimize(
     observers: Sequence[Observer] = (),
     validation: Calibration | None = None,
     holdout: float = 0.25,
-    final: str = "all",
+    final: str = "auto",
     latency: bool = False,
     provider: str = "cpu",
 ) -> tuple[onnx.ModelProto, Report]:
@@ -138,11 +138,13 @@ def optimize(
        ``holdout`` share of the calibration feeds, which the passes then do not see; per
        output cosine and top-1 agreement, and with ``latency=True`` the latency ratio on
        ``provider``. Without data it says that fidelity was not measured.
-       ``final="all"`` (default) with a held-out share: the figure is measured on a model
+       ``final="all"`` with a held-out share: the figure is measured on a model
        optimized from the rest of the calibration, then the passes run again on all of it
        and that model is returned (fidelity["final"] says so: its own figure is not
        measured on unseen data; the held-out one is of a model with less data).
        ``final="rest"``: the model optimized from the rest is returned, its figure exact.
+       ``final="auto"`` (default): "all" when the second run's estimated cost is small,
+       else "rest" (``graphopt.final_run``; fidelity["final_run"] has the decision).
     7. Feeds that do not match the model's inputs are refused before any pass runs.
     8. ``provider`` is where latency is measured: the report's latency ratio, and the
        passes' own latency measurements (``prune:latency=F``'s table) where a pass leaves
@@ -173,8 +175,8 @@ def optimize(
             check_feeds_match(original, given, what)
     lossy = any(not getattr(p, "lossless", True) for p in recipe.passes)
     source = "validation data" if val_feeds else None
-    if final not in ("all", "rest"):
-        raise ConfigError(f"final must be all or rest, got {final!r}")
+    if final not in ("auto", "all", "rest"):
+        raise ConfigError(f"final must be auto, all or rest, got {final!r}")
     everything, held = feeds, []
     if lossy and feeds and not val_feeds:
         feeds, held = split_holdout(feeds, holdout)
@@ -182,7 +184,11 @@ def optimize(
             val_feeds = held
             source = f"held-out calibration ({len(held)} of {len(feeds) + len(held)} feeds)"
     shapes = _shapes_from_feeds(original, shapes, feeds)
-    again = final == "all" and bool(held)
+    again, decision = bool(held) and final != "rest", None
+    if again:  # final=auto: on an estimate of the second run, before any pass (doc 6)
+        from .final_run import decide
+
+        again, decision = decide(final, work, shapes, everything, recipe.passes)
     # the run on all calibration reuses what the held-out run's first lossy pass captured
     # of the model where the two runs' feeds agree (graphopt.prune.shared)
     first = next((p for p in recipe.passes if not getattr(p, "lossless", True)), None)
@@ -204,12 +210,13 @@ def optimize(
     if changed_lossy and again:
         optimized, report = _optimize_on_all(
             manager, reference, optimized, report, work_again, everything, val_feeds,
-            source, ctx, latency, provider, input_file)
+            source, ctx, latency, provider, input_file, decision)
     elif changed_lossy:
         if val_feeds:
             report.metadata["fidelity"] = measure_fidelity(
                 reference, optimized, val_feeds, source, latency=latency, provider=provider,
                 input_shapes=ctx.input_shapes)
+            _decided(report.metadata["fidelity"], decision, everything, held)
         else:
             report.metadata["fidelity"] = not_measured(
                 "no calibration data to hold out and no validation data given")
@@ -227,8 +234,20 @@ def optimize(
     return optimized, report
 
 
+def _decided(fidelity: dict, decision, everything, held) -> None:
+    """``final=auto``'s decision and its line in the fidelity report (``final_run``)."""
+    from .final_run import note
+
+    if decision is None:
+        return
+    fidelity["final_run"] = decision
+    line = note(decision, _samples(everything), _samples(held))
+    if line:
+        fidelity["final"] = f"{fidelity['final']}; {line}" if fidelity.get("final") else line
+
+
 def _optimize_on_all(manager, reference, rest_model, rest_report, work, everything, held,
-                     source, ctx, latency, provider, input_file):
+                     source, ctx, latency, provider, input_file, decision=None):
     """``final="all"``: the held-out figure of the model optimized from the rest, then the
     passes again on ``everything``; that model and its report, fidelity labelled (doc 6)."""
     fidelity = measure_fidelity(reference, rest_model, held, source,
@@ -249,6 +268,7 @@ def _optimize_on_all(manager, reference, rest_model, rest_report, work, everythi
         from .fidelity import latency_ratio
 
         fidelity["latency_ratio"] = latency_ratio(reference, optimized, held[0], provider)
+    _decided(fidelity, decision, everything, held)
     report.metadata["fidelity"] = fidelity
     report.metadata["held_out_run"] = {"cost_after": rest_report.cost_after.to_dict(),
                                        "samples": every - apart}

@@ -269,6 +269,11 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
     def check(self, model: onnx.ModelProto, ctx: Context) -> None:
         self._plan = self.plan(model, ctx)
 
+    def data_feeds(self, model: onnx.ModelProto, feeds) -> list:
+        """The calibration this pass scores and refits on: ``feeds`` and its copies
+        (``graphopt.final_run``'s estimate)."""
+        return calibration_copies(list(feeds), model, self.config, True)[0]
+
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         cached = getattr(self, "_plan", None)
         plan = cached if cached is not None and cached.key == _model_key(model) else \

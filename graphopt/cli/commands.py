@@ -86,10 +86,13 @@ def inspect(model: Path, input_shapes: tuple[str, ...], groups: bool, as_json: b
                    "default: the last --holdout share of the calibration inputs.")
 @click.option("--holdout", type=click.FloatRange(0, 0.9), default=0.25, show_default=True,
               help="Share of calibration inputs kept apart for fidelity (without --validation).")
-@click.option("--final", type=click.Choice(["all", "rest"]), default="all", show_default=True,
+@click.option("--final", type=click.Choice(["auto", "all", "rest"]), default="auto",
+              show_default=True,
               help="With a held-out share: all = measure fidelity on a model optimized from "
                    "the rest, then optimize again from all the calibration and write that "
-                   "(twice the time); rest = write the model optimized from the rest.")
+                   "(about twice the time); rest = write the model optimized from the rest "
+                   "(its figure exact); auto = all when the second run is estimated at "
+                   "under 30 CPU s, else rest.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Measure the latency ratio of a lossy run's result (A/B interleaved).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",

@@ -14,7 +14,11 @@ tensors a later capture will need:
    had kept) that nodes not yet run still read, and keeps them for the next call.
 2. ``invalidate(model, names)``: the caller changed the nodes making ``names`` (a refit
    rewrote their weights): those nodes and everything downstream of them count as not
-   run, and kept tensors downstream are dropped.
+   run, and kept tensors downstream are dropped. ``run``'s ``rerun`` names the tensors
+   whose nodes the caller will change this way: their inputs are kept with the frontier
+   (while it fits ``max_bytes``), so the next call runs those nodes again from them
+   instead of from the last kept tensors before them (a sequential refit of BERT-base's
+   FFN output layers would otherwise run each FFN input layer twice).
 3. Memory: the kept tensors of all feeds stay under ``max_bytes``; when a frontier would
    pass it, nothing is kept and each call runs from the graph inputs (as a plain prefix
    capture would).
@@ -60,7 +64,8 @@ class Segments:
 
     # ------------------------------------------------------------------ capture
 
-    def run(self, model: onnx.ModelProto, names: Sequence[str]) -> Iterator[dict]:
+    def run(self, model: onnx.ModelProto, names: Sequence[str],
+            rerun: Sequence[str] = ()) -> Iterator[dict]:
         names = list(dict.fromkeys(names))
         graph = model.graph
         feed_names = set(self.feeds[0]) if self.feeds else set()
@@ -78,8 +83,9 @@ class Segments:
         frontier = [t for t in sorted(made | kept)
                     if any(o not in done_after for j in readers.get(t, ())
                            for o in graph.node[j].output if o)]
+        again = _rerun_inputs(graph, producer, rerun, made | kept) - set(frontier)
         fetch = list(dict.fromkeys([n for n in names if n not in kept and n not in direct] +
-                                   [t for t in frontier if t not in kept]))
+                                   [t for t in frontier + sorted(again) if t not in kept]))
         session = arrays = None
         self.last_nodes = len(need)
         if need:
@@ -101,7 +107,10 @@ class Segments:
                     values.update(zip(fetch, session.run(fetch, args)))
                 if f == 0:
                     size = sum(_nbytes(values.get(t, store.get(t))) for t in frontier)
+                    more = sum(_nbytes(values.get(t, store.get(t))) for t in again)
                     keep_frontier = size * len(self.feeds) <= self.max_bytes
+                    if (size + more) * len(self.feeds) <= self.max_bytes:
+                        frontier = frontier + sorted(again)
                 yield {n: values[n] if n in values else store[n] for n in names}
                 if keep_frontier:
                     self.kept[f] = {t: values[t] if t in values else store[t]
@@ -206,6 +215,16 @@ def _needed(graph: onnx.GraphProto, producer: Mapping[str, int], names: Sequence
             if name in producer and name not in available and producer[name] not in need:
                 stack.append(producer[name])
     return sorted(need)
+
+
+def _rerun_inputs(graph: onnx.GraphProto, producer: Mapping[str, int], rerun: Sequence[str],
+                  available: set[str]) -> set[str]:
+    """The inputs of the nodes making ``rerun`` that are among ``available`` (``run``'s
+    ``rerun``: kept so that those nodes can run again from them)."""
+    from ..ir.graph import node_reads
+
+    return {x for n in rerun if n in producer
+            for x in node_reads(graph.node[producer[n]]) if x in available}
 
 
 def _reads(graph: onnx.GraphProto, nodes: Sequence[int], name: str) -> bool:

@@ -357,7 +357,7 @@ def reconstruct(
                            target_columns=target_columns, streams=routes, weights=weights,
                            segments=runner, ref_segments=ref_runner,
                            folds=folds if mode == "lstsq" else None,
-                           single=damping >= SINGLE_DAMPING)
+                           single=damping >= SINGLE_DAMPING, rerun=True)
         for site in sites:
             st, ed = stats[site.output], edits[site.output]
             if st.n == 0 or st.tt <= 0:

@@ -140,7 +140,7 @@ def _capture(work, original, names, feeds, runner, ref_runner, streams, weights)
         if streams else None
     stats = accumulate(work, sites, feeds, targets=True, reference=original, streams=routes,
                        weights={k: v for k, v in (weights or {}).items() if k in names},
-                       segments=runner, ref_segments=ref_runner)
+                       segments=runner, ref_segments=ref_runner, rerun=True)
     return stats, {s.output: _SiteEdit(work, s) for s in sites}
 
 

@@ -87,7 +87,7 @@ def test_one_feed_is_split_along_its_batch_and_labelled_in_samples():
 
 
 def test_bad_final_is_refused():
-    with pytest.raises(ConfigError, match="final must be all or rest"):
+    with pytest.raises(ConfigError, match="final must be auto, all or rest"):
         optimize(_mlp(), PASS, calibration=_feeds(), final="best")
 
 
