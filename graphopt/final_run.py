@@ -20,8 +20,10 @@ small, the way ``search=auto`` decides (``graphopt.prune.search_work``):
 2. ``decide``: the second run goes ahead when the estimate is at most
    ``search_work.SECONDS_BOUND`` (30 CPU s), the bound a default refinement has.
    BERT-base on 256 sentences (2 × 4575 tokens with the swapped copies) is estimated at
-   about 36 CPU s: the model from the rest is written, with its exact figure; MiniLM on 128
-   sentences at about 5, the PP-OCR classifier on 128 crops at well under 1: both run again.
+   39.4 CPU s: the model from the rest is written, with its exact figure (the CLI took 158 s
+   with the second run, 103 s without it, on a machine where the pass alone takes 103 s;
+   benchmarks/README.md, session 10); MiniLM on 128 sentences at 4.0, the PP-OCR
+   classifier on 128 text lines at 0.07: both run again.
 
 The decision and the estimate go into ``report.metadata["fidelity"]["final_run"]``.
 """
