@@ -299,8 +299,8 @@ def accumulate(
     statistics need no run of their own. ``single``: ``GramStats``' float32 products.
     ``early[site.output]``: the sums of the first ``upto`` feeds (``GramStats.snapshot``).
     ``rerun``: the caller will rewrite the sites' weights and capture after them again
-    (a sequential refit, ``segments.invalidate``): ``segments`` keeps the sites' inputs
-    so that the sites run again from them (``Segments.run``'s ``rerun``).
+    (a sequential refit, ``segments.invalidate``): ``segments`` holds the sites' inputs
+    so that the sites run again from them (``Segments.run``'s ``hold``).
     Returns ``{site.output: GramStats}``.
     """
     feeds = list(feeds)
@@ -350,8 +350,7 @@ def accumulate(
                 if same else x_names + [n for n in extra if n not in x_names]
             names += [n for n in seen if n not in names]
             ref_names = t_names if targets and not same else []
-            values_of = segments.run(model, names,
-                                     rerun=[s.output for s in chunk] if rerun else ())
+            values_of = segments.run(model, names, hold=x_names if rerun else ())
             refs = ref_segments.run(other, ref_names) if ref_names else None
             for f_idx, feed in enumerate(feeds):
                 if f_idx == upto and early is not None and folds is None:

@@ -14,11 +14,14 @@ tensors a later capture will need:
    had kept) that nodes not yet run still read, and keeps them for the next call.
 2. ``invalidate(model, names)``: the caller changed the nodes making ``names`` (a refit
    rewrote their weights): those nodes and everything downstream of them count as not
-   run, and kept tensors downstream are dropped. ``run``'s ``rerun`` names the tensors
-   whose nodes the caller will change this way: their inputs are kept with the frontier
-   (while it fits ``max_bytes``), so the next call runs those nodes again from them
-   instead of from the last kept tensors before them (a sequential refit of BERT-base's
-   FFN output layers would otherwise run each FFN input layer twice).
+   run, and kept tensors downstream are dropped. ``run``'s ``hold`` names tensors the
+   call makes or has kept that the caller wants kept for the next call even when no node
+   left to run reads them (while they fit ``max_bytes``): a sequential refit holds its
+   sites' activation inputs, rewrites the sites' weights, and the next call runs the
+   sites again from them instead of from the last kept tensors before them (the FFN input
+   layer before each refit FFN output layer of BERT-base would run twice). Only
+   activations: a weight made by a node (a Constant) is what the refit rewrites, so a
+   held copy of it would be stale.
 3. Memory: the kept tensors of all feeds stay under ``max_bytes``; when a frontier would
    pass it, nothing is kept and each call runs from the graph inputs (as a plain prefix
    capture would).
@@ -65,7 +68,7 @@ class Segments:
     # ------------------------------------------------------------------ capture
 
     def run(self, model: onnx.ModelProto, names: Sequence[str],
-            rerun: Sequence[str] = ()) -> Iterator[dict]:
+            hold: Sequence[str] = ()) -> Iterator[dict]:
         names = list(dict.fromkeys(names))
         graph = model.graph
         feed_names = set(self.feeds[0]) if self.feeds else set()
@@ -83,7 +86,8 @@ class Segments:
         frontier = [t for t in sorted(made | kept)
                     if any(o not in done_after for j in readers.get(t, ())
                            for o in graph.node[j].output if o)]
-        again = _rerun_inputs(graph, producer, rerun, made | kept) - set(frontier)
+        again = ({t for t in hold if t in made or t in kept} - set(frontier)
+                 - {vi.name for vi in graph.input})
         fetch = list(dict.fromkeys([n for n in names if n not in kept and n not in direct] +
                                    [t for t in frontier + sorted(again) if t not in kept]))
         session = arrays = None
@@ -215,16 +219,6 @@ def _needed(graph: onnx.GraphProto, producer: Mapping[str, int], names: Sequence
             if name in producer and name not in available and producer[name] not in need:
                 stack.append(producer[name])
     return sorted(need)
-
-
-def _rerun_inputs(graph: onnx.GraphProto, producer: Mapping[str, int], rerun: Sequence[str],
-                  available: set[str]) -> set[str]:
-    """The inputs of the nodes making ``rerun`` that are among ``available`` (``run``'s
-    ``rerun``: kept so that those nodes can run again from them)."""
-    from ..ir.graph import node_reads
-
-    return {x for n in rerun if n in producer
-            for x in node_reads(graph.node[producer[n]]) if x in available}
 
 
 def _reads(graph: onnx.GraphProto, nodes: Sequence[int], name: str) -> bool:

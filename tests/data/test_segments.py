@@ -75,31 +75,31 @@ def test_invalidate_reruns_what_a_changed_weight_feeds_and_keeps_the_rest():
         np.testing.assert_allclose(got[f]["y"], ref[f]["y"], rtol=1e-5, atol=1e-5)
 
 
-def test_rerun_keeps_the_inputs_of_the_nodes_a_refit_rewrites():
+def test_hold_keeps_the_inputs_of_the_nodes_a_refit_rewrites():
     """A sequential refit captures W2's input and output, rewrites W2 and captures on:
-    without ``rerun`` the next capture runs W1 again (a1 was not kept: its reader ran);
-    with it W2 runs again from the kept a1 (the FFN input layer of a BERT refit is not
-    run twice). Both give the whole model's values with the new W2; past ``max_bytes``
-    the held inputs are dropped, the frontier is still kept."""
+    without ``hold`` the next capture runs W1 again (a1 was not kept: its reader ran);
+    holding a1, W2 runs again from it (the FFN input layer of a BERT refit is not run
+    twice). Both give the whole model's values with the new W2; past ``max_bytes`` the
+    held tensors are dropped, the frontier is still kept."""
     feeds = _feeds()
     sizes = {}
-    for rerun in ((), ("h2",)):
+    for hold in ((), ("a1",)):
         model = _chain()
         seg = Segments(feeds)
-        list(seg.run(model, ["a1", "h2"], rerun=rerun))
+        list(seg.run(model, ["a1", "h2"], hold=hold))
         w2 = next(t for t in model.graph.initializer if t.name == "W2")
         w2.CopyFrom(numpy_helper.from_array(2 * numpy_helper.to_array(w2), "W2"))
         seg.invalidate(model, ["h2"])
         got = list(seg.run(model, ["y"]))
-        sizes[rerun] = seg.last_nodes
+        sizes[hold] = seg.last_nodes
         ref = _reference(model, feeds, [])
         for f in range(len(feeds)):
             np.testing.assert_allclose(got[f]["y"], ref[f]["y"], rtol=1e-5, atol=1e-5)
-    assert sizes == {(): 5, ("h2",): 3}
+    assert sizes == {(): 5, ("a1",): 3}
     model = _chain()
     one = feeds[0]["x"].nbytes  # the frontier (h2, read by the Relu not run) fits, a1 not
     seg = Segments(feeds, max_bytes=len(feeds) * one * 1.5)
-    list(seg.run(model, ["a1", "h2"], rerun=["h2"]))
+    list(seg.run(model, ["a1", "h2"], hold=["a1"]))
     assert set(seg.kept[0]) == {"h2"}
 
 

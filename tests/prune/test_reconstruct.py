@@ -254,3 +254,54 @@ def test_layer_removal_refits_the_next_weight_layer():
     unrefit, _, _ = _prune(model, "prune-layers", {"indices": (1,), "reconstruct": "none"},
                            feeds)
     assert _max_diff(model, unrefit, _feeds((16, 8), seed=9)) > 1e-2
+
+
+def _as_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every initializer made by a Constant node instead (as PP-OCR's
+    exports carry their weights)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in out.graph.initializer]
+    nodes = consts + list(out.graph.node)
+    del out.graph.initializer[:]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def test_sequential_refit_sees_rewritten_constant_weights():
+    """A residual ReLU chain refit at two levels toward the stream (``streams=True``: each
+    capture runs the site itself, for its output and the residual sum), after a cut of W1:
+    the second level's inputs run through the refit W2. With the weights in Constant nodes
+    the refit writes those nodes, and the capture after it must not reuse a copy of W2's old
+    value kept from the first level: the same weights as with initializers."""
+    from onnx import numpy_helper
+
+    from graphopt.prune.reconstruct import reconstruct
+
+    rng = np.random.default_rng(4)
+    d = 12
+    ws = {f"W{i}": rng.normal(size=(d, d)).astype(np.float32) / 3 for i in (1, 2, 3)}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["a1"]),
+             helper.make_node("MatMul", ["a1", "W2"], ["h2"]),
+             helper.make_node("Add", ["h2", "a1"], ["s2"]),
+             helper.make_node("Relu", ["s2"], ["a2"]),
+             helper.make_node("MatMul", ["a2", "W3"], ["h3"]),
+             helper.make_node("Add", ["h3", "a2"], ["y"])]
+    feeds = [{"x": rng.normal(size=(40, d)).astype(np.float32)} for _ in range(3)]
+    fitted = []
+    for convert in (lambda m: m, _as_constants):
+        original = convert(make_model(nodes, {"x": ["n", d]}, ["y"], ws))
+        cut = dict(ws, W1=ws["W1"] * (np.arange(d) % 3 != 0))  # a third of h1 gone
+        pruned = convert(make_model(nodes, {"x": ["n", d]}, ["y"], cut))
+        fits, skipped = reconstruct(original, pruned, ["h2", "h3"], feeds, damping=1e-3,
+                                    streams=True)
+        assert [f.site for f in fits] == ["h2", "h3"] and not skipped
+        values = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+        values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+                       for n in pruned.graph.node if n.op_type == "Constant"})
+        fitted.append(values)
+    for name in ("W2", "W3"):
+        np.testing.assert_allclose(fitted[1][name], fitted[0][name], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fitted[0]["W2"], ws["W2"])  # the refit did rewrite W2
