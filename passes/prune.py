@@ -25,10 +25,10 @@ FFN/MLP neurons, conv channels and whole layers, non-uniformly:
    of them (unset: half, or 0.9 when half cannot meet the budget: past half a group the
    damage outgrows OBS's estimate); widths are multiples of ``round_to``; a layer stays.
    ``round_to=0`` (the default): 1, except conv channels under a ``latency=`` budget on the
-   CPU, which round to the CPU's NCHWc block (16 with AVX-512, 8 with AVX2:
-   ``graphopt.prune.latency.nchwc_block``): onnxruntime runs a conv whose input channels
-   are off the block outside its NCHWc kernels (ResNet-50 at 50 %, widths 8 channels off
-   the block: 16 % fewer MACs, no faster; 18 % more MACs, 22-40 % slower).
+   CPU, which round to the CPU's NCHWc block (16 with AVX-512, 8 with AVX2: ``nchwc_block``):
+   onnxruntime runs a conv whose channels are off the block outside its NCHWc kernels
+   (ResNet-50 at 50 %, 8 channels off: 16 % fewer MACs, no faster); under other budgets the
+   report notes the groups cut off the block (``latency.off_block_note``).
 4. Then the cut is applied (units, then layers) and reconstructed (``reconstruct``, as in
    the other structural passes): the consumers of cut units and the first layers after a
    removed block are refit toward the original model, sequentially (figures for every
@@ -110,7 +110,8 @@ from graphopt.prune.budget import (
     unit_shares,
 )
 from graphopt.prune.importance import _step, unit_scores
-from graphopt.prune.latency import checked_cut, latency_note, nchwc_block, time_cut
+from graphopt.prune.latency import (checked_cut, latency_note, nchwc_block, off_block_note,
+                                    time_cut)
 from graphopt.prune.latency import measure as measure_latency
 from graphopt.prune.reconstruct import consumer_sites, frontier_sites
 from graphopt.prune.search import scaled
@@ -421,6 +422,8 @@ class Prune(Pass[PruneConfig], name="prune", lossless=False):
             self._sequential(model, coupling, groups, blocks, candidates, alloc, feeds, plan,
                              cost, need)
         plan.blocks = [blocks[i][0] for i in sorted(alloc.layers)]
+        if not cfg.round_to and plan.latency is None and cfg.provider == "cpu":
+            plan.notes += off_block_note(coupling, plan.removal, plan.kinds, nchwc_block())
         return plan
 
     def _sequential(self, model, coupling, groups, blocks, candidates, alloc, feeds, plan,

@@ -419,3 +419,24 @@ def measure(model: onnx.ModelProto, coupling, groups, feed: Mapping[str, np.ndar
                         levels=info,
                         seconds=time.perf_counter() - start, provider=provider,
                         threads=threads)
+
+
+def off_block_note(coupling, removal, kinds, block: int) -> list[str]:
+    """The report's note when a cut leaves conv channel groups off the CPU's NCHWc
+    ``block`` (a ``macs=``/``params=`` budget with ``round_to=0`` does not round them; a
+    ``latency=`` budget does): [] when none is, or the block is unknown."""
+    if block <= 1:
+        return []
+    off = []
+    for gid, units in removal.items():
+        size = coupling.group(gid).size
+        if kinds.get(gid) == "channels" and size % block == 0 and (size - len(units)) % block:
+            off.append(f"{size}->{size - len(units)}")
+    if not off:
+        return []
+    return [f"{len(off)} conv channel groups were cut to widths off the CPU's NCHWc block of "
+            f"{block} ({', '.join(off[:4])}{', ...' if len(off) > 4 else ''}): onnxruntime "
+            "runs those convs outside its blocked kernels, so fewer MACs may not run faster "
+            "(the PP-OCR classifier at macs=0.8 ran at 1.17x the original's latency, at "
+            f"0.80x with round_to=16); round_to={block} keeps widths on the block, and a "
+            "latency= budget does so by itself"]

@@ -263,6 +263,26 @@ def test_automatic_round_to_keeps_conv_channels_on_the_nchwc_block(monkeypatch, 
         assert removed == 20
 
 
+@pytest.mark.parametrize("budget, noted", [("macs=0.5", True), ("macs=0.5,round_to=8", False),
+                                           ("macs=0.5,round_to=1", False),
+                                           ("latency=0.5,checks=0", False)])
+def test_a_macs_cut_off_the_nchwc_block_is_noted(monkeypatch, budget, noted):
+    """macs= with round_to=0 cuts 40 -> 20 conv channels, off the (here 8-channel) NCHWc
+    block the original was on: the report says so and names round_to=8. Rounded cuts, a
+    round_to the user chose, and latency= budgets (rounded by themselves) have no note."""
+    monkeypatch.setattr("graphopt.passes.prune.nchwc_block", lambda: 8)
+    monkeypatch.setattr("graphopt.passes.prune.measure_latency",
+                        lambda model, *a, **k: LatencyTable(full=np.array([4.0, 1.0, 1.0])))
+    _, report = optimize(_wide_convnet(), [f"prune:{budget}"],
+                         input_shapes={"x": (1, 3, 8, 8)})
+    notes = [n for n in report.passes[0].details["notes"] if "NCHWc block" in n]
+    assert bool(notes) == noted
+    if noted:
+        assert notes[0].startswith("1 conv channel groups were cut to widths off the CPU's "
+                                   "NCHWc block of 8 (40->20)")
+        assert "round_to=8 keeps widths on the block" in notes[0]
+
+
 def test_a_cut_the_table_misjudged_is_timed_and_allocated_again(monkeypatch):
     """checks=2: the first cut measures 0.8625, 15 % over latency=0.75, so the pass asks the
     table for its prediction scaled by 0.75 / 0.8625, removes more, and keeps that cut once
