@@ -144,6 +144,10 @@ def _render_fidelity(console: Console, fidelity: dict[str, Any] | None) -> None:
     latency = fidelity.get("latency_ratio")
     tail = f"; latency ratio {latency:.3f}×" if latency is not None else ""
     console.print(f"fidelity on {escape(fidelity['data'])}: {escape('; '.join(parts))}{tail}")
+    if latency is not None and latency > 1:
+        console.print(f"  [yellow]the result ran slower than the original here ({latency:.3f}× "
+                      "its latency, one held-out input, A/B interleaved): see the passes' "
+                      "notes[/]")
     if fidelity.get("final"):
         console.print(f"  [yellow]{escape(fidelity['final'])}[/]")
 

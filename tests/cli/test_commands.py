@@ -168,3 +168,23 @@ def test_macs_counted_after_fold_with_symbolic_output(model_path, tmp_path, caps
                  "fold-batchnorm", "--input-shape", "x:2x3x8x8", "--report", str(report)]) == 0
     entry = json.loads(report.read_text())["passes"][0]
     assert entry["macs_after"] == entry["macs_before"] == 2 * 4 * 8 * 8 * 27
+
+
+@pytest.mark.parametrize("ratio, warned", [(1.12, True), (0.8, False)])
+def test_a_result_slower_than_the_original_is_said(ratio, warned):
+    """The fidelity line's latency ratio above 1: a line says the result ran slower and
+    points at the passes' notes (where prune names the widths off the NCHWc block)."""
+    import io
+
+    from rich.console import Console
+
+    from graphopt.cli.render import _render_fidelity
+
+    out = io.StringIO()
+    _render_fidelity(Console(file=out, width=200), {
+        "measured": True, "data": "held-out calibration (2 of 8 feeds)",
+        "outputs": [{"name": "y", "cosine": 0.99, "top1_agreement": None}],
+        "latency_ratio": ratio})
+    text = out.getvalue()
+    assert f"latency ratio {ratio:.3f}×" in text
+    assert ("the result ran slower than the original here" in text) == warned
