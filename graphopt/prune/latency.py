@@ -434,9 +434,10 @@ def off_block_note(coupling, removal, kinds, block: int) -> list[str]:
             off.append(f"{size}->{size - len(units)}")
     if not off:
         return []
-    return [f"{len(off)} conv channel groups were cut to widths off the CPU's NCHWc block of "
-            f"{block} ({', '.join(off[:4])}{', ...' if len(off) > 4 else ''}): onnxruntime "
-            "runs those convs outside its blocked kernels, so fewer MACs may not run faster "
-            "(the PP-OCR classifier at macs=0.8 ran at 1.17x the original's latency, at "
-            f"0.80x with round_to=16); round_to={block} keeps widths on the block, and a "
-            "latency= budget does so by itself"]
+    return [f"conv channels were cut to widths off the CPU's NCHWc block of {block} in "
+            f"{len(off)} group{'s' if len(off) != 1 else ''} "
+            f"({', '.join(off[:4])}{', ...' if len(off) > 4 else ''}): onnxruntime runs those "
+            "convs outside its blocked kernels, so fewer MACs may not run faster (the PP-OCR "
+            "classifier at macs=0.8 ran slower than the original: benchmarks/RECONSTRUCT.md); "
+            f"round_to={block} keeps widths on the block, and a latency= budget does so by "
+            "itself"]

@@ -278,8 +278,8 @@ def test_a_macs_cut_off_the_nchwc_block_is_noted(monkeypatch, budget, noted):
     notes = [n for n in report.passes[0].details["notes"] if "NCHWc block" in n]
     assert bool(notes) == noted
     if noted:
-        assert notes[0].startswith("1 conv channel groups were cut to widths off the CPU's "
-                                   "NCHWc block of 8 (40->20)")
+        assert notes[0].startswith("conv channels were cut to widths off the CPU's NCHWc "
+                                   "block of 8 in 1 group (40->20)")
         assert "round_to=8 keeps widths on the block" in notes[0]
 
 
