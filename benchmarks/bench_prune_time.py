@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--cli", action="store_true",
-                        help="the CLI's defaults: holdout 0.25, final=all, latency (doc 4)")
+                        help="the CLI's defaults: holdout 0.25, final=auto, latency (doc 4)")
     parser.add_argument("--final", choices=["auto", "all", "rest"], default="auto",
                         help="with --cli: the CLI's --final (default auto, as the CLI's)")
     parser.add_argument("--cache", type=Path,
