@@ -47,7 +47,6 @@ def _size(feed: Mapping[str, np.ndarray], names: Sequence[str]) -> int:
 def second_run(model: onnx.ModelProto, shapes: Mapping[str, tuple], feeds, passes) -> dict:
     """The estimate of the run on all calibration (module doc, 1): ``{"seconds", "macs",
     "feeds"}`` (``seconds`` None when the model's MACs are not known at ``shapes``)."""
-    from .analysis.cost import count_cost
     from .prune.search_work import MACS_PER_SECOND
 
     feeds = list(feeds)
@@ -57,15 +56,22 @@ def second_run(model: onnx.ModelProto, shapes: Mapping[str, tuple], feeds, passe
             feeds = list(more(model, feeds))
             break
     names = [vi.name for vi in model.graph.input]
-    try:
-        macs = float(count_cost(model, dict(shapes) or None).macs)
-    except Exception:  # noqa: BLE001 - an inference that fails leaves no estimate
-        macs = 0.0
+    macs = _macs(model, shapes)
     analysed = _analysed_size(model, shapes, feeds, names)
     if macs <= 0 or analysed <= 0:
         return {"seconds": None, "macs": None, "feeds": len(feeds)}
     total = REFIT_FORWARDS * macs * sum(_size(f, names) for f in feeds) / analysed
     return {"seconds": total / MACS_PER_SECOND, "macs": total, "feeds": len(feeds)}
+
+
+def _macs(model, shapes) -> float:
+    """The model's MACs at the analysis shapes; 0 where they cannot be counted."""
+    from .analysis.cost import count_cost
+
+    try:
+        return float(count_cost(model, dict(shapes) or None).macs)
+    except Exception:  # noqa: BLE001 - an inference that fails leaves no estimate
+        return 0.0
 
 
 def _analysed_size(model, shapes, feeds, names) -> int:
@@ -100,12 +106,13 @@ def note(decision: Mapping, every: int, apart: int) -> str | None:
     if decision.get("setting") != "auto":
         return None
     seconds, bound = decision.get("estimate_seconds"), decision["bound_seconds"]
-    estimate = "could not be estimated" if seconds is None else \
-        f"was estimated at ≈{seconds:.3g} CPU s"
     if decision["again"]:
-        return (f"final=auto: optimizing again on all {every} calibration samples "
-                f"{estimate}, within the bound of {bound:g}; --final rest skips it")
+        return (f"final=auto: optimizing again on all {every} calibration samples was "
+                f"estimated at ≈{seconds:.3g} CPU s, within the bound of {bound:g}; "
+                "--final rest skips it")
+    why = ("could not be estimated (no MACs counted at the analysis shapes): unknown work "
+           "is not small" if seconds is None else
+           f"was estimated at ≈{seconds:.3g} CPU s, past the bound of {bound:g} CPU s")
     return (f"final=auto: the written model is the one optimized from the other "
             f"{every - apart} calibration samples, so its figure is exact; optimizing again "
-            f"on all {every} {estimate}, past the bound of {bound:g} CPU s "
-            "(--final all runs it)")
+            f"on all {every} {why} (--final all runs it)")

@@ -91,3 +91,26 @@ def test_cli_reports_the_decision(tmp_path, capsys, monkeypatch):
     assert code == 0 and out.exists()
     assert fid["final_run"]["setting"] == "auto" and fid["final_run"]["again"] is False
     assert "final=auto: the written model is the one optimized from the other" in fid["final"]
+
+
+def test_an_estimate_that_cannot_be_made_is_not_small(monkeypatch):
+    """Where the MACs cannot be counted at the analysis shapes, auto writes the model from
+    the rest (unknown work is not small, as for ``search=auto``) and says why."""
+    monkeypatch.setattr("graphopt.final_run._macs", lambda model, shapes: 0.0)
+    rest, _ = optimize(_mlp(), PASS, calibration=_feeds(), final="rest")
+    model, report = optimize(_mlp(), PASS, calibration=_feeds())
+    fid = report.metadata["fidelity"]
+    assert _same(model, rest) and fid["final_run"]["estimate_seconds"] is None
+    assert ("optimizing again on all 128 could not be estimated (no MACs counted at the "
+            "analysis shapes): unknown work is not small (--final all runs it)") in fid["final"]
+
+
+def test_a_failing_count_leaves_no_macs(monkeypatch):
+    from graphopt import final_run
+
+    def fail(*a, **k):
+        raise ValueError("no shapes")
+
+    monkeypatch.setattr("graphopt.analysis.cost.count_cost", fail)
+    assert final_run._macs(_mlp(), {"x": (16, 8)}) == 0.0
+    assert second_run(_mlp(), {"x": (16, 8)}, _feeds(), [])["seconds"] is None
