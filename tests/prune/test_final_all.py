@@ -1,8 +1,9 @@
 """The held-out figure and the model written: ``optimize(final="all"|"rest")``, ``--final``.
 
 With calibration and no validation, a lossy run holds out the last ``holdout`` share.
-``final="all"`` (default) measures the figure on a model optimized from the rest, then
-optimizes again from all the feeds and returns that, labelled; ``"rest"`` returns the
+``final="all"`` (what the default ``auto`` does on models this small,
+tests/prune/test_final_auto.py) measures the figure on a model optimized from the rest,
+then optimizes again from all the feeds and returns that, labelled; ``"rest"`` returns the
 model optimized from the rest with its exact held-out figure.
 """
 
