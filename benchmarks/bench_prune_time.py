@@ -20,10 +20,11 @@
 4. ``--cli``: what ``graphopt optimize MODEL --calibration DIR --pass SPEC`` runs with its
    defaults instead (the last 25 % of the feeds held out: the pass on the rest, fidelity
    and the latency ratio on the held-out feeds; ``--final auto``: the pass again on all of
-   them when that is estimated at under 30 CPU s, ``graphopt.final_run``; BERT-base on 256
-   sentences is past it), the fidelity line added: the held-out cosines, the latency ratio
-   and the final run's decision. ``--final all|rest`` forces it. The CLI's own load,
-   rendering and save are not in it (about 2 s on BERT-base).
+   them unless its refit's forwards alone are counted at over 30 CPU s,
+   ``graphopt.final_run``; BERT-base on 256 sentences is past it), the fidelity line
+   added: the held-out cosines, the latency ratio and the final run's decision.
+   ``--final all|rest`` forces it. The CLI's own load, rendering and save are not in it
+   (about 2 s on BERT-base).
 """
 
 from __future__ import annotations

@@ -91,8 +91,8 @@ def inspect(model: Path, input_shapes: tuple[str, ...], groups: bool, as_json: b
               help="With a held-out share: all = measure fidelity on a model optimized from "
                    "the rest, then optimize again from all the calibration and write that "
                    "(about twice the time); rest = write the model optimized from the rest "
-                   "(its figure exact); auto = all when the second run is estimated at "
-                   "under 30 CPU s, else rest.")
+                   "(its figure exact); auto = all unless the second run's refit forwards "
+                   "alone are counted at over 30 CPU s.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Measure the latency ratio of a lossy run's result (A/B interleaved).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",

@@ -67,7 +67,7 @@ def test_within_the_bound_auto_is_all_and_past_it_rest(monkeypatch):
     fid = report.metadata["fidelity"]
     assert _same(model, every) and fid["final_run"]["again"] is True
     assert fid["final_run"]["estimate_seconds"] < 1e-3
-    assert "final=auto: optimizing again on all 128 calibration samples" in fid["final"]
+    assert "final=auto: optimized again on all 128 calibration samples" in fid["final"]
     monkeypatch.setattr(search_work, "SECONDS_BOUND", 0.0)
     model, report = optimize(_mlp(), PASS, calibration=feeds)
     fid = report.metadata["fidelity"]
@@ -101,7 +101,7 @@ def test_an_estimate_that_cannot_be_made_is_not_small(monkeypatch):
     model, report = optimize(_mlp(), PASS, calibration=_feeds())
     fid = report.metadata["fidelity"]
     assert _same(model, rest) and fid["final_run"]["estimate_seconds"] is None
-    assert ("optimizing again on all 128 could not be estimated (no MACs counted at the "
+    assert ("not optimized again on all 128: its cost could not be counted (no MACs at the "
             "analysis shapes): unknown work is not small (--final all runs it)") in fid["final"]
 
 
