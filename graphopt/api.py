@@ -143,8 +143,9 @@ def optimize(
        and that model is returned (fidelity["final"] says so: its own figure is not
        measured on unseen data; the held-out one is of a model with less data).
        ``final="rest"``: the model optimized from the rest is returned, its figure exact.
-       ``final="auto"`` (default): "all" when the second run's estimated cost is small,
-       else "rest" (``graphopt.final_run``; fidelity["final_run"] has the decision).
+       ``final="auto"`` (default): "all" unless a lower bound of the second run's cost (its
+       refit's forwards) is large, else "rest" (``graphopt.final_run``;
+       fidelity["final_run"] has the decision).
     7. Feeds that do not match the model's inputs are refused before any pass runs.
     8. ``provider`` is where latency is measured: the report's latency ratio, and the
        passes' own latency measurements (``prune:latency=F``'s table) where a pass leaves
@@ -185,7 +186,7 @@ def optimize(
             source = f"held-out calibration ({len(held)} of {len(feeds) + len(held)} feeds)"
     shapes = _shapes_from_feeds(original, shapes, feeds)
     again, decision = bool(held) and final != "rest", None
-    if again:  # final=auto: on an estimate of the second run, before any pass (doc 6)
+    if again:  # final=auto: on a count of the second run's work, before any pass (doc 6)
         from .final_run import decide
 
         again, decision = decide(final, work, shapes, everything, recipe.passes)

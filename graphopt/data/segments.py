@@ -86,8 +86,7 @@ class Segments:
         frontier = [t for t in sorted(made | kept)
                     if any(o not in done_after for j in readers.get(t, ())
                            for o in graph.node[j].output if o)]
-        again = ({t for t in hold if t in made or t in kept} - set(frontier)
-                 - {vi.name for vi in graph.input})
+        again = {t for t in hold if t in made or t in kept} - set(frontier)
         fetch = list(dict.fromkeys([n for n in names if n not in kept and n not in direct] +
                                    [t for t in frontier + sorted(again) if t not in kept]))
         session = arrays = None
